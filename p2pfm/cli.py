@@ -1,0 +1,146 @@
+"""The ``p2pfm`` command: argument parsing and display, nothing else.
+
+Every operator mistake surfaces as a :class:`UserInputError` (or a
+:class:`LocalProtocolError` for a nonsensical numeric option); ``main``
+prints it on one line as ``p2pfm: error: ...`` and exits with status 1,
+never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from p2pfm import __version__
+from p2pfm.errors import LocalProtocolError, UserInputError
+
+EXIT_ERROR = 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pfm",
+        description="Serverless peer-to-peer co-training of foundation models.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pfm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keygen = commands.add_parser("keygen", help="create an Ed25519 key file and print its peer id")
+    keygen.add_argument("--out", type=Path, required=True, help="key file to create (mode 0600)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    keygen.set_defaults(run=_cmd_keygen)
+
+    peer_id = commands.add_parser("peer-id", help="check a key file and print its peer id")
+    peer_id.add_argument("key", type=Path, help="key file written by `p2pfm keygen`")
+    peer_id.set_defaults(run=_cmd_peer_id)
+
+    topology = commands.add_parser("topology", help="inspect topologies")
+    topo_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="COMMAND")
+    show = topo_commands.add_parser("show", help="print size, degrees and spectral gap of a topology")
+    show.add_argument("spec", help="e.g. ring:8, torus:4x4, exp:16, or a .graphml/.json/edge-list file")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument("--png", type=Path, metavar="FILE", help="also draw the graph to FILE")
+    show.set_defaults(run=_cmd_topology_show)
+
+    sim = commands.add_parser("simulate", help="gossip-average random vectors in-process on a topology")
+    sim.add_argument("spec", help="topology spec or file")
+    sim.add_argument("--rounds", type=int, required=True, help="gossip rounds to run")
+    sim.add_argument("--dim", type=int, default=1000, help="vector length per node (default 1000)")
+    sim.add_argument("--seed", type=int, default=0, help="seed for start vectors and losses")
+    sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
+    sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="wire dtype")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.set_defaults(run=_cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (UserInputError, LocalProtocolError) as exc:
+        print(f"p2pfm: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from p2pfm.identity import Identity, write_key_file
+
+    identity = Identity.generate()
+    write_key_file(identity, args.out, force=args.force)
+    print(identity.peer_id.hex)
+    return 0
+
+
+def _cmd_peer_id(args: argparse.Namespace) -> int:
+    from p2pfm.identity import load_key_file
+
+    print(load_key_file(args.key).peer_id.hex)
+    return 0
+
+
+def _cmd_topology_show(args: argparse.Namespace) -> int:
+    from p2pfm.topology import draw_png, parse_topology, spectral_stats
+
+    topology = parse_topology(args.spec)
+    stats = spectral_stats(topology)
+    if args.png is not None:
+        draw_png(topology, args.png)
+    if args.json:
+        print(json.dumps(stats.as_json()))
+        return 0
+    table = Table(title=f"topology {args.spec}", show_header=False)
+    for key, value in stats.as_json().items():
+        table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if args.png is not None:
+        print(f"drew {args.png}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from p2pfm.sim import SimConfig, fit_decay_rate, float_floor, simulate
+
+    config = SimConfig(args.spec, args.rounds, args.dim, args.seed, args.drop, args.dtype)
+    result = simulate(config)
+    if args.json:
+        print(json.dumps(result.as_json()))
+        return 0
+    table = Table(title=f"gossip averaging on {result.topology} ({result.nodes} nodes)")
+    for column in ("round", "consensus distance", "messages", "delivered", "bytes"):
+        table.add_column(column, justify="right")
+    for row in result.rounds:
+        table.add_row(
+            str(row.round),
+            f"{row.consensus_distance:.3e}",
+            str(row.messages),
+            str(row.delivered),
+            str(row.bytes),
+        )
+    console = Console()
+    console.print(table)
+    predicted = result.lambda2**2
+    console.print(f"lambda2 = {result.lambda2:.6f}; predicted decay per round lambda2^2 = {predicted:.6f}")
+    distances = [r.consensus_distance for r in result.rounds]
+    try:
+        measured = fit_decay_rate(distances, floor=float_floor(config.dtype))
+    except LocalProtocolError as exc:
+        console.print(f"measured decay: not enough rounds to fit ({exc})")
+    else:
+        console.print(
+            f"measured decay per round = {measured:.6f} (ratio to predicted {measured / predicted:.4f})"
+        )
+    if result.rejected:
+        console.print(f"[bold red]{result.rejected} messages were rejected[/]")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The exception hierarchy of p2pfm.
+
+Following h11, errors are split by *who* is at fault:
+
+* :class:`LocalProtocolError` -- the caller misused an API (a bug in our own
+  code or a script driving it). Never caused by network input.
+* :class:`RemoteProtocolError` -- a peer sent bytes we refuse. Each subclass
+  carries a :class:`RejectReason` so that a node can count refusals by reason
+  instead of crashing or logging a traceback.
+* :class:`UserInputError` -- a file or setting given by the operator is wrong
+  (key file, topology spec, config). Its message names the file or field and
+  the fix; the CLI prints it on one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RejectReason(str, enum.Enum):
+    """Why an incoming message was refused. Values are stable metric names."""
+
+    MALFORMED = "malformed"  # framing, msgpack or schema is wrong
+    TOO_LARGE = "too_large"  # a size bound was exceeded before allocation
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_SENDER = "unknown_sender"
+    WRONG_NETWORK = "wrong_network"
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    SCHEMA_MISMATCH = "schema_mismatch"  # tensor names/dtypes/shapes differ
+    REPLAY = "replay"  # (round, seq) not newer than the last accepted
+    STALE_ROUND = "stale_round"  # round older than the receiver's round
+
+
+class P2PFMError(Exception):
+    """Base class of every error p2pfm raises on purpose."""
+
+
+class LocalProtocolError(P2PFMError):
+    """The caller used an API wrongly (not the peer's fault)."""
+
+
+class RemoteProtocolError(P2PFMError):
+    """A peer sent data that is refused. ``reason`` says why."""
+
+    reason: RejectReason = RejectReason.MALFORMED
+
+    def __init__(self, message: str, reason: RejectReason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class MalformedMessage(RemoteProtocolError):
+    reason = RejectReason.MALFORMED
+
+
+class MessageTooLarge(RemoteProtocolError):
+    reason = RejectReason.TOO_LARGE
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    reason = RejectReason.UNSUPPORTED_VERSION
+
+
+class BadSignature(RemoteProtocolError):
+    reason = RejectReason.BAD_SIGNATURE
+
+
+class UnknownSender(RemoteProtocolError):
+    reason = RejectReason.UNKNOWN_SENDER
+
+
+class UserInputError(P2PFMError):
+    """An operator-supplied file or value is wrong; the message says how to fix it."""
+
+
+class KeyFileError(UserInputError):
+    """A key file is missing, unreadable, too permissive or corrupt."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"key file {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class TopologyError(UserInputError):
+    """A topology spec or file is invalid, or the graph is unusable."""
+
+
+class ConfigError(UserInputError):
+    """A configuration value is invalid. The message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"config field {field!r}: {problem}")
+        self.field = field
+        self.problem = problem

@@ -1,0 +1,170 @@
+"""Node identities: Ed25519 keys, key files and peer ids.
+
+A node has exactly one secret: a 32-byte Ed25519 seed kept in a key file.
+Its public key *is* its peer id (printed as 64 lowercase hex digits). Later
+layers derive everything else (transport keys) from this one file.
+
+Key-file format (JSON, UTF-8, mode 0600), documented in docs/identity.md::
+
+    {"format": "p2pfm-ed25519-v1", "seed": "<64 hex>", "public": "<64 hex>"}
+
+``public`` is redundant on purpose: it lets us tell a corrupt file (the seed
+no longer matches its public key) from a valid one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+
+from p2pfm.errors import KeyFileError, LocalProtocolError
+
+KEY_FILE_FORMAT = "p2pfm-ed25519-v1"
+SEED_BYTES = 32
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+KEY_FILE_MODE = 0o600
+_MAX_KEY_FILE_BYTES = 4096  # a real key file is ~170 bytes
+
+
+@dataclass(frozen=True, order=True)
+class PeerId:
+    """A peer's Ed25519 public key; hashable, printed as hex."""
+
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.key) != PUBLIC_KEY_BYTES:
+            raise LocalProtocolError(f"a peer id is {PUBLIC_KEY_BYTES} bytes, got {len(self.key)}")
+
+    @classmethod
+    def from_hex(cls, text: str) -> PeerId:
+        """Parse 64 hex digits; raises ValueError with the reason."""
+        try:
+            key = bytes.fromhex(text.strip())
+        except ValueError as exc:
+            raise ValueError(f"peer id {text!r} is not hexadecimal") from exc
+        if len(key) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"peer id {text!r} must be {2 * PUBLIC_KEY_BYTES} hex digits")
+        return cls(key)
+
+    @property
+    def hex(self) -> str:
+        return self.key.hex()
+
+    @property
+    def short(self) -> str:
+        """First 10 hex digits, for logs and tables."""
+        return self.key.hex()[:10]
+
+    def __str__(self) -> str:
+        return self.hex
+
+
+class Identity:
+    """An Ed25519 signing key and the peer id that goes with it."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != SEED_BYTES:
+            raise LocalProtocolError(f"an Ed25519 seed is {SEED_BYTES} bytes, got {len(seed)}")
+        self._signing_key = nacl.signing.SigningKey(seed)
+        self.peer_id = PeerId(bytes(self._signing_key.verify_key))
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(bytes(nacl.signing.SigningKey.generate()))
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self._signing_key)
+
+    def sign(self, message: bytes) -> bytes:
+        """Return the 64-byte detached Ed25519 signature of ``message``."""
+        return self._signing_key.sign(message).signature
+
+    def __repr__(self) -> str:  # never print the seed
+        return f"Identity(peer_id={self.peer_id.short}...)"
+
+
+def write_key_file(identity: Identity, path: Path, *, force: bool = False) -> None:
+    """Write ``identity`` to ``path`` with mode 0600.
+
+    The file is created with the final mode (no window in which it is
+    readable by others). Without ``force`` an existing file is never touched.
+    """
+    body = json.dumps(
+        {"format": KEY_FILE_FORMAT, "seed": identity.seed.hex(), "public": identity.peer_id.hex}
+    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, KEY_FILE_MODE)
+    except FileExistsError:
+        raise KeyFileError(path, "already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise KeyFileError(path, f"cannot create it ({exc.strerror})") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        # O_CREAT's mode is ignored when the file already existed (--force).
+        os.fchmod(handle.fileno(), KEY_FILE_MODE)
+        handle.write(body + "\n")
+
+
+def load_key_file(path: Path) -> Identity:
+    """Read and check a key file; every problem is a one-line KeyFileError."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(path, "does not exist (create one with `p2pfm keygen --out PATH`)") from None
+    except OSError as exc:
+        raise KeyFileError(path, f"cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(path, "is not a regular file")
+    if info.st_mode & 0o077:
+        raise KeyFileError(
+            path,
+            f"is accessible by other users (mode {stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {path}`",
+        )
+    if info.st_size > _MAX_KEY_FILE_BYTES:
+        raise KeyFileError(path, f"is {info.st_size} bytes, too large to be a p2pfm key file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(path, f"cannot be read as UTF-8 text ({exc})") from None
+    return _parse_key_text(path, text)
+
+
+def _parse_key_text(path: Path, text: str) -> Identity:
+    if not text.strip():
+        raise KeyFileError(path, "is empty (truncated?)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # A key file is one JSON object; one that starts but never closes was cut short.
+        stripped = text.strip()
+        truncated = stripped.startswith("{") and not stripped.endswith("}")
+        problem = "is truncated" if truncated else f"is not valid JSON ({exc.msg})"
+        raise KeyFileError(path, problem) from None
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
+        raise KeyFileError(path, f"is not a p2pfm key file (expected format {KEY_FILE_FORMAT!r})")
+    seed_hex, public_hex = doc.get("seed"), doc.get("public")
+    if not isinstance(seed_hex, str) or not isinstance(public_hex, str):
+        raise KeyFileError(path, "is corrupt: 'seed' and 'public' must be hex strings")
+    try:
+        seed = bytes.fromhex(seed_hex)
+        public = bytes.fromhex(public_hex)
+    except ValueError:
+        raise KeyFileError(path, "is corrupt: 'seed' or 'public' is not hexadecimal") from None
+    if len(seed) != SEED_BYTES or len(public) != PUBLIC_KEY_BYTES:
+        raise KeyFileError(path, "is corrupt: 'seed' and 'public' must be 32 bytes each")
+    try:
+        identity = Identity(seed)
+    except nacl.exceptions.CryptoError as exc:  # pragma: no cover - any 32 bytes is a seed
+        raise KeyFileError(path, f"is corrupt ({exc})") from None
+    if identity.peer_id.key != public:
+        raise KeyFileError(path, "is corrupt: the seed does not match the stored public key")
+    return identity
