@@ -1,0 +1,138 @@
+"""Transport on loopback: real ZeroMQ sockets, bounded waits."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from p2pfm import wire
+from p2pfm.errors import ConfigError
+from p2pfm.identity import Identity
+from p2pfm.transport import DROP_FAULT, DROP_QUEUE_FULL, Transport, TransportSettings, check_address
+
+A, B = Identity(b"\1" * 32), Identity(b"\2" * 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _frames(value: float) -> list[wire.Buffer]:
+    body = wire.encode_update(
+        network="n", round=1, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=1,
+        tensors={"x": np.full(1000, value, dtype=np.float32)},
+    )  # fmt: skip
+    return wire.sign(body, A)
+
+
+def _receive_one(transport: Transport, timeout_s: float = 5.0) -> list[memoryview]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = transport.receive(0.1, max_messages=1)
+        if got:
+            return got[0]
+    raise AssertionError("no message within the timeout")
+
+
+def test_round_trip_zero_copy_and_counted() -> None:
+    port = _free_port()
+    with (
+        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
+        Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}) as sender,
+    ):
+        frames = _frames(3.0)
+        assert sender.send(frames) == 1
+        views = _receive_one(receiver)
+        update = wire.open_update(views, wire.WireLimits())
+        assert float(update.tensors["x"][0]) == 3.0
+        size = wire.message_bytes(frames)
+        assert sender.stats.bytes_sent == size == receiver.stats.bytes_received
+        assert receiver.stats.messages_received == 1
+
+
+def test_dead_neighbour_never_blocks_and_drops_are_counted() -> None:
+    dead = f"tcp://127.0.0.1:{_free_port()}"  # nobody listens here
+    settings = TransportSettings(send_queue_messages=2)
+    with Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: dead}, settings) as sender:
+        start = time.monotonic()
+        taken = [sender.send(_frames(float(i))) for i in range(20)]
+        assert time.monotonic() - start < 1.0
+        assert sum(taken) <= 3  # the bounded queue (plus at most one in flight)
+        assert sender.stats.dropped[DROP_QUEUE_FULL] == 20 - sum(taken)
+
+
+def test_queued_messages_arrive_when_the_neighbour_comes_up_and_after_restart() -> None:
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: address}) as sender:
+        sender.send(_frames(1.0))  # neighbour not up yet: queued
+        first = Transport(address, {})
+        views = _receive_one(first)
+        assert float(wire.open_update(views, wire.WireLimits()).tensors["x"][0]) == 1.0
+        first.close()  # neighbour dies ...
+        time.sleep(0.2)
+        second = Transport(address, {})  # ... and restarts on the same address
+        try:
+            deadline = time.monotonic() + 10.0
+            value = None
+            while value != 2.0 and time.monotonic() < deadline:
+                sender.send(_frames(2.0))
+                got = second.receive(0.2)
+                for views in got:
+                    value = float(wire.open_update(views, wire.WireLimits()).tensors["x"][0])
+            assert value == 2.0
+        finally:
+            second.close()
+
+
+def test_fault_injected_link_loss() -> None:
+    port = _free_port()
+    with (
+        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
+        Transport(
+            f"tcp://127.0.0.1:{_free_port()}",
+            {B.peer_id: f"tcp://127.0.0.1:{port}"},
+            TransportSettings(send_queue_messages=1000),
+            link_drop_prob={B.peer_id: 0.5},
+            seed=1,
+        ) as sender,
+    ):
+        for i in range(200):
+            sender.send(_frames(float(i)))
+        dropped = sender.stats.dropped[DROP_FAULT]
+        assert 60 < dropped < 140
+        received = 0
+        deadline = time.monotonic() + 10.0
+        while received < 200 - dropped and time.monotonic() < deadline:
+            received += len(receiver.receive(0.1))
+        assert received == 200 - dropped
+
+
+def test_raw_tcp_garbage_changes_nothing() -> None:
+    port = _free_port()
+    with (
+        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
+        Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}) as sender,
+    ):
+        for payload in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 40):
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                raw.sendall(payload)
+        assert receiver.receive(0.3) == []  # nothing decodable reached the node
+        sender.send(_frames(7.0))
+        views = _receive_one(receiver)
+        assert float(wire.open_update(views, wire.WireLimits()).tensors["x"][0]) == 7.0
+
+
+def test_bind_conflict_and_bad_addresses_are_config_errors() -> None:
+    port = _free_port()
+    with Transport(f"tcp://127.0.0.1:{port}", {}), pytest.raises(ConfigError, match=r"node\.listen"):
+        Transport(f"tcp://127.0.0.1:{port}", {})
+    for bad in ("127.0.0.1:5000", "tcp://:5000", "tcp://host:port", "tcp://h:70000"):
+        with pytest.raises(ConfigError):
+            check_address("node.listen", bad)
+    assert check_address("x", "tcp://10.0.0.2:5550") == "tcp://10.0.0.2:5550"
