@@ -104,6 +104,10 @@ class GossipProtocol:
         self._latest: dict[PeerId, Update] = {}
         self._last_key: dict[PeerId, tuple[int, int]] = {}  # (round, seq) last accepted
         self._schema = None if config.schema is None else {s.name: s for s in config.schema}
+        # Neighbours that missed the last deadline: not waited for again until
+        # we hear from them, so a dead neighbour costs one deadline, not one
+        # per round. Their updates still count whenever they do arrive in time.
+        self.absent: set[PeerId] = set()
 
     # ------------------------------------------------------------ sending
 
@@ -163,6 +167,7 @@ class GossipProtocol:
         if gate is not None:
             return self._reject(update.sender, *gate)
         self._latest[update.sender] = update
+        self.absent.discard(update.sender)
         self._last_key[update.sender] = (update.round, update.seq)
         self.accepted += 1
         return Accepted(update.sender, update.round, update.seq, update.wire_bytes)
@@ -188,16 +193,24 @@ class GossipProtocol:
     # ------------------------------------------------------------- rounds
 
     def poll(self, now_s: float) -> RoundComplete | None:
-        """Return RoundComplete once every neighbour is heard or the deadline passed."""
+        """Return RoundComplete once every present neighbour is heard or the deadline passed.
+
+        A neighbour that missed the previous round's deadline is *absent*: the
+        round does not wait for it (its update still counts if it arrives
+        before the round completes), and it is present again from its next
+        accepted message.
+        """
         if self.phase is not Phase.COLLECTING:
             return None
         fresh = {peer: u for peer, u in self._latest.items() if u.round >= self.round}
+        waiting_for = self.neighbours - self.absent - fresh.keys()
         timed_out = now_s >= self.deadline_s
-        if len(fresh) < len(self.neighbours) and not timed_out:
+        if waiting_for and not timed_out:
             return None
         self.phase = Phase.COMPLETE
         missing = self.neighbours - fresh.keys()
-        return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(missing))
+        self.absent = set(missing)
+        return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for))
 
     @property
     def highest_peer_round(self) -> int:

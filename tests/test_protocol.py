@@ -74,6 +74,31 @@ def test_deadline_completes_with_missing_neighbour() -> None:
     np.testing.assert_allclose(mixed["x"], (2 / 3) * 4.0 + (1 / 3) * 1.0, rtol=1e-6)
 
 
+def test_absent_neighbour_is_not_waited_for_until_heard_again() -> None:
+    a, b, c = _line(3)
+    b.start_round(1, 0.0)
+    a.start_round(1, 0.0)
+    b.receive(_send(a, 1.0), 0.0)
+    first = b.poll(5.0)  # c is silent: round 1 needs the full deadline
+    assert isinstance(first, RoundComplete) and first.timed_out and first.missing == {IDS[2].peer_id}
+    assert b.absent == {IDS[2].peer_id}
+    a.start_round(2, 5.0)
+    b.start_round(2, 5.0)
+    b.receive(_send(a, 2.0), 5.1)
+    second = b.poll(5.1)  # c is absent: complete as soon as a is heard
+    assert isinstance(second, RoundComplete) and not second.timed_out
+    assert second.missing == {IDS[2].peer_id}
+    c.start_round(3, 6.0)
+    b.receive(_send(c, 3.0), 6.0)  # c is back: present again
+    assert b.absent == set()
+    b.start_round(3, 6.0)
+    assert b.poll(6.1) is None  # waits for a, whose round-3 update has not come
+    a.start_round(3, 6.0)
+    assert isinstance(b.receive(_send(a, 3.0), 6.2), Accepted)
+    done = b.poll(6.2)
+    assert isinstance(done, RoundComplete) and not done.missing
+
+
 def test_replay_is_rejected_and_counted() -> None:
     a, b = _line(2)
     a.start_round(1, 0.0)
