@@ -48,6 +48,20 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--png", type=Path, metavar="FILE", help="also draw the graph to FILE")
     show.set_defaults(run=_cmd_topology_show)
 
+    node = commands.add_parser("node", help="run one gossip node from a config file")
+    node.add_argument("--config", type=Path, required=True, help="node TOML file (docs/node.md)")
+    node.add_argument("--resume", action="store_true", help="continue from the node's last checkpoint")
+    node.set_defaults(run=_cmd_node)
+
+    run = commands.add_parser("run", help="run a local multi-node scenario and write its report")
+    run.add_argument("scenario", type=Path, help="scenario TOML file (docs/scenarios.md)")
+    run.add_argument("--out", type=Path, help="output folder (default runs/NAME-TIMESTAMP)")
+    run.set_defaults(run=_cmd_run)
+
+    demo = commands.add_parser("demo", help="run scenarios/quickstart.toml (4 nodes, MiniLM, BBC News)")
+    demo.add_argument("--out", type=Path, help="output folder (default runs/quickstart-TIMESTAMP)")
+    demo.set_defaults(run=_cmd_demo)
+
     sim = commands.add_parser("simulate", help="gossip-average random vectors in-process on a topology")
     sim.add_argument("spec", help="topology spec or file")
     sim.add_argument("--rounds", type=int, required=True, help="gossip rounds to run")
@@ -103,6 +117,70 @@ def _cmd_topology_show(args: argparse.Namespace) -> int:
     if args.png is not None:
         print(f"drew {args.png}")
     return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from p2pfm.config import load_node_config
+    from p2pfm.node import Node
+
+    config = load_node_config(args.config)
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        print(f"p2pfm: {signal.Signals(signum).name} received, stopping after this step", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    result = Node(config, resume=args.resume, stop=stop, log=lambda line: print(line, flush=True)).run()
+    return 0 if not result.stopped else 130
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from p2pfm.scenario import run_scenario
+
+    summary = run_scenario(args.scenario, args.out, log=lambda line: print(line, flush=True))
+    _print_summary(summary)
+    return 0 if summary["ok"] else EXIT_ERROR
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from p2pfm.scenario import QUICKSTART
+
+    args.scenario = QUICKSTART
+    return _cmd_run(args)
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    metric = str(summary["metric"])
+    table = Table(title=f"scenario {summary['scenario']}: final {metric}")
+    table.add_column("node")
+    table.add_column(f"gossip {metric}", justify="right")
+    baselines = summary.get("baselines") or {}
+    assert isinstance(baselines, dict)
+    local = baselines.get("local_per_node") or {}
+    if local:
+        table.add_column(f"local-only {metric}", justify="right")
+    nodes = summary["nodes"]
+    assert isinstance(nodes, list)
+    for node in nodes:
+        row = [node["name"], _num(node.get(f"final_{metric}"))]
+        if local:
+            row.append(_num(local.get(node["name"])))
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"mean gossip {metric}: {_num(summary.get(f'mean_final_{metric}'))}")
+    for key in ("local", "pooled"):
+        if baselines.get(key) is not None:
+            console.print(f"{key} baseline: {_num(baselines[key])}")
+
+
+def _num(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a"
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

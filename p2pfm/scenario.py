@@ -1,0 +1,325 @@
+"""Local multi-node scenarios: keys, one process per vertex, faults, a report.
+
+``p2pfm run SCENARIO.toml`` turns a scenario file (docs/scenarios.md) into
+one node config per topology vertex on 127.0.0.1, starts ``p2pfm node``
+processes, injects the scenario's faults (crash + restart with --resume,
+slow training, lossy links), optionally runs the ``local`` and ``pooled``
+baselines, and writes the report. Every process it starts is stopped by
+pid before it returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from p2pfm.errors import ConfigError
+from p2pfm.identity import Identity, write_key_file
+from p2pfm.metrics import read_metrics
+from p2pfm.settings import build, read_toml
+from p2pfm.topology import Topology, parse_topology
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
+_TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport")
+_BASELINES = ("local", "pooled")
+_TICK_S = 0.2
+
+
+@dataclass(frozen=True)
+class Crash:
+    node: int
+    round: int  # killed once it has completed this round
+    restart_after_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Slow:
+    node: int
+    factor: float
+
+
+@dataclass(frozen=True)
+class Drop:
+    prob: float
+    link: tuple[int, ...] = ()  # two node ids; empty = every link
+
+
+@dataclass(frozen=True)
+class Faults:
+    crash: tuple[Crash, ...] = ()
+    slow: tuple[Slow, ...] = ()
+    drop: tuple[Drop, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScenarioHeader:
+    name: str
+    topology: str
+    network: str = ""
+    baselines: tuple[str, ...] = ()
+    timeout_s: float = 1800.0
+    host: str = "127.0.0.1"
+    distinct_seeds: bool = (
+        False  # give node i adapter seed i (consensus experiments); default: one shared seed
+    )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    header: ScenarioHeader
+    topology: Topology
+    faults: Faults
+    templates: Mapping[str, Mapping[str, Any]]
+    path: Path
+
+
+@dataclass
+class _Proc:
+    name: str
+    config: Path
+    log: Path
+    metrics: Path
+    popen: subprocess.Popen[bytes] | None = None
+    crashed_at: float | None = None
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def load_scenario(path: Path) -> Scenario:
+    doc = read_toml(path, "scenario")
+    header_keys = {f for f in ScenarioHeader.__dataclass_fields__}
+    header = build(ScenarioHeader, {k: v for k, v in doc.items() if k in header_keys}, "scenario")
+    unknown = set(doc) - header_keys - set(_TEMPLATE_SECTIONS) - {"faults"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown scenario key or section")
+    for baseline in header.baselines:
+        if baseline not in _BASELINES:
+            raise ConfigError("scenario.baselines", f"unknown baseline {baseline!r}; valid: local, pooled")
+    spec = header.topology
+    if ":" not in spec and not Path(spec).is_absolute():
+        spec = str((path.parent / spec).resolve())
+    topology = parse_topology(spec)
+    faults = build(Faults, doc.get("faults", {}), "faults")
+    n = topology.n_nodes
+    for kind, items in (("crash", faults.crash), ("slow", faults.slow)):
+        for item in items:
+            if not 0 <= item.node < n:
+                raise ConfigError(f"faults.{kind}.node", f"node {item.node} is not in 0..{n - 1}")
+    for drop in faults.drop:
+        if drop.link and (len(drop.link) != 2 or not topology.graph.has_edge(*drop.link)):
+            raise ConfigError("faults.drop.link", f"{list(drop.link)} is not an edge of {spec}")
+        if not 0.0 <= drop.prob <= 1.0:
+            raise ConfigError("faults.drop.prob", "must be in [0, 1]")
+    templates = {k: dict(doc.get(k, {})) for k in _TEMPLATE_SECTIONS}
+    for key in ("shard", "shards"):
+        if key in templates["data"]:
+            raise ConfigError(f"data.{key}", "is set per node by the scenario; remove it")
+    return Scenario(header, topology, faults, templates, path)
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
+    """Keys and one node.toml per vertex; returns the processes to start."""
+    topo, header = scenario.topology, scenario.header
+    n = topo.n_nodes
+    names = [f"node{i}" for i in range(n)]
+    ports = _free_ports(header.host, n)
+    identities = [Identity.generate() for _ in range(n)]
+    (out / "keys").mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // n)
+    slow = {s.node: s.factor for s in scenario.faults.slow}
+    procs = []
+    for i in range(n):
+        key = out / "keys" / f"{names[i]}.key"
+        write_key_file(identities[i], key)
+        node_dir = out / "nodes" / names[i]
+        node_dir.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {k: dict(v) for k, v in scenario.templates.items()}
+        doc["node"] = {
+            "key": str(key), "listen": f"tcp://{header.host}:{ports[i]}",
+            "network": header.network or header.name, "out": str(node_dir), "name": names[i],
+        }  # fmt: skip
+        doc["peers"] = [
+            {"id": identities[j].peer_id.hex, "address": f"tcp://{header.host}:{ports[j]}", "name": names[j]}
+            for j in topo.neighbours(i)
+        ]
+        doc["data"].update(shard=i, shards=n)
+        doc["train"].setdefault("threads", threads)
+        doc["gossip"].setdefault("snapshot_every", 1)
+        if header.distinct_seeds:
+            doc["gossip"]["seed"] = i
+        drops = {names[j]: _link_drop(scenario.faults, i, j) for j in topo.neighbours(i)}
+        doc["faults"] = {"slow_factor": slow.get(i, 1.0), "drop": {k: v for k, v in drops.items() if v > 0}}
+        config = node_dir / "node.toml"
+        config.write_text(tomli_w.dumps(doc))
+        procs.append(_Proc(names[i], config, node_dir / "log.txt", node_dir / "metrics.jsonl"))
+    return procs
+
+
+def _link_drop(faults: Faults, i: int, j: int) -> float:
+    prob = 0.0
+    for drop in faults.drop:
+        if not drop.link or set(drop.link) == {i, j}:
+            prob = max(prob, drop.prob)
+    return prob
+
+
+def write_baseline_configs(scenario: Scenario, out: Path, gossip_procs: list[_Proc]) -> list[_Proc]:
+    """Node configs for the baselines: no gossip, evaluated after the last round only.
+
+    ``local``: every node trains its own shard alone for the same rounds and
+    steps. ``pooled``: one model trains on the union of all shards for the
+    same number of steps as each node (rounds x local_steps).
+    """
+    procs = []
+    for kind in scenario.header.baselines:
+        sources = gossip_procs if kind == "local" else gossip_procs[:1]
+        for proc in sources:
+            doc = read_toml(proc.config, "config")
+            name = proc.name if kind == "local" else "pooled"
+            folder = out / "baselines" / kind / name
+            folder.mkdir(parents=True, exist_ok=True)
+            rounds = doc["gossip"].get("rounds", 10)
+            doc["gossip"].update(mix=False, eval_every=rounds, snapshot_every=0)
+            doc["node"].update(out=str(folder), name=f"{kind}-{name}")
+            doc["faults"] = {}
+            doc["train"]["threads"] = 1  # they run one per core (run_scenario)
+            if kind == "pooled":
+                doc["data"].update(shard=0, shards=1)
+            config = folder / "node.toml"
+            config.write_text(tomli_w.dumps(doc))
+            procs.append(_Proc(f"{kind}-{name}", config, folder / "log.txt", folder / "metrics.jsonl"))
+    return procs
+
+
+def _start(proc: _Proc, resume: bool = False) -> None:
+    args = [sys.executable, "-m", "p2pfm", "node", "--config", str(proc.config)]
+    if resume:
+        args.append("--resume")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with proc.log.open("ab") as log:
+        proc.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _rounds_done(proc: _Proc) -> int:
+    return max((r["round"] for r in read_metrics(proc.metrics) if r.get("event") == "round"), default=-1)
+
+
+def _stop_all(procs: list[_Proc]) -> None:
+    """Terminate, then kill, every process still running (by pid)."""
+    running = [p.popen for p in procs if p.popen is not None and p.popen.poll() is None]
+    for popen in running:
+        popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10.0
+    for popen in running:
+        try:
+            popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=10.0)
+
+
+def run_processes(
+    procs: list[_Proc],
+    crashes: tuple[Crash, ...],
+    timeout_s: float,
+    log: Any = print,
+    max_parallel: int | None = None,
+) -> bool:
+    """Run ``procs`` to completion with crash faults; True if all ended cleanly in time.
+
+    At most ``max_parallel`` run at once (all by default: gossip nodes must
+    run together; independent baseline runs need not).
+    """
+    pending = {c.node: c for c in crashes}
+    limit = max_parallel or len(procs)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            running = sum(1 for p in procs if p.popen is not None and not p.exit_codes)
+            for proc in procs:
+                if proc.popen is None and running < limit:
+                    _start(proc)
+                    running += 1
+            alive = False
+            for index, proc in enumerate(procs):
+                if proc.popen is None:
+                    alive = True
+                    continue
+                crash = pending.get(index)
+                if proc.crashed_at is not None:
+                    alive = True
+                    if crash is not None and time.monotonic() - proc.crashed_at >= crash.restart_after_s:
+                        log(f"restarting {proc.name} with --resume")
+                        proc.crashed_at = None
+                        proc.restarts += 1
+                        del pending[index]
+                        _start(proc, resume=True)
+                    continue
+                code = proc.popen.poll()
+                if code is None:
+                    alive = True
+                    if crash is not None and _rounds_done(proc) >= crash.round:
+                        pid = proc.popen.pid
+                        log(f"crash fault: SIGKILL {proc.name} (pid {pid}) after round {crash.round}")
+                        proc.popen.kill()
+                        proc.popen.wait(timeout=10.0)
+                        proc.crashed_at = time.monotonic()
+                elif len(proc.exit_codes) <= proc.restarts:
+                    proc.exit_codes.append(code)
+                    log(f"{proc.name} exited with status {code}")
+            if not alive:
+                return all(p.exit_codes and p.exit_codes[-1] == 0 for p in procs)
+            time.sleep(_TICK_S)
+        log(f"scenario timed out after {timeout_s:.0f} s; stopping every node")
+        return False
+    finally:
+        _stop_all(procs)
+
+
+def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> dict[str, Any]:
+    """Run a scenario end to end and write its report; returns summary.json's content."""
+    from p2pfm.report import write_report  # noqa: PLC0415  (matplotlib only when reporting)
+
+    scenario = load_scenario(path)
+    if out is None:
+        out = Path("runs") / f"{scenario.header.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out.resolve()  # node configs live in subfolders: give them absolute paths
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    procs = write_node_configs(scenario, out)
+    log(f"scenario {scenario.header.name}: {len(procs)} nodes on {scenario.header.topology}, output in {out}")
+    ok = run_processes(procs, scenario.faults.crash, scenario.header.timeout_s, log)
+    wall_s = time.monotonic() - started
+    baseline_ok = True
+    if scenario.header.baselines:
+        log(f"baselines: {', '.join(scenario.header.baselines)}")
+        baseline_procs = write_baseline_configs(scenario, out, procs)
+        # Independent runs: one per core at a time beats oversubscribing the cores.
+        cores = os.cpu_count() or 1
+        baseline_ok = run_processes(baseline_procs, (), scenario.header.timeout_s, log, max_parallel=cores)
+    summary = write_report(scenario, out, wall_s=wall_s, ok=ok and baseline_ok)
+    log(f"report: {out / 'report.md'}")
+    return summary

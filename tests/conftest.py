@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random-initialised transformers models built in code (no downloads).
+
+Each model directory holds a config, safetensors weights and a word-level
+tokenizer saved with ``save_pretrained``, exactly like a real checkpoint
+folder, so the code under test loads it through the normal Auto* classes.
+Sizes: hidden 32, 2 layers, vocabulary of ~100 words -> a few hundred KB.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+WORDS = [f"w{i}" for i in range(90)] + ["apple", "banana", "cherry", "river", "stone"]
+
+
+@dataclass(frozen=True)
+class Ex:
+    """Stand-in for p2pfm.data.Example (text + optional label)."""
+
+    text: str
+    label: int | None
+
+
+def _save_tokenizer(out: pathlib.Path, *, with_pad: bool) -> int:
+    """Save a whitespace word-level tokenizer to ``out``; returns the vocabulary size."""
+    specials = ["[PAD]", "[UNK]", "[EOS]"] if with_pad else ["[UNK]", "[EOS]"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"pad_token": "[PAD]"} if with_pad else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **kwargs)
+    fast.save_pretrained(out)
+    return len(vocab)
+
+
+def make_tiny_bert(out: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """A 2-layer BertModel checkpoint (no classifier head, like the packaged MiniLM)."""
+    vocab_size = _save_tokenizer(out, with_pad=True)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(out: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """A 2-layer LlamaForCausalLM checkpoint whose tokenizer has no pad token (pad := eos)."""
+    vocab_size = _save_tokenizer(out, with_pad=False)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def topic_examples(n: int, *, seed: int, length: int = 8) -> list[Ex]:
+    """A learnable task (balanced): label 1 texts use words w0..w44, label 0 texts w45..w89.
+
+    Every token carries the signal, like topic classification of news; a
+    single hidden keyword is too hard for a frozen *random* 32-wide encoder
+    to pick up in 30 LoRA steps.
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        pool = WORDS[:45] if label else WORDS[45:90]
+        out.append(Ex(" ".join(rng.choice(pool) for _ in range(length)), label))
+    return out
+
+
+def lm_examples(n: int, *, seed: int) -> list[Ex]:
+    """Short texts with a repeated pattern (learnable next-token structure), unlabeled."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start = rng.randrange(80)
+        out.append(Ex(" ".join(f"w{start + k}" for k in range(rng.randrange(4, 10))), None))
+    return out

@@ -1,0 +1,182 @@
+"""End to end: real `p2pfm node` processes on loopback with a tiny model.
+
+These start several Python processes (each imports torch), so they take tens
+of seconds; every process is stopped by pid by the scenario runner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import zmq
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from p2pfm.consensus import flatten
+from p2pfm.metrics import read_metrics
+from p2pfm.scenario import run_scenario
+from tests.conftest import topic_examples
+
+
+def _scenario(tmp_path: Path, model_dir: Path, extra: str, **gossip: Any) -> Path:
+    data = tmp_path / "data.jsonl"
+    with data.open("w") as handle:
+        for example in topic_examples(400, seed=3):
+            handle.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+    gossip_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in gossip.items())
+    path = tmp_path / "scenario.toml"
+    path.write_text(
+        f"""
+name = "e2e"
+topology = "ring:4"
+{extra}
+
+[model]
+path = "{model_dir}"
+task = "classification"
+num_labels = 2
+
+[lora]
+rank = 4
+target_modules = ["query", "value"]
+
+[data]
+source = "{data}"
+partition = "dirichlet"
+alpha = 0.5
+
+[train]
+batch_size = 8
+max_length = 16
+threads = 1
+
+[gossip]
+{gossip_lines}
+"""
+    )
+    return path
+
+
+def _rounds(folder: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(folder / "metrics.jsonl") if r.get("event") == "round"]
+
+
+def _garbage_sender(address: str, start: threading.Event, stop: threading.Event) -> None:
+    """Mallory: a ZeroMQ peer that sends junk frames to a node's listen address."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    start.wait(60)
+    for i in range(50):  # bounded
+        if stop.is_set():
+            break
+        sock.send_multipart([b"junk" * (i + 1), b"\x00" * 10], flags=zmq.NOBLOCK)
+        time.sleep(0.05)
+    context.destroy(linger=0)
+
+
+def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    timeout_s = 4.0
+    scenario = _scenario(
+        tmp_path,
+        tiny_bert_dir,
+        "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 1.0",
+        rounds=6,
+        round_timeout_s=timeout_s,
+    )
+    [train_line] = [line for line in scenario.read_text().splitlines() if line == "[train]"]
+    scenario.write_text(scenario.read_text().replace(train_line, "[train]\nlocal_steps = 3"))
+    out = tmp_path / "run"
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(run_scenario(scenario, out, log=print)))
+    runner.start()
+    # Find node0's address once its config exists, then send it garbage while it runs.
+    start, stop = threading.Event(), threading.Event()
+    config = out / "nodes" / "node0" / "node.toml"
+    deadline = time.monotonic() + 60
+    while not config.exists() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    listen = next(line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("listen"))
+    mallory = threading.Thread(target=_garbage_sender, args=(listen, start, stop))
+    mallory.start()
+    while not _rounds(out / "nodes" / "node0") and runner.is_alive() and time.monotonic() < deadline + 60:
+        time.sleep(0.2)
+    start.set()
+    runner.join(timeout=300)
+    stop.set()
+    mallory.join(timeout=10)
+    assert not runner.is_alive()
+
+    assert result["ok"], result
+    nodes = {n["name"]: n for n in result["nodes"]}
+    assert all(n["finished"] and n["rounds_completed"] == 6 for n in nodes.values())
+    assert nodes["node1"]["restarts"] == 1
+    # Garbage was refused and counted; node0 carried on to the end.
+    assert nodes["node0"]["rejected"].get("malformed", 0) >= 1
+    # node1's neighbours never waited longer than one deadline for it, and
+    # paid that deadline at most twice (the crash round, and a restart race).
+    for name in ("node0", "node2"):
+        rounds = _rounds(out / "nodes" / name)
+        assert max(r.get("wait_s", 0.0) for r in rounds) <= timeout_s + 1.0
+        assert sum(bool(r.get("timed_out")) for r in rounds) <= 2
+    # Consensus: after the last mixing the adapters are close to each other.
+    final = result["consensus_distance"][-1]
+    assert final["round"] == 6 and final["consensus_distance"] < 0.05
+    # The saved adapter loads unchanged with PEFT.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, out / "nodes" / "node0" / "adapter")
+    snapshot = safetensors.numpy.load_file(
+        str(out / "nodes" / "node0" / "snapshots" / "round_00006.safetensors")
+    )
+    params = dict(loaded.named_parameters())
+    lora_a = next(k for k in snapshot if "lora_A" in k)
+    match = [p for name, p in params.items() if name.startswith(lora_a.removesuffix(".weight"))]
+    assert match and np.allclose(match[0].detach().numpy(), snapshot[lora_a])
+    assert (out / "report.md").exists() and (out / "accuracy.png").stat().st_size > 0
+
+
+def test_mixing_only_network_matches_lambda2(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """ring:4 has |lambda| = 1/3 for every non-trivial mode: distance shrinks 9x per round, exactly."""
+    scenario = _scenario(tmp_path, tiny_bert_dir, "distinct_seeds = true\ntimeout_s = 300", rounds=5)
+    scenario.write_text(scenario.read_text().replace("[train]", "[train]\nlocal_steps = 0"))
+    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    assert summary["ok"]
+    distances = [c["consensus_distance"] for c in summary["consensus_distance"]]
+    assert len(distances) == 5 and all(b < a for a, b in itertools.pairwise(distances))
+    # The disagreement itself (the distance's numerator) shrinks by lambda2^2 = 1/9 per round.
+    spreads = []
+    for round_ in range(1, 6):
+        states = [
+            flatten(
+                safetensors.numpy.load_file(str(folder / "snapshots" / f"round_{round_:05d}.safetensors"))
+            )
+            for folder in sorted((tmp_path / "run" / "nodes").iterdir())
+        ]
+        matrix = np.stack(states)
+        spreads.append(float(np.mean(np.sum((matrix - matrix.mean(axis=0)) ** 2, axis=1))))
+    ratios = [b / a for a, b in itertools.pairwise(spreads)]
+    assert all(math.isclose(r, 1 / 9, rel_tol=0.01) for r in ratios), ratios
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nodes_train_on_cuda(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    scenario = _scenario(tmp_path, tiny_bert_dir, "timeout_s = 300", rounds=2)
+    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    assert summary["ok"]
+    starts = [
+        r
+        for r in read_metrics(tmp_path / "run" / "nodes" / "node0" / "metrics.jsonl")
+        if r["event"] == "start"
+    ]
+    assert starts[0]["device"].startswith("cuda")
