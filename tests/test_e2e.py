@@ -91,7 +91,8 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     scenario = _scenario(
         tmp_path,
         tiny_bert_dir,
-        "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 1.0",
+        "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 1.0\n"
+        "[[faults.drop]]\nprob = 0.3\nlink = [2, 3]\n[[faults.slow]]\nnode = 3\nfactor = 2.0",
         rounds=6,
         round_timeout_s=timeout_s,
     )
@@ -124,12 +125,22 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     assert nodes["node1"]["restarts"] == 1
     # Garbage was refused and counted; node0 carried on to the end.
     assert nodes["node0"]["rejected"].get("malformed", 0) >= 1
-    # node1's neighbours never waited longer than one deadline for it, and
-    # paid that deadline at most twice (the crash round, and a restart race).
+    # node1's neighbours never waited longer than one deadline for it; node0
+    # (whose other link is clean) paid that deadline at most twice (the crash
+    # round, and a restart race).
     for name in ("node0", "node2"):
         rounds = _rounds(out / "nodes" / name)
         assert max(r.get("wait_s", 0.0) for r in rounds) <= timeout_s + 1.0
-        assert sum(bool(r.get("timed_out")) for r in rounds) <= 2
+    assert sum(bool(r.get("timed_out")) for r in _rounds(out / "nodes" / "node0")) <= 2
+    # The lossy 2-3 link lost messages (counted at the sender); node3 trained 2x slower.
+    assert (
+        nodes["node2"]["dropped"].get("fault_injected", 0)
+        + nodes["node3"]["dropped"].get("fault_injected", 0)
+        > 0
+    )
+    assert nodes["node0"]["dropped"].get("fault_injected", 0) == 0
+    slow = [r for r in _rounds(out / "nodes" / "node3") if r["round"] >= 1]
+    assert all(r["round_s"] >= 2 * r["train_s"] for r in slow)
     # Consensus: after the last mixing the adapters are close to each other.
     final = result["consensus_distance"][-1]
     assert final["round"] == 6 and final["consensus_distance"] < 0.05
