@@ -75,3 +75,9 @@ def test_generated_configs_wire_the_topology_and_faults(tmp_path: Path) -> None:
 def test_quickstart_is_valid() -> None:
     scenario = load_scenario(QUICKSTART)
     assert scenario.topology.n_nodes == 4 and scenario.header.baselines == ("local", "pooled")
+
+
+def test_ready_scenarios_are_valid() -> None:
+    for path in sorted(QUICKSTART.parent.glob("*.toml")):
+        scenario = load_scenario(path)
+        assert scenario.topology.n_nodes >= 2, path
