@@ -31,6 +31,7 @@ from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_ada
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
 from p2pfm.consensus import metropolis_weights, mix
+from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, load_key_file
 from p2pfm.metrics import MetricsWriter
 from p2pfm.protocol import GossipProtocol, ProtocolConfig, Rejected, RoundComplete
@@ -67,6 +68,12 @@ class Node:
         self.name = config.node.name or self.identity.peer_id.short
         self.am: AdapterModel = build_adapter_model(config.model, config.lora, seed=config.gossip.seed)
         test, shards = config.data.node_shards(config.shard.shards)
+        labels = test.label_names
+        if config.model.task == "classification" and config.model.num_labels != len(labels):
+            raise ConfigError(
+                "model.num_labels",
+                f"the data has {len(labels)} labels ({', '.join(labels)}); set num_labels = {len(labels)}",
+            )
         self.test = test.examples
         self.shard = shards[config.shard.shard]
         self.trainer = Trainer(

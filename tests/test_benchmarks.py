@@ -26,3 +26,21 @@ def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
     assert report["pass"] == (report["ratio"] >= report["target"])
     assert report["pipeline"]["gbps"] > 0 and report["zmq"]["gbps"] > 0
     assert report["simulator"]["messages"] > 0
+
+
+def test_consensus_benchmark_runs_on_a_tiny_model(tiny_bert_dir: Path) -> None:
+    args = ["--topology", "ring:4", "--rounds", "12", "--model", str(tiny_bert_dir), "--num-labels", "5"]
+    args.append("--json")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "consensus.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["nodes"] == 4 and len(report["network_distances"]) == 12
+    # ring:4: lambda2^2 = 1/9 exactly; the real network must follow it.
+    assert abs(report["lambda2_squared"] - 1 / 9) < 1e-9
+    assert abs(report["network_decay_per_round"] / report["lambda2_squared"] - 1) < 0.1

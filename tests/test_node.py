@@ -1,0 +1,55 @@
+"""`p2pfm node` start-up checks, as an operator meets them (one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from p2pfm.identity import Identity, write_key_file
+from tests.conftest import topic_examples
+
+
+def _config(tmp_path: Path, model_dir: Path, **model: object) -> Path:
+    write_key_file(Identity.generate(), tmp_path / "node.key")
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in topic_examples(40, seed=0))
+    )
+    doc = {
+        "node": {"key": "node.key", "listen": "tcp://127.0.0.1:45999", "network": "n", "out": "out"},
+        "peers": [{"id": Identity.generate().peer_id.hex, "address": "tcp://127.0.0.1:45998"}],
+        "model": {"path": str(model_dir), "task": "classification", "num_labels": 2, **model},
+        "data": {"source": str(data), "partition": "iid"},
+        "gossip": {"rounds": 1},
+    }
+    path = tmp_path / "node.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def _node(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "node.py"), "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_label_count_mismatch_names_the_field(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    result = _node(_config(tmp_path, tiny_bert_dir, num_labels=3))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config field 'model.num_labels'" in result.stderr and "set num_labels = 2" in result.stderr
+
+
+def test_missing_key_file_is_one_line(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    config = _config(tmp_path, tiny_bert_dir)
+    (tmp_path / "node.key").unlink()
+    result = _node(config)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("(create one with `p2pfm keygen --out PATH`)")
