@@ -92,7 +92,8 @@ class _Proc:
     popen: subprocess.Popen[bytes] | None = None
     crashed_at: float | None = None
     restarts: int = 0
-    exit_codes: list[int] = field(default_factory=list)
+    exit_codes: list[int] = field(default_factory=list)  # one per process run that ended by itself
+    running: bool = False
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -221,6 +222,7 @@ def _start(proc: _Proc, resume: bool = False) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with proc.log.open("ab") as log:
         proc.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.running = True
 
 
 def _rounds_done(proc: _Proc) -> int:
@@ -258,7 +260,7 @@ def run_processes(
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            running = sum(1 for p in procs if p.popen is not None and not p.exit_codes)
+            running = sum(1 for p in procs if p.running)
             for proc in procs:
                 if proc.popen is None and running < limit:
                     _start(proc)
@@ -287,7 +289,8 @@ def run_processes(
                         proc.popen.kill()
                         proc.popen.wait(timeout=10.0)
                         proc.crashed_at = time.monotonic()
-                elif len(proc.exit_codes) <= proc.restarts:
+                elif proc.running:
+                    proc.running = False
                     proc.exit_codes.append(code)
                     log(f"{proc.name} exited with status {code}")
             if not alive:

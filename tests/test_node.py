@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import tomli_w
 
 from p2pfm.identity import Identity, write_key_file
+from p2pfm.metrics import read_metrics
 from tests.conftest import topic_examples
 
 
@@ -53,3 +56,34 @@ def test_missing_key_file_is_one_line(tmp_path: Path, tiny_bert_dir: Path) -> No
     result = _node(config)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("(create one with `p2pfm keygen --out PATH`)")
+
+
+def test_sigterm_stops_a_waiting_node_cleanly(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    config = _config(tmp_path, tiny_bert_dir)
+    text = config.read_text().replace("rounds = 1", "rounds = 50\nround_timeout_s = 600.0")
+    config.write_text(text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pfm", "node", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        # Round 0 is evaluated before training; after it the node trains and then
+        # waits (up to 600 s) for a neighbour that does not exist.
+        while time.monotonic() < deadline and not any(r.get("round") == 0 for r in read_metrics(metrics)):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        assert time.monotonic() - started < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
+    assert code == 130
+    done = [r for r in read_metrics(metrics) if r["event"] == "done"]
+    assert done and done[-1]["stopped"] is True
+    assert (tmp_path / "out" / "checkpoint" / "meta.json").exists()
