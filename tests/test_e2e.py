@@ -25,7 +25,9 @@ from transformers import AutoModelForSequenceClassification
 from p2pfm.consensus import flatten
 from p2pfm.metrics import read_metrics
 from p2pfm.scenario import run_scenario
-from tests.conftest import topic_examples
+from tests.conftest import lm_examples, topic_examples
+
+ROUNDS = 10
 
 
 def _scenario(tmp_path: Path, model_dir: Path, extra: str, **gossip: Any) -> Path:
@@ -93,11 +95,11 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
         tiny_bert_dir,
         "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 1.0\n"
         "[[faults.drop]]\nprob = 0.3\nlink = [2, 3]\n[[faults.slow]]\nnode = 3\nfactor = 2.0",
-        rounds=6,
+        rounds=ROUNDS,
         round_timeout_s=timeout_s,
     )
     [train_line] = [line for line in scenario.read_text().splitlines() if line == "[train]"]
-    scenario.write_text(scenario.read_text().replace(train_line, "[train]\nlocal_steps = 3"))
+    scenario.write_text(scenario.read_text().replace(train_line, "[train]\nlocal_steps = 40"))
     out = tmp_path / "run"
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(run_scenario(scenario, out, log=print)))
@@ -121,8 +123,15 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
 
     assert result["ok"], result
     nodes = {n["name"]: n for n in result["nodes"]}
-    assert all(n["finished"] and n["rounds_completed"] == 6 for n in nodes.values())
+    assert all(n["finished"] and n["rounds_completed"] == ROUNDS for n in nodes.values())
     assert nodes["node1"]["restarts"] == 1
+    # The others went on while node1 was down; it caught up to their round
+    # instead of replaying the rounds it missed.
+    node1 = list(read_metrics(out / "nodes" / "node1" / "metrics.jsonl"))
+    [resume] = [r for r in node1 if r["event"] == "resume"]
+    jumps = [r for r in node1 if r["event"] == "caught_up"]
+    assert resume["round"] == 2 and jumps and jumps[0]["to_round"] > jumps[0]["from_round"] >= 3
+    assert len([r for r in node1 if r["event"] == "round" and r["round"] >= 3]) < ROUNDS - 2
     # Garbage was refused and counted; node0 carried on to the end.
     assert nodes["node0"]["rejected"].get("malformed", 0) >= 1
     # node1's neighbours never waited longer than one deadline for it; node0
@@ -143,12 +152,12 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     assert all(r["round_s"] >= 2 * r["train_s"] for r in slow)
     # Consensus: after the last mixing the adapters are close to each other.
     final = result["consensus_distance"][-1]
-    assert final["round"] == 6 and final["consensus_distance"] < 0.05
+    assert final["round"] == ROUNDS and final["consensus_distance"] < 0.05
     # The saved adapter loads unchanged with PEFT.
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     loaded = PeftModel.from_pretrained(base, out / "nodes" / "node0" / "adapter")
     snapshot = safetensors.numpy.load_file(
-        str(out / "nodes" / "node0" / "snapshots" / "round_00006.safetensors")
+        str(out / "nodes" / "node0" / "snapshots" / f"round_{ROUNDS:05d}.safetensors")
     )
     params = dict(loaded.named_parameters())
     lora_a = next(k for k in snapshot if "lora_A" in k)
@@ -191,3 +200,50 @@ def test_nodes_train_on_cuda(tmp_path: Path, tiny_bert_dir: Path) -> None:
         if r["event"] == "start"
     ]
     assert starts[0]["device"].startswith("cuda")
+
+
+def test_causal_lm_network_reports_perplexity(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text}) + "\n" for e in lm_examples(300, seed=2)))
+    scenario = tmp_path / "lm.toml"
+    scenario.write_text(
+        f"""
+name = "lm"
+topology = "complete:3"
+baselines = ["local"]
+timeout_s = 300
+
+[model]
+path = "{tiny_llama_dir}"
+task = "causal-lm"
+
+[lora]
+rank = 4
+target_modules = ["q_proj", "v_proj"]
+
+[data]
+source = "{data}"
+partition = "iid"
+
+[train]
+local_steps = 10
+batch_size = 8
+max_length = 16
+threads = 1
+lr = 5e-3
+
+[gossip]
+rounds = 4
+round_timeout_s = 10.0
+"""
+    )
+    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    assert summary["ok"] and summary["metric"] == "perplexity"
+    first = next(r for r in _rounds(tmp_path / "run" / "nodes" / "node0") if r["round"] == 0)
+    final = summary["mean_final_perplexity"]
+    assert math.isfinite(final) and 1.0 < final < first["eval"]["perplexity"]
+    assert math.isfinite(summary["baselines"]["local"])
+    assert (tmp_path / "run" / "perplexity.png").exists()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "perplexity" in report
+    assert "lower (better)" in report or "higher (worse)" in report
