@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.numpy
+
 from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
@@ -214,19 +216,16 @@ class Node:
         evaluation: dict[str, float] = {}
         if round_ % gossip.eval_every == 0 or round_ == gossip.rounds:
             evaluation = self.trainer.evaluate(self.test)
+        adapter = get_state(self.am)  # after mixing: what the checkpoint and snapshot keep
         save_checkpoint(
             self.config.checkpoint_dir,
-            Checkpoint(round_, self.protocol.seq, get_state(self.am), self.trainer.state_dict()),
+            Checkpoint(round_, self.protocol.seq, adapter, self.trainer.state_dict()),
         )
         every = gossip.snapshot_every
         if every and round_ % every == 0:
-            import safetensors.numpy  # noqa: PLC0415
-
             snapshots = self.config.node.out / "snapshots"
             snapshots.mkdir(exist_ok=True)
-            safetensors.numpy.save_file(
-                get_state(self.am), str(snapshots / f"round_{round_:05d}.safetensors")
-            )
+            safetensors.numpy.save_file(adapter, str(snapshots / f"round_{round_:05d}.safetensors"))
         round_s = time.monotonic() - started
         counters = self._counters()
         self.metrics.write(
