@@ -40,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     peer_id.add_argument("key", type=Path, help="key file written by `p2pfm keygen`")
     peer_id.set_defaults(run=_cmd_peer_id)
 
+    _add_roster_commands(commands)
+
     topology = commands.add_parser("topology", help="inspect topologies")
     topo_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="COMMAND")
     show = topo_commands.add_parser("show", help="print size, degrees and spectral gap of a topology")
@@ -74,6 +76,31 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_roster_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    roster = commands.add_parser("roster", help="create, edit and check a network's member roster")
+    roster_commands = roster.add_subparsers(dest="roster_command", required=True, metavar="COMMAND")
+    init = roster_commands.add_parser("init", help="start an empty roster for a network")
+    init.add_argument("file", type=Path)
+    init.add_argument("--network", required=True, help="network id (node.network of every member)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(run=_cmd_roster_init)
+    add = roster_commands.add_parser("add", help="add a member by key file or peer id")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", required=True)
+    who = add.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", type=Path, help="the member's key file (only its public key is used)")
+    who.add_argument("--id", help="the member's peer id (64 hex digits)")
+    add.add_argument("--address", help="where the member listens, e.g. tcp://203.0.113.7:5550")
+    add.set_defaults(run=_cmd_roster_add)
+    remove = roster_commands.add_parser("remove", help="remove a member by name")
+    remove.add_argument("file", type=Path)
+    remove.add_argument("name")
+    remove.set_defaults(run=_cmd_roster_remove)
+    check = roster_commands.add_parser("check", help="validate a roster and list its members")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_cmd_roster_check)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -97,6 +124,56 @@ def _cmd_peer_id(args: argparse.Namespace) -> int:
     from p2pfm.identity import load_key_file
 
     print(load_key_file(args.key).peer_id.hex)
+    return 0
+
+
+def _cmd_roster_init(args: argparse.Namespace) -> int:
+    from p2pfm.errors import ConfigError
+    from p2pfm.roster import Roster, save_roster
+
+    if args.file.exists() and not args.force:
+        raise ConfigError("roster", f"{args.file} already exists; pass --force to overwrite it")
+    save_roster(Roster(args.network), args.file)
+    print(f"created {args.file} for network {args.network!r} (no members yet)")
+    return 0
+
+
+def _cmd_roster_add(args: argparse.Namespace) -> int:
+    from p2pfm.errors import ConfigError
+    from p2pfm.identity import PeerId, load_key_file
+    from p2pfm.roster import Member, load_roster, save_roster
+    from p2pfm.transport import check_address
+
+    roster = load_roster(args.file)
+    if args.key is not None:
+        peer = load_key_file(args.key).peer_id
+    else:
+        try:
+            peer = PeerId.from_hex(args.id)
+        except ValueError as exc:
+            raise ConfigError("--id", str(exc)) from None
+    address = None if args.address is None else check_address("--address", args.address)
+    save_roster(roster.with_member(Member(args.name, peer, address)), args.file)
+    print(f"added {args.name} ({peer.hex}) to {args.file}")
+    return 0
+
+
+def _cmd_roster_remove(args: argparse.Namespace) -> int:
+    from p2pfm.roster import load_roster, save_roster
+
+    save_roster(load_roster(args.file).without(args.name), args.file)
+    print(f"removed {args.name} from {args.file}")
+    return 0
+
+
+def _cmd_roster_check(args: argparse.Namespace) -> int:
+    from p2pfm.roster import load_roster
+
+    roster = load_roster(args.file)
+    print(f"{args.file}: network {roster.network!r}, {len(roster.members)} members, valid")
+    width = max((len(m.name) for m in roster.members), default=0)
+    for member in roster.members:  # plain lines: peer ids must never be truncated
+        print(f"  {member.name:<{width}}  {member.id.hex}  {member.address or '-'}")
     return 0
 
 

@@ -23,6 +23,7 @@ from p2pfm.adapter import LoraSettings, ModelSettings
 from p2pfm.data import DataConfig
 from p2pfm.errors import ConfigError, TopologyError
 from p2pfm.identity import PeerId
+from p2pfm.roster import Roster, load_roster
 from p2pfm.settings import build, coerce, read_toml
 from p2pfm.topology import parse_topology
 from p2pfm.train import TrainSettings
@@ -38,6 +39,7 @@ class NodeSection:
     network: str  # network id; must match every neighbour's
     out: Path  # output folder: metrics, checkpoint, final adapter
     name: str = ""  # human label for logs and reports (default: short peer id)
+    roster: Path | None = None  # network member list (p2pfm roster); None: admit the neighbours only
 
     def __post_init__(self) -> None:
         check_address("node.listen", self.listen)
@@ -75,12 +77,19 @@ class GossipSettings:
     seed: int = 0  # adapter initialisation seed; the same on every node
     snapshot_every: int = 0  # keep the mixed adapter every N rounds (consensus analysis); 0 = never
     eval_every: int = 1  # evaluate every N rounds (and after the last); 1 also evaluates before training
+    rule: Literal["mean", "trimmed-mean", "median", "clip"] = "mean"  # mixing rule (docs/robust.md)
+    trim: int = 1  # trimmed-mean: values dropped at each end per coordinate
+    byzantine_weight: float = 0.25  # clip: neighbour weight share whose farthest holders get clipped
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("gossip.rounds", "must be >= 1")
         if not self.round_timeout_s > 0:
             raise ConfigError("gossip.round_timeout_s", "must be > 0 seconds")
+        if self.trim < 0:
+            raise ConfigError("gossip.trim", "must be >= 0")
+        if not 0.0 <= self.byzantine_weight < 1.0:
+            raise ConfigError("gossip.byzantine_weight", "must be in [0, 1)")
         if self.eval_every < 1:
             raise ConfigError("gossip.eval_every", "must be >= 1")
         if self.snapshot_every < 0:
@@ -115,6 +124,7 @@ class NodeConfig:
     faults: FaultSettings
     transport: TransportSettings
     path: Path  # the config file itself
+    roster: Roster | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -138,6 +148,7 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
     node = NodeSection(
         key=_resolve(base, node.key), listen=node.listen, network=node.network,
         out=_resolve(base, node.out), name=node.name,
+        roster=None if node.roster is None else _resolve(base, node.roster),
     )  # fmt: skip
     model = build(ModelSettings, doc.get("model", {}), "model")
     if model.path not in ("minilm",) and not Path(model.path).is_absolute():
@@ -155,9 +166,20 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
     data = build(DataConfig, data_table, "data")
     if data.source != "bbc-news" and not Path(data.source).is_absolute():
         data = _replace_source(data, str(_resolve(base, Path(data.source))))
+    peers = _peers(doc, base)
+    roster = None
+    if node.roster is not None:
+        roster = load_roster(node.roster)
+        if roster.network != node.network:
+            raise ConfigError("node.network", f"is {node.network!r} but the roster is for {roster.network!r}")
+        for i, peer in enumerate(peers):
+            if peer.id not in roster.ids:
+                raise ConfigError(
+                    f"peers[{i}].id", f"{peer.name} ({peer.id.short}) is not a member of the roster"
+                )
     return NodeConfig(
         node=node,
-        peers=_peers(doc, base),
+        peers=peers,
         model=model,
         lora=build(LoraSettings, doc.get("lora", {}), "lora"),
         data=data,
@@ -167,6 +189,7 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
         faults=build(FaultSettings, doc.get("faults", {}), "faults"),
         transport=build(TransportSettings, doc.get("transport", {}), "transport"),
         path=path,
+        roster=roster,
     )
 
 

@@ -30,6 +30,9 @@ class RejectReason(str, enum.Enum):
     SCHEMA_MISMATCH = "schema_mismatch"  # tensor names/dtypes/shapes differ
     REPLAY = "replay"  # (round, seq) not newer than the last accepted
     STALE_ROUND = "stale_round"  # round older than the receiver's round
+    RATE_LIMITED = "rate_limited"  # the sender exceeded its message rate
+    CLOCK_SKEW = "clock_skew"  # timestamp too far from the receiver's clock
+    NON_FINITE = "non_finite"  # a NaN or infinity in a tensor
 
 
 class P2PFMError(Exception):

@@ -84,12 +84,27 @@ class Identity:
     def seed(self) -> bytes:
         return bytes(self._signing_key)
 
+    def curve_keypair(self) -> tuple[bytes, bytes]:
+        """(public, secret) X25519 keys for CurveZMQ, derived from this Ed25519 key.
+
+        One key file is the node's only secret: the transport key is the
+        birational map of the signing key (libsodium's
+        crypto_sign_ed25519_*_to_curve25519), so peers know it from the peer id.
+        """
+        secret = bytes(self._signing_key.to_curve25519_private_key())
+        return curve_public_key(self.peer_id), secret
+
     def sign(self, message: bytes) -> bytes:
         """Return the 64-byte detached Ed25519 signature of ``message``."""
         return self._signing_key.sign(message).signature
 
     def __repr__(self) -> str:  # never print the seed
         return f"Identity(peer_id={self.peer_id.short}...)"
+
+
+def curve_public_key(peer: PeerId) -> bytes:
+    """The X25519 (CurveZMQ) public key that goes with a peer id."""
+    return bytes(nacl.signing.VerifyKey(peer.key).to_curve25519_public_key())
 
 
 def write_key_file(identity: Identity, path: Path, *, force: bool = False) -> None:

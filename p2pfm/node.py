@@ -32,7 +32,7 @@ import safetensors.numpy
 from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
-from p2pfm.consensus import metropolis_weights, mix
+from p2pfm.consensus import metropolis_weights, robust_mix
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, load_key_file
 from p2pfm.metrics import MetricsWriter
@@ -67,6 +67,9 @@ class Node:
         self.stop = stop or threading.Event()
         self.log = log
         self.identity: Identity = load_key_file(config.node.key)
+        if config.roster is not None and self.identity.peer_id not in config.roster.ids:
+            me = self.identity.peer_id.short
+            raise ConfigError("node.key", f"this node ({me}) is not in the roster {config.node.roster}")
         self.name = config.node.name or self.identity.peer_id.short
         self.am: AdapterModel = build_adapter_model(config.model, config.lora, seed=config.gossip.seed)
         test, shards = config.data.node_shards(config.shard.shards)
@@ -103,10 +106,17 @@ class Node:
         by_name = {peer.name: peer.id for peer in config.peers}
         self.transport: Transport | None = None
         if config.gossip.mix:
+            if config.transport.insecure:
+                self.log(
+                    f"[{self.name}] WARNING: transport.insecure = true: links are PLAINTEXT and "
+                    "unauthenticated; anyone on the path can read them. Debugging only."
+                )
             self.transport = Transport(
                 config.node.listen,
                 peers,
                 config.transport,
+                identity=self.identity,
+                allowed=None if config.roster is None else config.roster.ids,
                 link_drop_prob={by_name[n]: p for n, p in config.faults.drop.items() if n in by_name},
                 seed=config.shard.shard,
             )
@@ -150,6 +160,7 @@ class Node:
             "autocast": str(self.trainer.autocast_dtype or "fp32"),
             "neighbours": sorted(self.peer_names.values()),
             "adapter_bytes": sum(spec.nbytes for spec in self.am.schema),
+            "insecure": self.config.transport.insecure,
         }
         if checkpoint is None:
             self.metrics.write("start", **common)
@@ -209,7 +220,15 @@ class Node:
             weights = metropolis_weights(
                 len(self.protocol.neighbours), {p: u.degree for p, u in done.updates.items()}
             )
-            set_state(self.am, mix(state, {p: u.tensors for p, u in done.updates.items()}, weights))
+            mixed = robust_mix(
+                gossip.rule,
+                state,
+                {p: u.tensors for p, u in done.updates.items()},
+                weights,
+                trim=gossip.trim,
+                byzantine_weight=gossip.byzantine_weight,
+            )
+            set_state(self.am, mixed)
             heard = sorted(self.peer_names[p] for p in done.updates)
             missing = sorted(self.peer_names[p] for p in done.missing)
             timed_out = done.timed_out
@@ -256,7 +275,7 @@ class Node:
         if self.transport is None:
             return
         for frames in self.transport.receive(timeout_s):
-            event = self.protocol.receive(frames, time.monotonic())
+            event = self.protocol.receive(frames, time.monotonic(), int(time.time() * 1000))
             if isinstance(event, Rejected):
                 sender = event.sender.short if event.sender else "?"
                 key = (sender, event.reason.value)
@@ -273,6 +292,7 @@ class Node:
             "messages_sent": stats.messages_sent if stats else 0,
             "messages_received": stats.messages_received if stats else 0,
             "dropped": dict(stats.dropped) if stats else {},
+            "refused_connections": stats.refused_connections if stats else 0,
             "rejected": {reason.value: n for reason, n in self.protocol.rejections.items()},
         }
 

@@ -48,8 +48,17 @@ class ProtocolConfig:
     # Expected tensors (names, wire dtypes, shapes); None accepts any schema
     # whose fingerprint matches.
     schema: tuple[TensorSpec, ...] | None = None
+    # Timestamps further than this from the receiver's wall clock are refused
+    # (None: not checked). Honest nodes need clocks within this of each other.
+    max_clock_skew_s: float | None = 300.0
+    # Per-sender token bucket: a steady rate and a burst, in messages. An
+    # honest node sends one message per round.
+    max_messages_per_s: float = 10.0
+    message_burst: int = 20
 
     def __post_init__(self) -> None:
+        if self.max_messages_per_s <= 0 or self.message_burst < 1:
+            raise LocalProtocolError("max_messages_per_s must be > 0 and message_burst >= 1")
         if not self.round_timeout_s > 0:
             raise LocalProtocolError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
         if len(self.fingerprint) != wire.FINGERPRINT_BYTES:
@@ -107,6 +116,7 @@ class GossipProtocol:
         # round's and its newest (memory bounded by 2 x neighbours).
         self._updates: dict[PeerId, dict[int, Update]] = {}
         self._last_key: dict[PeerId, tuple[int, int]] = {}  # (round, seq) last accepted
+        self._buckets: dict[PeerId, tuple[float, float]] = {}  # sender -> (tokens, at now_s)
         self._schema = None if config.schema is None else {s.name: s for s in config.schema}
         # Neighbours that missed the last deadline: not waited for again until
         # we hear from them, so a dead neighbour costs one deadline, not one
@@ -159,17 +169,24 @@ class GossipProtocol:
 
     # ---------------------------------------------------------- receiving
 
-    def receive(self, frames: Sequence[Buffer], now_s: float) -> ReceiveEvent:
-        """Judge one incoming message. Never raises for bad peer data."""
-        del now_s  # timestamps are judged in a later protocol revision
+    def receive(
+        self, frames: Sequence[Buffer], now_s: float, wall_time_ms: int | None = None
+    ) -> ReceiveEvent:
+        """Judge one incoming message. Never raises for bad peer data.
+
+        ``now_s`` is the monotonic clock (deadlines, rate limits);
+        ``wall_time_ms`` the wall clock for the timestamp gate (None: skipped).
+        """
         sender: PeerId | None = None
         try:
             verified = wire.verify(frames, self.config.limits, self.neighbours)
             sender = verified.sender
+            if not self._take_token(sender, now_s):
+                return self._reject(sender, RejectReason.RATE_LIMITED, "message rate exceeded")
             update = wire.decode_update(verified, self.config.limits)
         except RemoteProtocolError as exc:
             return self._reject(sender, exc.reason, str(exc))
-        gate = self._gate(update)
+        gate = self._gate(update) or self._content_gate(update, wall_time_ms)
         if gate is not None:
             return self._reject(update.sender, *gate)
         by_round = self._updates.setdefault(update.sender, {})
@@ -193,6 +210,34 @@ class GossipProtocol:
         if update.round < self.round:
             return RejectReason.STALE_ROUND, f"round {update.round} < current {self.round}"
         return None
+
+    def _content_gate(self, update: Update, wall_time_ms: int | None) -> tuple[RejectReason, str] | None:
+        skew_s = self.config.max_clock_skew_s
+        if (
+            skew_s is not None
+            and wall_time_ms is not None
+            and abs(update.ts_ms - wall_time_ms) > skew_s * 1000
+        ):
+            return (
+                RejectReason.CLOCK_SKEW,
+                f"timestamp {update.ts_ms} is {(update.ts_ms - wall_time_ms) / 1000:+.0f} s off",
+            )
+        for name, array in update.tensors.items():
+            # One NaN or Inf would spread to every node through the mix: refuse the whole update.
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                return RejectReason.NON_FINITE, f"tensor {name!r} holds NaN or Inf"
+        return None
+
+    def _take_token(self, sender: PeerId, now_s: float) -> bool:
+        """Token bucket per authenticated sender: bounded work per peer, whatever it sends."""
+        rate, burst = self.config.max_messages_per_s, float(self.config.message_burst)
+        tokens, then = self._buckets.get(sender, (burst, now_s))
+        tokens = min(burst, tokens + max(0.0, now_s - then) * rate)
+        if tokens < 1.0:
+            self._buckets[sender] = (tokens, now_s)
+            return False
+        self._buckets[sender] = (tokens - 1.0, now_s)
+        return True
 
     def _reject(self, sender: PeerId | None, reason: RejectReason, detail: str) -> Rejected:
         self.rejections[reason] += 1

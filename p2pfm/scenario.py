@@ -26,6 +26,7 @@ import tomli_w
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, write_key_file
 from p2pfm.metrics import read_metrics
+from p2pfm.roster import Member, Roster, save_roster
 from p2pfm.settings import build, read_toml
 from p2pfm.topology import Topology, parse_topology
 
@@ -150,6 +151,12 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
     identities = [Identity.generate() for _ in range(n)]
     (out / "keys").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
+    network = header.network or header.name
+    roster = Roster(
+        network,
+        tuple(Member(names[i], identities[i].peer_id, f"tcp://{header.host}:{ports[i]}") for i in range(n)),
+    )
+    save_roster(roster, out / "roster.toml")
     slow = {s.node: s.factor for s in scenario.faults.slow}
     procs = []
     for i in range(n):
@@ -160,7 +167,8 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         doc: dict[str, Any] = {k: dict(v) for k, v in scenario.templates.items()}
         doc["node"] = {
             "key": str(key), "listen": f"tcp://{header.host}:{ports[i]}",
-            "network": header.network or header.name, "out": str(node_dir), "name": names[i],
+            "network": network, "out": str(node_dir), "name": names[i],
+            "roster": str(out / "roster.toml"),
         }  # fmt: skip
         doc["peers"] = [
             {"id": identities[j].peer_id.hex, "address": f"tcp://{header.host}:{ports[j]}", "name": names[j]}

@@ -17,19 +17,26 @@ own queue.
 - Reconnects: ZeroMQ re-dials a restarted neighbour by itself.
 - Zero copy: tensor frames are handed to ZeroMQ without copying and received
   as views of ZeroMQ's buffers.
+- Encrypted and authenticated: every link runs CurveZMQ with X25519 keys
+  derived from the nodes' Ed25519 identities (``Identity.curve_keypair``), and
+  a ZAP handler admits only the allowed peers (the roster's members, or the
+  neighbours); any other key gets no connection. Plaintext needs the
+  explicit ``insecure`` setting.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import zmq
+import zmq.auth.thread
+from zmq.utils import z85
 
 from p2pfm.errors import ConfigError
-from p2pfm.identity import PeerId
+from p2pfm.identity import Identity, PeerId, curve_public_key
 from p2pfm.wire import Buffer, message_bytes
 
 DROP_QUEUE_FULL = "send_queue_full"  # neighbour down or not keeping up
@@ -44,6 +51,7 @@ class TransportSettings:
     reconnect_interval_ms: int = 100
     reconnect_interval_max_ms: int = 2000
     linger_ms: int = 2000  # on close, time to flush the last round's messages
+    insecure: bool = False  # plaintext links, no peer authentication: debugging only
 
     def __post_init__(self) -> None:
         for name in ("send_queue_messages", "recv_queue_messages", "max_frame_bytes"):
@@ -58,6 +66,22 @@ class TransportStats:
     messages_received: int = 0
     bytes_received: int = 0
     dropped: Counter[str] = field(default_factory=Counter)  # by reason
+    refused_connections: int = 0  # CurveZMQ handshakes from keys not allowed in
+
+
+class _Admission:
+    """ZAP credentials provider: admits the CurveZMQ keys of allowed peers only."""
+
+    def __init__(self, allowed: frozenset[bytes], stats: TransportStats) -> None:
+        self._allowed = allowed  # Z85-encoded X25519 public keys
+        self._stats = stats
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        del domain
+        if key in self._allowed:
+            return True
+        self._stats.refused_connections += 1
+        return False
 
 
 def check_address(field_name: str, address: str) -> str:
@@ -81,16 +105,36 @@ class Transport:
         peers: Mapping[PeerId, str],
         settings: TransportSettings | None = None,
         *,
+        identity: Identity | None = None,
+        allowed: Collection[PeerId] | None = None,
         link_drop_prob: Mapping[PeerId, float] | None = None,
         seed: int = 0,
     ) -> None:
+        """``identity`` is required unless ``settings.insecure``; ``allowed``
+        (default: ``peers``) are the keys admitted to connect to us."""
         self.settings = settings or TransportSettings()
         self.stats = TransportStats()
         self._link_drop_prob = dict(link_drop_prob or {})
         self._rng = random.Random(seed)  # fault injection only; not security relevant
         self._context = zmq.Context()
+        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        own_keys: tuple[bytes, bytes] | None = None
+        if not self.settings.insecure:
+            if identity is None:
+                raise ConfigError("transport.insecure", "a secure transport needs the node's identity")
+            public, secret = identity.curve_keypair()
+            own_keys = (z85.encode(public), z85.encode(secret))
+            admitted = frozenset(
+                z85.encode(curve_public_key(p)) for p in (peers if allowed is None else allowed)
+            )
+            self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", _Admission(admitted, self.stats))
         try:
             self._inbound = self._context.socket(zmq.PULL)
+            if own_keys is not None:
+                self._inbound.curve_server = True
+                self._inbound.curve_publickey, self._inbound.curve_secretkey = own_keys
             self._inbound.setsockopt(zmq.RCVHWM, self.settings.recv_queue_messages)
             self._inbound.setsockopt(zmq.MAXMSGSIZE, self.settings.max_frame_bytes)
             self._inbound.setsockopt(zmq.LINGER, 0)
@@ -105,9 +149,14 @@ class Transport:
                 sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
                 sock.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_interval_ms)
                 sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_interval_max_ms)
+                if own_keys is not None:
+                    sock.curve_serverkey = z85.encode(curve_public_key(peer))
+                    sock.curve_publickey, sock.curve_secretkey = own_keys
                 sock.connect(address)
                 self._outbound[peer] = sock
         except BaseException:
+            if self._auth is not None:
+                self._auth.stop()
             self._context.destroy(linger=0)
             raise
         self._poller = zmq.Poller()
@@ -166,6 +215,8 @@ class Transport:
         self._inbound.close(linger=0)
         for sock in self._outbound.values():
             sock.close()
+        if self._auth is not None:
+            self._auth.stop()
         self._context.term()
 
     def __enter__(self) -> Transport:

@@ -56,6 +56,10 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path: Path) -> Non
         (lambda d: d.update(faults={"slow_factor": 0.5}), "faults.slow_factor"),
         (lambda d: d.update(gossip={"wire_dtype": "int8"}), "gossip.wire_dtype"),
         (lambda d: d.update(gossip={"mix": "yes"}), "gossip.mix"),
+        (lambda d: d.update(gossip={"rule": "krum"}), "gossip.rule"),
+        (lambda d: d.update(gossip={"byzantine_weight": 1.0}), "gossip.byzantine_weight"),
+        (lambda d: d.update(transport={"insecure": "no"}), "transport.insecure"),
+        (lambda d: d["node"].update(roster="missing.toml"), "roster"),
     ],
 )
 def test_each_mistake_names_its_field(tmp_path: Path, mutate: object, field: str) -> None:

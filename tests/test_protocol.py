@@ -248,3 +248,27 @@ def test_four_nodes_average_to_the_mean_over_rounds() -> None:
         states = new_states
     for state in states:
         np.testing.assert_allclose(state["x"], 6.0, rtol=1e-5)
+
+
+def test_clock_skew_non_finite_and_rate_gates() -> None:
+    a, b = _line(2)
+    a.start_round(1, 0.0)
+    b.start_round(1, 0.0)
+    now_ms = 1_800_000_000_000
+    late = a.make_update(_state(1.0), samples=1, wall_time_ms=now_ms - 301_000)
+    event = b.receive(late, 0.0, wall_time_ms=now_ms)
+    assert isinstance(event, Rejected) and event.reason is RejectReason.CLOCK_SKEW
+    ok = a.make_update(_state(1.0), samples=1, wall_time_ms=now_ms - 299_000)
+    assert isinstance(b.receive(ok, 0.0, wall_time_ms=now_ms), Accepted)
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = a.make_update({"x": np.array([1.0, bad, 0.0, 0.0], np.float32)}, samples=1, wall_time_ms=0)
+        event = b.receive(poisoned, 0.0)
+        assert isinstance(event, Rejected) and event.reason is RejectReason.NON_FINITE
+    # A flood from one (authenticated) neighbour: the burst passes, the rest is refused ...
+    burst = CONFIG.message_burst
+    results = [b.receive(_send(a, 2.0), 1.0) for _ in range(burst + 10)]
+    limited = [r for r in results if isinstance(r, Rejected) and r.reason is RejectReason.RATE_LIMITED]
+    assert len(limited) >= 10
+    # ... and the bucket refills with time.
+    assert isinstance(b.receive(_send(a, 3.0), 1.0 + 10.0), Accepted)
+    assert b.rejections[RejectReason.RATE_LIMITED] == len(limited)

@@ -62,6 +62,7 @@ def test_generated_configs_wire_the_topology_and_faults(tmp_path: Path) -> None:
     assert configs[3].faults.drop == {} and configs[2].faults.slow_factor == 3.0
     assert [c.shard.shard for c in configs] == [0, 1, 2, 3] and configs[0].shard.shards == 4
     assert configs[0].node.key.stat().st_mode & 0o077 == 0
+    assert configs[0].roster is not None and len(configs[0].roster.members) == 4
     baselines = write_baseline_configs(scenario, tmp_path / "out", procs)
     assert [b.name for b in baselines] == [f"local-node{i}" for i in range(4)] + ["pooled-pooled"]
     pooled = load_node_config(baselines[-1].config)

@@ -30,6 +30,16 @@ def _frames(value: float) -> list[wire.Buffer]:
     return wire.sign(body, A)
 
 
+def _receiver(address: str, **kw: object) -> Transport:
+    """B listening, admitting A."""
+    return Transport(address, {}, identity=B, allowed=[A.peer_id], **kw)  # type: ignore[arg-type]
+
+
+def _sender(to: str, **kw: object) -> Transport:
+    """A with B as its one neighbour."""
+    return Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: to}, identity=A, **kw)  # type: ignore[arg-type]
+
+
 def _receive_one(transport: Transport, timeout_s: float = 5.0) -> list[memoryview]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -42,8 +52,8 @@ def _receive_one(transport: Transport, timeout_s: float = 5.0) -> list[memoryvie
 def test_round_trip_zero_copy_and_counted() -> None:
     port = _free_port()
     with (
-        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
-        Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}) as sender,
+        _receiver(f"tcp://127.0.0.1:{port}") as receiver,
+        _sender(f"tcp://127.0.0.1:{port}") as sender,
     ):
         frames = _frames(3.0)
         assert sender.send(frames) == 1
@@ -58,7 +68,7 @@ def test_round_trip_zero_copy_and_counted() -> None:
 def test_dead_neighbour_never_blocks_and_drops_are_counted() -> None:
     dead = f"tcp://127.0.0.1:{_free_port()}"  # nobody listens here
     settings = TransportSettings(send_queue_messages=2)
-    with Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: dead}, settings) as sender:
+    with _sender(dead, settings=settings) as sender:
         start = time.monotonic()
         taken = [sender.send(_frames(float(i))) for i in range(20)]
         assert time.monotonic() - start < 1.0
@@ -69,14 +79,14 @@ def test_dead_neighbour_never_blocks_and_drops_are_counted() -> None:
 def test_queued_messages_arrive_when_the_neighbour_comes_up_and_after_restart() -> None:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    with Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: address}) as sender:
+    with _sender(address) as sender:
         sender.send(_frames(1.0))  # neighbour not up yet: queued
-        first = Transport(address, {})
+        first = _receiver(address)
         views = _receive_one(first)
         assert float(wire.open_update(views, wire.WireLimits()).tensors["x"][0]) == 1.0
         first.close()  # neighbour dies ...
         time.sleep(0.2)
-        second = Transport(address, {})  # ... and restarts on the same address
+        second = _receiver(address)  # ... and restarts on the same address
         try:
             deadline = time.monotonic() + 10.0
             value = None
@@ -93,11 +103,10 @@ def test_queued_messages_arrive_when_the_neighbour_comes_up_and_after_restart() 
 def test_fault_injected_link_loss() -> None:
     port = _free_port()
     with (
-        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
-        Transport(
-            f"tcp://127.0.0.1:{_free_port()}",
-            {B.peer_id: f"tcp://127.0.0.1:{port}"},
-            TransportSettings(send_queue_messages=1000),
+        _receiver(f"tcp://127.0.0.1:{port}") as receiver,
+        _sender(
+            f"tcp://127.0.0.1:{port}",
+            settings=TransportSettings(send_queue_messages=1000),
             link_drop_prob={B.peer_id: 0.5},
             seed=1,
         ) as sender,
@@ -116,8 +125,8 @@ def test_fault_injected_link_loss() -> None:
 def test_raw_tcp_garbage_changes_nothing() -> None:
     port = _free_port()
     with (
-        Transport(f"tcp://127.0.0.1:{port}", {}) as receiver,
-        Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}) as sender,
+        _receiver(f"tcp://127.0.0.1:{port}") as receiver,
+        _sender(f"tcp://127.0.0.1:{port}") as sender,
     ):
         for payload in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 40):
             with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
@@ -130,9 +139,54 @@ def test_raw_tcp_garbage_changes_nothing() -> None:
 
 def test_bind_conflict_and_bad_addresses_are_config_errors() -> None:
     port = _free_port()
-    with Transport(f"tcp://127.0.0.1:{port}", {}), pytest.raises(ConfigError, match=r"node\.listen"):
-        Transport(f"tcp://127.0.0.1:{port}", {})
+    with _receiver(f"tcp://127.0.0.1:{port}"), pytest.raises(ConfigError, match=r"node\.listen"):
+        _receiver(f"tcp://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=r"transport\.insecure"):
+        Transport(f"tcp://127.0.0.1:{_free_port()}", {})
     for bad in ("127.0.0.1:5000", "tcp://:5000", "tcp://host:port", "tcp://h:70000"):
         with pytest.raises(ConfigError):
             check_address("node.listen", bad)
     assert check_address("x", "tcp://10.0.0.2:5550") == "tcp://10.0.0.2:5550"
+
+
+def test_unknown_curve_key_gets_no_connection() -> None:
+    port = _free_port()
+    mallory = Identity(b"\x66" * 32)
+    with (
+        _receiver(f"tcp://127.0.0.1:{port}") as receiver,
+        Transport(
+            f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, identity=mallory
+        ) as outsider,
+    ):
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and receiver.stats.refused_connections == 0:
+            outsider.send(_frames(6.0))
+            assert receiver.receive(0.1) == []
+        assert receiver.stats.refused_connections >= 1
+        assert receiver.stats.messages_received == 0
+
+
+def test_plaintext_client_gets_no_connection_and_insecure_mode_works() -> None:
+    port = _free_port()
+    with (
+        _receiver(f"tcp://127.0.0.1:{port}") as receiver,
+        Transport(
+            f"tcp://127.0.0.1:{_free_port()}",
+            {B.peer_id: f"tcp://127.0.0.1:{port}"},
+            TransportSettings(insecure=True),
+        ) as plaintext,
+    ):
+        for _ in range(5):
+            plaintext.send(_frames(5.0))
+        assert receiver.receive(1.0) == []  # a NULL-mechanism peer cannot talk to a CURVE server
+    port = _free_port()
+    insecure = TransportSettings(insecure=True)
+    with (
+        Transport(f"tcp://127.0.0.1:{port}", {}, insecure) as receiver,
+        Transport(
+            f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, insecure
+        ) as sender,
+    ):
+        sender.send(_frames(4.0))
+        views = _receive_one(receiver)
+        assert float(wire.open_update(views, wire.WireLimits()).tensors["x"][0]) == 4.0
