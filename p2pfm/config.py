@@ -102,6 +102,9 @@ class FaultSettings:
 
     slow_factor: float = 1.0  # training takes this many times longer
     drop: dict[str, float] = field(default_factory=dict)  # neighbour name -> loss probability
+    # Misbehave (attack experiments, p2pfm/attacks.py): "" = honest.
+    attack: Literal["", "scale", "noise", "signflip", "replay", "forge", "wrong-model"] = ""
+    attack_factor: float | None = None  # default per attack (scale 10, noise 1, signflip 1)
 
     def __post_init__(self) -> None:
         if not self.slow_factor >= 1.0:

@@ -30,6 +30,7 @@ from typing import Any
 import safetensors.numpy
 
 from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
+from p2pfm.attacks import Attacker
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
 from p2pfm.consensus import metropolis_weights, robust_mix
@@ -124,6 +125,13 @@ class Node:
             config.node.out / "metrics.jsonl", node=self.name, peer=self.identity.peer_id.hex
         )
         self._logged_rejections: set[tuple[str, str]] = set()
+        self._internal_errors = 0  # messages whose handling raised (a bug, counted, never fatal)
+        faults = config.faults
+        self.attacker = (
+            Attacker(faults.attack, faults.attack_factor, config.shard.shard) if faults.attack else None
+        )
+        if self.attacker is not None:
+            self.log(f"[{self.name}] ATTACKER: sends {faults.attack} updates (fault injection)")
 
     # ------------------------------------------------------------------ run
 
@@ -161,6 +169,7 @@ class Node:
             "neighbours": sorted(self.peer_names.values()),
             "adapter_bytes": sum(spec.nbytes for spec in self.am.schema),
             "insecure": self.config.transport.insecure,
+            "attack": self.config.faults.attack,
         }
         if checkpoint is None:
             self.metrics.write("start", **common)
@@ -206,12 +215,13 @@ class Node:
             self._receive(0.0)  # judge what arrived while we trained
             self.protocol.start_round(round_, time.monotonic())
             state = get_state(self.am)
-            frames = self.protocol.make_update(
-                state,
-                samples=train.local_steps * train.batch_size,
-                wall_time_ms=int(time.time() * 1000),
-                wire_dtypes=self.wire_dtypes,
-            )
+            samples, now_ms = train.local_steps * train.batch_size, int(time.time() * 1000)
+            if self.attacker is not None:
+                frames = self.attacker.frames(self.protocol, state, samples=samples, wall_time_ms=now_ms)
+            else:
+                frames = self.protocol.make_update(
+                    state, samples=samples, wall_time_ms=now_ms, wire_dtypes=self.wire_dtypes
+                )
             assert self.transport is not None
             self.transport.send(frames)
             waited = time.monotonic()
@@ -275,7 +285,12 @@ class Node:
         if self.transport is None:
             return
         for frames in self.transport.receive(timeout_s):
-            event = self.protocol.receive(frames, time.monotonic(), int(time.time() * 1000))
+            try:
+                event = self.protocol.receive(frames, time.monotonic(), int(time.time() * 1000))
+            except Exception as exc:  # noqa: BLE001  a bug must not let one message stop a node
+                self._internal_errors += 1
+                self.log(f"[{self.name}] BUG: a message raised {exc!r}; dropped it and carried on")
+                continue
             if isinstance(event, Rejected):
                 sender = event.sender.short if event.sender else "?"
                 key = (sender, event.reason.value)
@@ -294,6 +309,7 @@ class Node:
             "dropped": dict(stats.dropped) if stats else {},
             "refused_connections": stats.refused_connections if stats else 0,
             "rejected": {reason.value: n for reason, n in self.protocol.rejections.items()},
+            "internal_errors": self._internal_errors,
         }
 
 

@@ -144,13 +144,11 @@ class GossipProtocol:
         wire_dtypes: Mapping[str, str] | None = None,
     ) -> list[Buffer]:
         """Encode and sign this node's state for the current round."""
-        if self.phase is Phase.IDLE:
-            raise LocalProtocolError("call start_round before make_update")
-        self.seq += 1
+        seq = self.take_seq()
         body = wire.encode_update(
             network=self.config.network,
             round=self.round,
-            seq=self.seq,
+            seq=seq,
             ts_ms=wall_time_ms,
             fingerprint=self.config.fingerprint,
             degree=len(self.neighbours),
@@ -160,6 +158,13 @@ class GossipProtocol:
             limits=self.config.limits,
         )
         return wire.sign(body, self.identity)
+
+    def take_seq(self) -> int:
+        """Reserve the next sequence number for a message of the current round."""
+        if self.phase is Phase.IDLE:
+            raise LocalProtocolError("call start_round before sending")
+        self.seq += 1
+        return self.seq
 
     def restore(self, round: int, seq: int) -> None:
         """Resume after a restart: continue numbering after ``seq`` so peers accept us."""

@@ -54,6 +54,7 @@ def _node_summary(folder: Path, metric: str) -> dict[str, Any]:
         "rounds_completed": max((r["round"] for r in rounds), default=0),
         "timed_out_rounds": sum(1 for r in rounds if r.get("timed_out")),
         "finished": any(r.get("event") == "done" and not r.get("stopped") for r in records),
+        "attack": next((r["attack"] for r in records if r.get("attack")), ""),
         "curve": [(r["round"], r["eval"].get(metric)) for r in evaluated],
     }
 
@@ -85,14 +86,20 @@ def write_report(scenario: Scenario, out: Path, *, wall_s: float, ok: bool) -> d
     )
     node_dirs = _node_dirs(out / "nodes")
     nodes = [_node_summary(d, metric) for d in node_dirs]
+    # Attackers' own models are not what the experiment measures: means and
+    # consensus are over the honest nodes.
+    honest = [n for n in nodes if not n["attack"]]
     summary: dict[str, Any] = {
         "scenario": scenario.header.name,
         "topology": scenario.header.topology,
         "ok": ok,
         "metric": metric,
-        f"mean_final_{metric}": _mean([n[f"final_{metric}"] for n in nodes]),
+        f"mean_final_{metric}": _mean([n[f"final_{metric}"] for n in honest]),
+        "attackers": [n["name"] for n in nodes if n["attack"]],
         "nodes": [{k: v for k, v in n.items() if k != "curve"} for n in nodes],
-        "consensus_distance": consensus_per_round(node_dirs),
+        "consensus_distance": consensus_per_round(
+            [d for d, n in zip(node_dirs, nodes, strict=True) if not n["attack"]]
+        ),
         "wall_s": wall_s,
     }
     if scenario.header.baselines:
@@ -196,7 +203,7 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
                 f"| {_f(local.get(node['name']))} "
                 f"| {node['bytes_sent'] / 1e6:.2f} MB | {node['bytes_received'] / 1e6:.2f} MB |"
             )
-        lines += ["", f"- mean gossip {metric}: **{_f(gossip_mean)}**"]
+        lines += ["", f"- mean gossip {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
         if local_mean is not None:
             gap = _gap(gossip_mean, local_mean, metric)
             lines.append(f"- mean local-only {metric}: {_f(local_mean)} (gossip is {gap})")
@@ -212,7 +219,7 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
                 f"| {node['name']} | {_f(node[f'final_{metric}'])} | {node['bytes_sent'] / 1e6:.2f} MB "
                 f"| {node['bytes_received'] / 1e6:.2f} MB |"
             )
-        lines += ["", f"- mean final {metric}: **{_f(gossip_mean)}**"]
+        lines += ["", f"- mean final {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
     lines += ["", f"![{metric} per round]({metric}.png)", "", "## Consensus", ""]
     consensus = summary["consensus_distance"]
     if consensus:
@@ -221,8 +228,9 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
     lines += ["", "![consensus distance](consensus.png)", "", "## Network and faults", ""]
     lines += ["| node | restarts | rounds timed out | dropped | rejected |", "|---|---|---|---|---|"]
     for node in nodes:
+        label = f"{node['name']} (attacker: {node['attack']})" if node["attack"] else node["name"]
         lines.append(
-            f"| {node['name']} | {node['restarts']} | {node['timed_out_rounds']} "
+            f"| {label} | {node['restarts']} | {node['timed_out_rounds']} "
             f"| {_counts(node['dropped'])} | {_counts(node['rejected'])} |"
         )
     faults = scenario.faults
@@ -232,9 +240,17 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
     ]
     described += [f"node{s.node} trains {s.factor:g}x slower" for s in faults.slow]
     described += [f"drop p={d.prob:g} on {list(d.link) or 'every link'}" for d in faults.drop]
+    described += [
+        f"node{a.node} attacks: {a.kind}" + (f" x{a.factor:g}" if a.factor else "") for a in faults.attack
+    ]
     lines += ["", "Faults injected: " + ("; ".join(described) if described else "none"), ""]
     lines += ["![bytes per node](bytes.png)", ""]
     return "\n".join(lines)
+
+
+def _over(summary: dict[str, Any]) -> str:
+    attackers = summary.get("attackers") or []
+    return f" (honest nodes; attackers: {', '.join(attackers)})" if attackers else ""
 
 
 def _gap(ours: float | None, other: float | None, metric: str) -> str:

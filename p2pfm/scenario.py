@@ -23,6 +23,7 @@ from typing import Any
 
 import tomli_w
 
+from p2pfm.attacks import ATTACKS
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, write_key_file
 from p2pfm.metrics import read_metrics
@@ -56,7 +57,15 @@ class Drop:
 
 
 @dataclass(frozen=True)
+class Attack:
+    node: int
+    kind: str  # one of p2pfm.attacks.ATTACKS
+    factor: float | None = None
+
+
+@dataclass(frozen=True)
 class Faults:
+    attack: tuple[Attack, ...] = ()
     crash: tuple[Crash, ...] = ()
     slow: tuple[Slow, ...] = ()
     drop: tuple[Drop, ...] = ()
@@ -113,7 +122,10 @@ def load_scenario(path: Path) -> Scenario:
     topology = parse_topology(spec)
     faults = build(Faults, doc.get("faults", {}), "faults")
     n = topology.n_nodes
-    for kind, items in (("crash", faults.crash), ("slow", faults.slow)):
+    for attack in faults.attack:
+        if attack.kind not in ATTACKS:
+            raise ConfigError("faults.attack.kind", f"{attack.kind!r} is not one of {', '.join(ATTACKS)}")
+    for kind, items in (("crash", faults.crash), ("slow", faults.slow), ("attack", faults.attack)):
         for item in items:
             if not 0 <= item.node < n:
                 raise ConfigError(f"faults.{kind}.node", f"node {item.node} is not in 0..{n - 1}")
@@ -181,6 +193,10 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
             doc["gossip"]["seed"] = i
         drops = {names[j]: _link_drop(scenario.faults, i, j) for j in topo.neighbours(i)}
         doc["faults"] = {"slow_factor": slow.get(i, 1.0), "drop": {k: v for k, v in drops.items() if v > 0}}
+        for attack in (a for a in scenario.faults.attack if a.node == i):
+            doc["faults"]["attack"] = attack.kind
+            if attack.factor is not None:
+                doc["faults"]["attack_factor"] = attack.factor
         config = node_dir / "node.toml"
         config.write_text(tomli_w.dumps(doc))
         procs.append(_Proc(names[i], config, node_dir / "log.txt", node_dir / "metrics.jsonl"))

@@ -21,6 +21,7 @@ returns a :class:`Verified`; only :func:`decode_update` accepts one.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ class TensorSpec:
 
     @property
     def elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # Python ints: no overflow; () -> 1
 
     @property
     def nbytes(self) -> int:
@@ -418,10 +419,13 @@ def _parse_specs(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
             or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
         ):
             raise MalformedMessage(f"tensor {name!r}: shape must be <= {limits.max_ndim} non-negative ints")
-        elements = 1
-        for dim in shape:  # bounded product: no overflow, no huge allocation
-            elements *= dim
-            if elements > limits.max_tensor_elements:
+        # Bound the product of max(d, 1): a zero dimension must not hide huge
+        # others (numpy refuses such shapes, and the bound should not depend
+        # on where the zero is). Checked while multiplying: no huge integers.
+        bound = 1
+        for dim in shape:
+            bound *= max(dim, 1)
+            if bound > limits.max_tensor_elements:
                 raise MessageTooLarge(f"tensor {name!r} exceeds max_tensor_elements")
         names.add(name)
         specs.append(TensorSpec(name, dtype, tuple(shape)))

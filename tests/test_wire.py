@@ -230,8 +230,16 @@ def test_oversized_header() -> None:
         wire.verify(frames, WireLimits(max_header_bytes=50))
 
 
-def test_huge_shape_with_little_data_is_refused_before_allocating() -> None:
-    frames = _mallory(_header(tensors=[["t", "float32", [2**31 - 1, 2**31 - 1, 2**31 - 1]]]), b"\0" * 8)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [2**31 - 1, 2**31 - 1, 2**31 - 1],
+        [0, 2**31 - 1, 2**31 - 1, 2**31 - 1],  # found by fuzz/fuzz_messages.py: a zero hid the rest
+        [2**31 - 1, 0, 2**31 - 1],
+    ],
+)
+def test_huge_shape_with_little_data_is_refused_before_allocating(shape: list[int]) -> None:
+    frames = _mallory(_header(tensors=[["t", "float32", shape]]), b"")
     with pytest.raises(MessageTooLarge):
         wire.open_update(frames, LIMITS)
 

@@ -1,0 +1,89 @@
+"""Misbehaving members, for attack experiments (scenario fault ``attack``).
+
+An attacking node trains and mixes like everyone else, but what it sends is
+not its honest state. Each attack is what a compromised member could really
+do with its own valid key (or, for ``forge``, without a member key):
+
+- ``scale``: its state multiplied by ``factor`` (default 10);
+- ``noise``: its state plus Gaussian noise of ``factor`` (default 1) times the
+  state's RMS, per tensor;
+- ``signflip``: its state multiplied by ``-factor`` (default 1);
+- ``replay``: its first update, re-sent unchanged every round;
+- ``forge``: its honest state, signed with a key that is not in the roster;
+- ``wrong-model``: its honest state, under another base model's fingerprint.
+
+The receivers' gates and robust mixing rules are what the experiments test;
+see docs/security.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import blake3
+import numpy as np
+
+from p2pfm import wire
+from p2pfm.identity import Identity
+from p2pfm.protocol import GossipProtocol
+from p2pfm.wire import Buffer
+
+ATTACKS = ("scale", "noise", "signflip", "replay", "forge", "wrong-model")
+DEFAULT_FACTOR = {"scale": 10.0, "noise": 1.0, "signflip": 1.0}
+
+Array = np.ndarray[Any, Any]
+
+
+class Attacker:
+    """Builds the frames a misbehaving node sends instead of its honest update."""
+
+    def __init__(self, kind: str, factor: float | None, seed: int) -> None:
+        if kind not in ATTACKS:
+            raise ValueError(f"unknown attack {kind!r}; valid: {', '.join(ATTACKS)}")
+        self.kind = kind
+        self.factor = DEFAULT_FACTOR.get(kind, 1.0) if factor is None else factor
+        self._rng = np.random.default_rng(seed)
+        self._first: list[Buffer] | None = None
+        # A key no roster lists: derived, so runs are reproducible.
+        self._outsider = Identity(blake3.blake3(f"p2pfm-forger/{seed}".encode()).digest())
+
+    def frames(
+        self, protocol: GossipProtocol, state: Mapping[str, Array], *, samples: int, wall_time_ms: int
+    ) -> list[Buffer]:
+        if self.kind == "replay":
+            if self._first is None:  # the first update is genuine; later ones repeat it
+                self._first = protocol.make_update(state, samples=samples, wall_time_ms=wall_time_ms)
+            return self._first
+        if self.kind in ("forge", "wrong-model"):
+            config = protocol.config
+            fingerprint = config.fingerprint
+            if self.kind == "wrong-model":
+                fingerprint = blake3.blake3(b"another base model" + fingerprint).digest()
+            body = wire.encode_update(
+                network=config.network,
+                round=protocol.round,
+                seq=protocol.take_seq(),
+                ts_ms=wall_time_ms,
+                fingerprint=fingerprint,
+                degree=len(protocol.neighbours),
+                samples=samples,
+                tensors=state,
+                limits=config.limits,
+            )
+            signer = self._outsider if self.kind == "forge" else protocol.identity
+            return wire.sign(body, signer)
+        return protocol.make_update(self._poison(state), samples=samples, wall_time_ms=wall_time_ms)
+
+    def _poison(self, state: Mapping[str, Array]) -> dict[str, Array]:
+        out: dict[str, Array] = {}
+        for name, value in state.items():
+            if self.kind == "scale":
+                out[name] = (value * self.factor).astype(value.dtype)
+            elif self.kind == "signflip":
+                out[name] = (value * -self.factor).astype(value.dtype)
+            else:  # noise
+                rms = float(np.sqrt(np.mean(np.square(value, dtype=np.float64)))) if value.size else 0.0
+                noise = self._rng.normal(0.0, self.factor * (rms or 1.0), value.shape)
+                out[name] = (value + noise).astype(value.dtype)
+        return out
