@@ -199,7 +199,7 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
         ]
         for node in nodes:
             lines.append(
-                f"| {node['name']} | {_f(node[f'final_{metric}'])} "
+                f"| {_label(node)} | {_f(node[f'final_{metric}'])} "
                 f"| {_f(local.get(node['name']))} "
                 f"| {node['bytes_sent'] / 1e6:.2f} MB | {node['bytes_received'] / 1e6:.2f} MB |"
             )
@@ -216,7 +216,7 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
         lines += [f"| node | final {metric} | bytes sent | bytes received |", "|---|---|---|---|"]
         for node in nodes:
             lines.append(
-                f"| {node['name']} | {_f(node[f'final_{metric}'])} | {node['bytes_sent'] / 1e6:.2f} MB "
+                f"| {_label(node)} | {_f(node[f'final_{metric}'])} | {node['bytes_sent'] / 1e6:.2f} MB "
                 f"| {node['bytes_received'] / 1e6:.2f} MB |"
             )
         lines += ["", f"- mean final {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
@@ -228,9 +228,8 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
     lines += ["", "![consensus distance](consensus.png)", "", "## Network and faults", ""]
     lines += ["| node | restarts | rounds timed out | dropped | rejected |", "|---|---|---|---|---|"]
     for node in nodes:
-        label = f"{node['name']} (attacker: {node['attack']})" if node["attack"] else node["name"]
         lines.append(
-            f"| {label} | {node['restarts']} | {node['timed_out_rounds']} "
+            f"| {_label(node)} | {node['restarts']} | {node['timed_out_rounds']} "
             f"| {_counts(node['dropped'])} | {_counts(node['rejected'])} |"
         )
     faults = scenario.faults
@@ -246,6 +245,10 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
     lines += ["", "Faults injected: " + ("; ".join(described) if described else "none"), ""]
     lines += ["![bytes per node](bytes.png)", ""]
     return "\n".join(lines)
+
+
+def _label(node: dict[str, Any]) -> str:
+    return f"{node['name']} (attacker: {node['attack']})" if node["attack"] else str(node["name"])
 
 
 def _over(summary: dict[str, Any]) -> str:
