@@ -8,6 +8,7 @@ Sizes: hidden 32, 2 layers, vocabulary of ~100 words -> a few hundred KB.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import random
 from dataclasses import dataclass
@@ -117,3 +118,10 @@ def lm_examples(n: int, *, seed: int) -> list[Ex]:
         start = rng.randrange(80)
         out.append(Ex(" ".join(f"w{start + k}" for k in range(rng.randrange(4, 10))), None))
     return out
+
+
+def write_jsonl(path: pathlib.Path, examples: list[Ex]) -> pathlib.Path:
+    """Write examples as a p2pfm JSONL data file (``label`` only when set); returns ``path``."""
+    rows = ({"text": e.text} if e.label is None else {"text": e.text, "label": e.label} for e in examples)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

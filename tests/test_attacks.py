@@ -6,23 +6,18 @@ seconds; the packaged-model version of these runs is in docs/security.md.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from p2pfm.scenario import run_scenario
-from tests.conftest import topic_examples
+from tests.conftest import topic_examples, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("attack-data") / "data.jsonl"
-    path.write_text(
-        "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in topic_examples(800, seed=4))
-    )
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("attack-data") / "data.jsonl", topic_examples(800, seed=4))
 
 
 def _run(

@@ -27,16 +27,13 @@ from p2pfm.consensus import flatten
 from p2pfm.identity import Identity, PeerId, curve_public_key, load_key_file
 from p2pfm.metrics import read_metrics
 from p2pfm.scenario import run_scenario
-from tests.conftest import lm_examples, topic_examples
+from tests.conftest import lm_examples, topic_examples, write_jsonl
 
 ROUNDS = 10
 
 
 def _scenario(tmp_path: Path, model_dir: Path, extra: str, **gossip: Any) -> Path:
-    data = tmp_path / "data.jsonl"
-    with data.open("w") as handle:
-        for example in topic_examples(400, seed=3):
-            handle.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(400, seed=3))
     gossip_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in gossip.items())
     path = tmp_path / "scenario.toml"
     path.write_text(
@@ -223,8 +220,7 @@ def test_nodes_train_on_cuda(tmp_path: Path, tiny_bert_dir: Path) -> None:
 
 
 def test_causal_lm_network_reports_perplexity(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    data = tmp_path / "lm.jsonl"
-    data.write_text("".join(json.dumps({"text": e.text}) + "\n" for e in lm_examples(300, seed=2)))
+    data = write_jsonl(tmp_path / "lm.jsonl", lm_examples(300, seed=2))
     scenario = tmp_path / "lm.toml"
     scenario.write_text(
         f"""

@@ -7,7 +7,6 @@ the namespaces this test creates and deletes.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tomli_w
 from p2pfm.consensus import consensus_distance
 from p2pfm.identity import Identity, write_key_file
 from p2pfm.metrics import read_metrics
-from tests.conftest import topic_examples
+from tests.conftest import topic_examples, write_jsonl
 
 HOSTS = 3
 TAG = f"p2pfm{os.getpid() % 100000}"
@@ -103,10 +102,7 @@ def _impair(ns: str) -> str:
 
 
 def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[str], drop: float) -> Path:
-    data = tmp_path / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in topic_examples(300, seed=1))
-    )
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=1))
     ids = [Identity.generate() for _ in namespaces]
     procs: list[subprocess.Popen[bytes]] = []
     try:

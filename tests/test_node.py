@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,15 +12,12 @@ import tomli_w
 
 from p2pfm.identity import Identity, write_key_file
 from p2pfm.metrics import read_metrics
-from tests.conftest import topic_examples
+from tests.conftest import topic_examples, write_jsonl
 
 
 def _config(tmp_path: Path, model_dir: Path, **model: object) -> Path:
     write_key_file(Identity.generate(), tmp_path / "node.key")
-    data = tmp_path / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in topic_examples(40, seed=0))
-    )
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(40, seed=0))
     doc = {
         "node": {"key": "node.key", "listen": "tcp://127.0.0.1:45999", "network": "n", "out": "out"},
         "peers": [{"id": Identity.generate().peer_id.hex, "address": "tcp://127.0.0.1:45998"}],
