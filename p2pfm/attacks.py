@@ -10,7 +10,12 @@ do with its own valid key (or, for ``forge``, without a member key):
 - ``signflip``: its state multiplied by ``-factor`` (default 1);
 - ``replay``: its first update, re-sent unchanged every round;
 - ``forge``: its honest state, signed with a key that is not in the roster;
-- ``wrong-model``: its honest state, under another base model's fingerprint.
+- ``wrong-model``: its honest state, under another base model's fingerprint;
+- ``equivocate``: its honest update, then a second, different one (scaled
+  by ``factor``, default 10) for the same round, a moment later;
+- ``far-future``: its honest state under a round number far ahead of
+  everyone's (2^62, or the current round plus ``factor`` when given), to make
+  the others skip their training.
 
 The receivers' gates and robust mixing rules are what the experiments test;
 see docs/security.md.
@@ -27,16 +32,15 @@ import numpy as np
 from p2pfm import wire
 from p2pfm.identity import Identity
 from p2pfm.protocol import GossipProtocol
-from p2pfm.wire import Buffer
 
-ATTACKS = ("scale", "noise", "signflip", "replay", "forge", "wrong-model")
-DEFAULT_FACTOR = {"scale": 10.0, "noise": 1.0, "signflip": 1.0}
+ATTACKS = ("scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future")
+DEFAULT_FACTOR = {"scale": 10.0, "noise": 1.0, "signflip": 1.0, "equivocate": 10.0}  # others: 1.0
 
 Array = np.ndarray[Any, Any]
 
 
 class Attacker:
-    """Builds the frames a misbehaving node sends instead of its honest update."""
+    """Builds the messages a misbehaving node sends instead of its honest update."""
 
     def __init__(self, kind: str, factor: float | None, seed: int) -> None:
         if kind not in ATTACKS:
@@ -44,25 +48,35 @@ class Attacker:
         self.kind = kind
         self.factor = DEFAULT_FACTOR.get(kind, 1.0) if factor is None else factor
         self._rng = np.random.default_rng(seed)
-        self._first: list[Buffer] | None = None
+        self._first: bytes | None = None
         # A key no roster lists: derived, so runs are reproducible.
         self._outsider = Identity(blake3.blake3(f"p2pfm-forger/{seed}".encode()).digest())
 
-    def frames(
+    def messages(
         self, protocol: GossipProtocol, state: Mapping[str, Array], *, samples: int, wall_time_ms: int
-    ) -> list[Buffer]:
+    ) -> list[bytes]:
+        """The messages to send this round, in order."""
         if self.kind == "replay":
             if self._first is None:  # the first update is genuine; later ones repeat it
                 self._first = protocol.make_update(state, samples=samples, wall_time_ms=wall_time_ms)
-            return self._first
-        if self.kind in ("forge", "wrong-model"):
+            return [self._first]
+        if self.kind == "equivocate":
+            scaled = {name: (value * self.factor).astype(value.dtype) for name, value in state.items()}
+            return [
+                protocol.make_update(state, samples=samples, wall_time_ms=wall_time_ms),
+                protocol.make_update(scaled, samples=samples, wall_time_ms=wall_time_ms),
+            ]
+        if self.kind in ("forge", "wrong-model", "far-future"):
             config = protocol.config
             fingerprint = config.fingerprint
             if self.kind == "wrong-model":
                 fingerprint = blake3.blake3(b"another base model" + fingerprint).digest()
+            claimed = protocol.round
+            if self.kind == "far-future":
+                claimed = 2**62 if self.factor == 1.0 else protocol.round + int(self.factor)
             body = wire.encode_update(
                 network=config.network,
-                round=protocol.round,
+                round=claimed,
                 seq=protocol.take_seq(),
                 ts_ms=wall_time_ms,
                 fingerprint=fingerprint,
@@ -72,8 +86,8 @@ class Attacker:
                 limits=config.limits,
             )
             signer = self._outsider if self.kind == "forge" else protocol.identity
-            return wire.sign(body, signer)
-        return protocol.make_update(self._poison(state), samples=samples, wall_time_ms=wall_time_ms)
+            return [wire.sign(body, signer)]
+        return [protocol.make_update(self._poison(state), samples=samples, wall_time_ms=wall_time_ms)]
 
     def _poison(self, state: Mapping[str, Array]) -> dict[str, Array]:
         out: dict[str, Array] = {}

@@ -77,6 +77,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_roster_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    evidence = commands.add_parser("evidence", help="verify proofs that a peer equivocated")
+    evidence_commands = evidence.add_subparsers(dest="evidence_command", required=True, metavar="ACTION")
+    check_proof = evidence_commands.add_parser(
+        "check", help="verify a proof file from a node's evidence/ folder"
+    )
+    check_proof.add_argument("file", type=Path, nargs="+", help="equivocation-*.msgpack file(s)")
+    check_proof.set_defaults(run=_cmd_evidence_check)
+
     roster = commands.add_parser("roster", help="create, edit and check a network's member roster")
     roster_commands = roster.add_subparsers(dest="roster_command", required=True, metavar="COMMAND")
     init = roster_commands.add_parser("init", help="start an empty roster for a network")
@@ -124,6 +132,18 @@ def _cmd_peer_id(args: argparse.Namespace) -> int:
     from p2pfm.identity import load_key_file
 
     print(load_key_file(args.key).peer_id.hex)
+    return 0
+
+
+def _cmd_evidence_check(args: argparse.Namespace) -> int:
+    from p2pfm.evidence import check_evidence_file
+
+    for path in args.file:
+        facts = check_evidence_file(path)
+        print(
+            f"{path}: valid proof: peer {facts.accused.hex} signed two different updates "
+            f"for round {facts.round} of network {facts.network!r}"
+        )
     return 0
 
 

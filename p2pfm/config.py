@@ -80,6 +80,7 @@ class GossipSettings:
     rule: Literal["mean", "trimmed-mean", "median", "clip"] = "mean"  # mixing rule (docs/robust.md)
     trim: int = 1  # trimmed-mean: values dropped at each end per coordinate
     byzantine_weight: float = 0.25  # clip: neighbour weight share whose farthest holders get clipped
+    max_rounds_ahead: int = 3  # updates further ahead than this are refused (future_round)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -94,6 +95,10 @@ class GossipSettings:
             raise ConfigError("gossip.eval_every", "must be >= 1")
         if self.snapshot_every < 0:
             raise ConfigError("gossip.snapshot_every", "must be >= 0")
+        if self.max_rounds_ahead < 1:
+            raise ConfigError(
+                "gossip.max_rounds_ahead", "must be >= 1 (a neighbour is up to one round ahead)"
+            )
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,9 @@ class FaultSettings:
     slow_factor: float = 1.0  # training takes this many times longer
     drop: dict[str, float] = field(default_factory=dict)  # neighbour name -> loss probability
     # Misbehave (attack experiments, p2pfm/attacks.py): "" = honest.
-    attack: Literal["", "scale", "noise", "signflip", "replay", "forge", "wrong-model"] = ""
+    attack: Literal[
+        "", "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"
+    ] = ""
     attack_factor: float | None = None  # default per attack (scale 10, noise 1, signflip 1)
 
     def __post_init__(self) -> None:

@@ -153,31 +153,75 @@ def _median_of_sorted(ordered: Array) -> Array:
     return np.asarray(0.5 * (ordered[n // 2 - 1] + ordered[n // 2]))
 
 
-def trimmed_mean(own: State, received: Mapping[K, State], *, trim: int) -> dict[str, Array]:
+def _order_statistic(
+    own: State,
+    received: Mapping[K, State],
+    weights: Mapping[K, float],
+    tolerated: int,
+    reduce: Callable[[Array], Array],
+) -> dict[str, Array]:
+    """``_coordinatewise(reduce)`` when n = 1 + len(received) > 2 * ``tolerated``, else ``mix``.
+
+    A coordinate-wise rule meant to survive ``tolerated`` arbitrary neighbours
+    needs them to be a strict minority of the n inputs. With n <= 2*tolerated
+    they may be half of them or more, no order statistic is safe, and the
+    plain Metropolis mean is used: its bound (neighbour j moves x_i by at most
+    W_ij times its own offset) holds however many neighbours lie.
+    """
+    if 1 + len(received) <= 2 * tolerated:
+        return mix(own, received, weights)
+    _self_weight(received, weights)
+    return _coordinatewise(own, received, reduce)
+
+
+def trimmed_mean(
+    own: State, received: Mapping[K, State], weights: Mapping[K, float], *, trim: int
+) -> dict[str, Array]:
     """Coordinate-wise trimmed mean over the n = 1 + len(received) states.
 
     Per coordinate the ``trim`` largest and ``trim`` smallest of the n values
     are dropped and the other n - 2*trim averaged with equal weights, so up to
     ``trim`` arbitrary values (on either side) cannot pull the result outside
     the range of the remaining ones. ``trim=0`` is the plain uniform mean.
+    ``weights`` (one row of Metropolis W, as for ``mix``) is checked and
+    otherwise only used when there are too few inputs to trim.
 
-    When n <= 2*trim nothing would be left; the coordinate-wise median is used
-    instead. It is the most trimming that is possible (the median *is* the
-    trimmed mean with trim = floor((n-1)/2)), so a node that lost neighbours
-    this round keeps as much robustness as its inputs allow rather than
-    failing the round or falling back to the unprotected mean.
+    Too few inputs to trim (n <= 2*trim): the result is ``mix(own, received,
+    weights)``, the plain Metropolis mean. Up to ``trim`` of the n - 1
+    neighbours may be Byzantine, so they can be half the inputs or more and no
+    order statistic (the median included) is guaranteed to stay in the honest
+    range; one lone heard neighbour may be honest or not and nothing in the
+    values tells which. The most a rule can then guarantee is the mean's:
+    every neighbour gets its Metropolis weight W_ij and no more, and the node
+    keeps W_ii = 1 - sum_j W_ij (the late neighbours' weight included). The
+    uniform median of {own, x_j} would give a lone x_j weight 1/2 > W_ij.
+
+    With enough inputs the rule may give one value more than its W_ij (n = 3,
+    trim = 1: the median of three can be a neighbour's own value), but only a
+    value inside the honest range: an outlier is trimmed.
     """
     if isinstance(trim, bool) or not isinstance(trim, int) or trim < 0:
         raise LocalProtocolError(f"trim must be an int >= 0, got {trim!r}")
-    n = 1 + len(received)
-    if n <= 2 * trim:
-        return coordinate_median(own, received)
-    return _coordinatewise(own, received, lambda ordered: ordered[trim : n - trim].mean(axis=0))
+    return _order_statistic(
+        own, received, weights, trim, lambda ordered: ordered[trim : ordered.shape[0] - trim].mean(axis=0)
+    )
 
 
-def coordinate_median(own: State, received: Mapping[K, State]) -> dict[str, Array]:
-    """Coordinate-wise median over the n = 1 + len(received) states (mean of the middle two if n is even)."""
-    return _coordinatewise(own, received, _median_of_sorted)
+def coordinate_median(
+    own: State, received: Mapping[K, State], weights: Mapping[K, float]
+) -> dict[str, Array]:
+    """Coordinate-wise median over the n = 1 + len(received) states (mean of the middle two if n is even).
+
+    It survives any minority of bad inputs. With n <= 2 (one neighbour heard,
+    or none) even a single neighbour is half the inputs, so, as in
+    ``trimmed_mean``, the result is ``mix(own, received, weights)``: the lone
+    neighbour keeps its Metropolis weight W_ij instead of the median of two's
+    1/2. With n = 4 the mean of the middle two gives one value weight 1/2,
+    more than any W_ij (<= 1/4 there); a single outlier is never one of the
+    middle two unless it lies between honest values, so it cannot leave the
+    honest range.
+    """
+    return _order_statistic(own, received, weights, 1, _median_of_sorted)
 
 
 def _distance(own: State, theirs: State) -> float:
@@ -317,18 +361,18 @@ def robust_mix(
     """Mix with the rule named by ``gossip.rule``: one of ``MIX_RULES``.
 
     ``"mean"`` is ``mix`` (weights used as given); ``"trimmed-mean"`` and
-    ``"median"`` are uniform over {own} ∪ received and use the weights only to
-    check the call; ``"clip"`` is ``self_centered_clip`` with
-    ``clipping_radius(byzantine_weight=...)`` (distances computed once).
+    ``"median"`` are ``trimmed_mean`` / ``coordinate_median``: uniform over
+    {own} ∪ received, and ``mix`` with these weights when there are too few
+    inputs to trim (n <= 2*trim, resp. n <= 2); ``"clip"`` is
+    ``self_centered_clip`` with ``clipping_radius(byzantine_weight=...)``
+    (distances computed once).
     """
     if rule == "mean":
         return mix(own, received, weights)
     if rule == "trimmed-mean":
-        _self_weight(received, weights)
-        return trimmed_mean(own, received, trim=trim)
+        return trimmed_mean(own, received, weights, trim=trim)
     if rule == "median":
-        _self_weight(received, weights)
-        return coordinate_median(own, received)
+        return coordinate_median(own, received, weights)
     if rule == "clip":
         _self_weight(received, weights)
         distances = _distances(own, received)

@@ -377,9 +377,11 @@ def partition(
     if scheme not in SCHEMES:
         raise ConfigError("data.partition", f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
     if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
-        raise ConfigError("data.nodes", f"need at least 1 node, got {n_nodes!r}")
+        raise ConfigError("data.shards", f"need at least 1 shard (node), got {n_nodes!r}")
     if n_nodes > len(dataset):
-        raise ConfigError("data.nodes", f"{n_nodes} nodes but only {len(dataset)} training examples")
+        raise ConfigError(
+            "data.shards", f"{n_nodes} shards (nodes) but only {len(dataset)} training examples"
+        )
     _check_seed(seed)
     stream = _Stream(seed, _PARTITION)
     if scheme == "iid":

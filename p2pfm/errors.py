@@ -33,6 +33,10 @@ class RejectReason(str, enum.Enum):
     RATE_LIMITED = "rate_limited"  # the sender exceeded its message rate
     CLOCK_SKEW = "clock_skew"  # timestamp too far from the receiver's clock
     NON_FINITE = "non_finite"  # a NaN or infinity in a tensor
+    FUTURE_ROUND = "future_round"  # round further ahead than gossip.max_rounds_ahead
+    SENDER_MISMATCH = "sender_mismatch"  # signed by a key other than the link's authenticated one
+    EQUIVOCATION = "equivocation"  # a second, different update for a round (proof kept, sender banned)
+    BANNED = "banned"  # from a sender proven to equivocate
 
 
 class P2PFMError(Exception):
@@ -97,4 +101,13 @@ class ConfigError(UserInputError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"config field {field!r}: {problem}")
         self.field = field
+        self.problem = problem
+
+
+class UnsafePathError(UserInputError):
+    """A path p2pfm must create privately is a symlink or not what it should be (a folder, a file)."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
         self.problem = problem

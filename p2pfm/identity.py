@@ -24,6 +24,7 @@ import nacl.exceptions
 import nacl.signing
 
 from p2pfm.errors import KeyFileError, LocalProtocolError
+from p2pfm.private_files import write_private_file
 
 KEY_FILE_FORMAT = "p2pfm-ed25519-v1"
 SEED_BYTES = 32
@@ -52,7 +53,12 @@ class PeerId:
             raise ValueError(f"peer id {text!r} is not hexadecimal") from exc
         if len(key) != PUBLIC_KEY_BYTES:
             raise ValueError(f"peer id {text!r} must be {2 * PUBLIC_KEY_BYTES} hex digits")
-        return cls(key)
+        peer = cls(key)
+        try:  # every peer needs a CurveZMQ key; small-order and off-curve points have none
+            curve_public_key(peer)
+        except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, ValueError):
+            raise ValueError(f"peer id {text!r} is not a usable Ed25519 public key") from None
+        return peer
 
     @property
     def hex(self) -> str:
@@ -111,22 +117,29 @@ def write_key_file(identity: Identity, path: Path, *, force: bool = False) -> No
     """Write ``identity`` to ``path`` with mode 0600.
 
     The file is created with the final mode (no window in which it is
-    readable by others). Without ``force`` an existing file is never touched.
+    readable by others). Without ``force`` an existing path (a symlink too,
+    even a dangling one) is never touched; with it, the path is replaced, a
+    symlink there included, and a symlink's target is never written.
     """
     body = json.dumps(
         {"format": KEY_FILE_FORMAT, "seed": identity.seed.hex(), "public": identity.peer_id.hex}
     )
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    data = (body + "\n").encode("utf-8")
     try:
-        fd = os.open(path, flags, KEY_FILE_MODE)
+        if force:
+            # A new file renamed over the path: opening the path itself would follow a planted symlink.
+            write_private_file(path, data)
+            return
+        # O_EXCL fails on any existing name, a symlink included, so nothing is ever overwritten.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_FILE_MODE)
     except FileExistsError:
         raise KeyFileError(path, "already exists; pass --force to overwrite it") from None
     except OSError as exc:
         raise KeyFileError(path, f"cannot create it ({exc.strerror})") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        # O_CREAT's mode is ignored when the file already existed (--force).
-        os.fchmod(handle.fileno(), KEY_FILE_MODE)
-        handle.write(body + "\n")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_key_file(path: Path) -> Identity:

@@ -9,18 +9,42 @@ scenario report) must ignore unknown events and fields.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from p2pfm.errors import UnsafePathError
+from p2pfm.private_files import PRIVATE_FILE_MODE, make_private_dir
+
 
 class MetricsWriter:
+    """Appends one JSON line per event to ``path``, flushed at once (a reader may tail the file).
+
+    The folder (a node's out folder, which also holds its checkpoint) is made
+    private (0700) and the file is 0600 from its creation. A symlink at ``path``
+    is refused, never followed: a planted link must not make the node append to
+    (and chmod) another file.
+    """
+
     def __init__(self, path: Path, **common: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, PRIVATE_FILE_MODE)
+        except OSError:
+            if os.path.islink(path):
+                raise UnsafePathError(
+                    path, "is a symbolic link; remove it (metrics are never written through one)"
+                ) from None
+            raise
+        # A file from an older run may be world-readable; O_CREAT's mode only applies to a new one.
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, PRIVATE_FILE_MODE)
         self.path = path
         self._common = common
-        self._handle = path.open("a", encoding="utf-8")
+        self._handle = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time_s": time.time(), **self._common, **fields}

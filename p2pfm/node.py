@@ -13,18 +13,29 @@ One round ``r`` on this node (adapt-then-combine D-PSGD):
 5. evaluation on the global test split, checkpoint, metrics line.
 
 A node that restarts with ``--resume`` reloads its checkpoint, listens for
-up to one deadline to learn its neighbours' round, and jumps to it instead
-of making them wait; whenever a neighbour shows a round ahead of ours, we
-jump to it at the end of the round.
+up to one deadline to learn its neighbours' rounds, and jumps to the round a
+strict majority of them confirm instead of making them wait (never past
+``gossip.rounds``; skipped rounds are not counted as trained). Before it
+sends an update it records the round and sequence number on disk, so that a
+crash between sending and checkpointing resumes into a fresh round and never
+signs a second, different update for a round it already sent (which its
+neighbours would rightly take as equivocation).
+
+The node's own I/O failing (disk full, no descriptors) is survived: a
+checkpoint, snapshot or metrics write that fails is logged, counted under
+``io_errors`` and tried again next round; training goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import safetensors.numpy
@@ -35,18 +46,39 @@ from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
 from p2pfm.consensus import metropolis_weights, robust_mix
 from p2pfm.errors import ConfigError
+from p2pfm.evidence import encode_evidence, evidence_file_name
 from p2pfm.identity import Identity, load_key_file
 from p2pfm.metrics import MetricsWriter
-from p2pfm.protocol import GossipProtocol, ProtocolConfig, Rejected, RoundComplete
+from p2pfm.private_files import make_private_dir, write_private_file
+from p2pfm.protocol import EquivocationFound, GossipProtocol, ProtocolConfig, Rejected, RoundComplete
 from p2pfm.train import Trainer
-from p2pfm.transport import Transport
+from p2pfm.transport import Transport, raise_open_files_limit
+from p2pfm.wire import limits_for_schema
 
 _POLL_S = 0.05  # receive granularity while waiting for neighbours
+_PROOF_SENDS = 3  # rounds an equivocation proof is sent in (the receiver's inbox keeps only the newest)
+_MAX_UNWRITTEN_RECORDS = 1000  # metrics records kept in memory while the disk refuses them
+SENT_FILE = "sent.json"  # {"round": r, "seq": s} of the last update about to be sent
+
+
+@dataclass
+class _PendingProof:
+    message: bytes
+    to: list[Any]  # peer ids
+    sends_left: int = _PROOF_SENDS
+
+
+@dataclass
+class _IOFaults:
+    """The node's own failed writes, by what was written; each is retried next round."""
+
+    counts: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
 class NodeResult:
-    rounds_completed: int
+    rounds_completed: int  # the last round this node reached (skipped rounds included)
+    rounds_trained: int  # rounds it actually ran (trained, exchanged, mixed)
     final_eval: dict[str, float]
     stopped: bool  # True when a signal stopped the node before the last round
 
@@ -72,6 +104,8 @@ class Node:
             me = self.identity.peer_id.short
             raise ConfigError("node.key", f"this node ({me}) is not in the roster {config.node.roster}")
         self.name = config.node.name or self.identity.peer_id.short
+        make_private_dir(config.node.out)
+        self.open_files_limit = raise_open_files_limit()[0]
         self.am: AdapterModel = build_adapter_model(config.model, config.lora, seed=config.gossip.seed)
         test, shards = config.data.node_shards(config.shard.shards)
         labels = test.label_names
@@ -92,6 +126,14 @@ class Node:
         wire_dtype = config.gossip.wire_dtype
         self.wire_dtypes = {spec.name: wire_dtype for spec in self.am.schema}
         schema = tuple(dataclasses.replace(spec, dtype=wire_dtype) for spec in self.am.schema)
+        # Bounds from the largest legitimate message of this schema: nobody
+        # makes us buffer more than that per connection (docs/security.md).
+        # The float32 schema's bound too: a node with another wire dtype is
+        # then refused as schema_mismatch (counted), not cut off by size.
+        limits = max(
+            (limits_for_schema(specs, network=config.node.network) for specs in (schema, self.am.schema)),
+            key=lambda lim: lim.max_message_bytes,
+        )
         peers = {peer.id: peer.address for peer in config.peers}
         self.peer_names = {peer.id: peer.name for peer in config.peers}
         self.protocol = GossipProtocol(
@@ -101,7 +143,9 @@ class Node:
                 network=config.node.network,
                 fingerprint=self.am.fingerprint,
                 round_timeout_s=config.gossip.round_timeout_s,
+                limits=limits,
                 schema=schema,
+                max_rounds_ahead=config.gossip.max_rounds_ahead,
             ),
         )
         by_name = {peer.name: peer.id for peer in config.peers}
@@ -118,6 +162,7 @@ class Node:
                 config.transport,
                 identity=self.identity,
                 allowed=None if config.roster is None else config.roster.ids,
+                max_message_bytes=limits.max_message_bytes,
                 link_drop_prob={by_name[n]: p for n, p in config.faults.drop.items() if n in by_name},
                 seed=config.shard.shard,
             )
@@ -126,6 +171,10 @@ class Node:
         )
         self._logged_rejections: set[tuple[str, str]] = set()
         self._internal_errors = 0  # messages whose handling raised (a bug, counted, never fatal)
+        self._io = _IOFaults()
+        self._proofs: list[_PendingProof] = []
+        self._unwritten: list[tuple[str, dict[str, Any]]] = []  # metrics records not yet on disk
+        self.rounds_trained = 0
         faults = config.faults
         self.attacker = (
             Attacker(faults.attack, faults.attack_factor, config.shard.shard) if faults.attack else None
@@ -147,7 +196,7 @@ class Node:
         gossip = self.config.gossip
         next_round = self._start()
         last_eval: dict[str, float] = {}
-        completed = next_round - 1
+        completed = min(next_round - 1, gossip.rounds)
         while next_round <= gossip.rounds and not self.stop.is_set():
             last_eval = self._round(next_round)
             completed = next_round
@@ -155,9 +204,15 @@ class Node:
         stopped = completed < gossip.rounds
         if not stopped:
             save_adapter(self.am, self.config.node.out / "adapter")
-        self.metrics.write("done", rounds_completed=completed, stopped=stopped, **self._counters())
-        self.log(f"[{self.name}] {'stopped' if stopped else 'done'} after round {completed}")
-        return NodeResult(completed, last_eval, stopped)
+        self._write(
+            "done", rounds_completed=completed, rounds_trained=self.rounds_trained, stopped=stopped,
+            **self._counters(),
+        )  # fmt: skip
+        self.log(
+            f"[{self.name}] {'stopped' if stopped else 'done'} after round {completed} "
+            f"({self.rounds_trained} rounds trained)"
+        )
+        return NodeResult(completed, self.rounds_trained, last_eval, stopped)
 
     def _start(self) -> int:
         checkpoint = load_checkpoint(self.config.checkpoint_dir) if self.resume else None
@@ -168,36 +223,56 @@ class Node:
             "autocast": str(self.trainer.autocast_dtype or "fp32"),
             "neighbours": sorted(self.peer_names.values()),
             "adapter_bytes": sum(spec.nbytes for spec in self.am.schema),
+            "max_message_bytes": self.protocol.config.limits.max_message_bytes,
+            "open_files_limit": self.open_files_limit,
             "insecure": self.config.transport.insecure,
             "attack": self.config.faults.attack,
         }
-        if checkpoint is None:
-            self.metrics.write("start", **common)
+        sent = _read_sent(self.config.node.out / SENT_FILE) if self.resume else None
+        if checkpoint is None and sent is None:
+            self._write("start", **common)
             if self.config.gossip.eval_every == 1:
                 evaluation = self.trainer.evaluate(self.test)
-                self.metrics.write("round", round=0, eval=evaluation, train_loss=None, **self._counters())
+                self._write("round", round=0, eval=evaluation, train_loss=None, **self._counters())
                 self.log(f"[{self.name}] round 0 (before training): {_fmt(evaluation)}")
             return 1
-        set_state(self.am, checkpoint.adapter)
-        self.trainer.load_state_dict(checkpoint.trainer)
-        self.protocol.restore(checkpoint.round, checkpoint.seq)
-        next_round = checkpoint.round + 1
+        last_round, last_seq = (checkpoint.round, checkpoint.seq) if checkpoint else (0, 0)
+        if checkpoint is not None:
+            set_state(self.am, checkpoint.adapter)
+            self.trainer.load_state_dict(checkpoint.trainer)
+            self.rounds_trained = checkpoint.rounds_trained
+        if sent is not None and sent > (last_round, last_seq):
+            # We sent round sent[0] and crashed before its checkpoint: that
+            # round is spoken for; resume into the next one.
+            self.log(f"[{self.name}] round {sent[0]} was sent but not checkpointed: resuming after it")
+            last_round, last_seq = max(last_round, sent[0]), max(last_seq, sent[1])
+        self.protocol.restore(last_round, last_seq)
+        next_round = last_round + 1
         # Listen up to one deadline: neighbours that moved on tell us their round.
         deadline = time.monotonic() + self.config.gossip.round_timeout_s
+        majority = len(self.protocol.neighbours) // 2 + 1
         while time.monotonic() < deadline and not self.stop.is_set():
             self._receive(_POLL_S)
-            if self.protocol.highest_peer_round >= next_round:
+            heard = self.protocol.heard_claims(time.monotonic())
+            if len(heard) >= len(self.protocol.neighbours) or (
+                len(heard) >= majority
+                and self.protocol.catch_up_target(next_round, time.monotonic()) > next_round
+            ):
                 break
-        self.metrics.write("resume", round=checkpoint.round, **common)
-        self.log(f"[{self.name}] resumed after round {checkpoint.round}")
+        self._write("resume", round=last_round, **common)
+        self.log(f"[{self.name}] resumed after round {last_round}")
         return self._catch_up(next_round)
 
     def _catch_up(self, next_round: int) -> int:
-        ahead = self.protocol.highest_peer_round
-        if ahead > next_round and self.config.gossip.mix:
-            self.metrics.write("caught_up", from_round=next_round, to_round=ahead)
-            self.log(f"[{self.name}] neighbours are at round {ahead}: jumping from {next_round}")
-            return ahead
+        if not self.config.gossip.mix:
+            return next_round
+        target = min(self.protocol.catch_up_target(next_round, time.monotonic()), self.config.gossip.rounds)
+        if target > next_round:
+            self._write("caught_up", from_round=next_round, to_round=target, skipped=target - next_round)
+            self.log(
+                f"[{self.name}] a majority of neighbours are at round {target}: skipping from {next_round}"
+            )
+            return target
         return next_round
 
     def _round(self, round_: int) -> dict[str, float]:
@@ -207,6 +282,7 @@ class Node:
         train_s = time.monotonic() - started
         if self.config.faults.slow_factor > 1.0:
             self.stop.wait((self.config.faults.slow_factor - 1.0) * train_s)
+        self.rounds_trained += 1
         wait_s = 0.0
         heard: list[str] = []
         missing: list[str] = []
@@ -215,15 +291,7 @@ class Node:
             self._receive(0.0)  # judge what arrived while we trained
             self.protocol.start_round(round_, time.monotonic())
             state = get_state(self.am)
-            samples, now_ms = train.local_steps * train.batch_size, int(time.time() * 1000)
-            if self.attacker is not None:
-                frames = self.attacker.frames(self.protocol, state, samples=samples, wall_time_ms=now_ms)
-            else:
-                frames = self.protocol.make_update(
-                    state, samples=samples, wall_time_ms=now_ms, wire_dtypes=self.wire_dtypes
-                )
-            assert self.transport is not None
-            self.transport.send(frames)
+            self._publish(state)
             waited = time.monotonic()
             done = self._collect()
             wait_s = time.monotonic() - waited
@@ -239,6 +307,7 @@ class Node:
                 byzantine_weight=gossip.byzantine_weight,
             )
             set_state(self.am, mixed)
+            self._send_proofs()
             heard = sorted(self.peer_names[p] for p in done.updates)
             missing = sorted(self.peer_names[p] for p in done.missing)
             timed_out = done.timed_out
@@ -246,20 +315,13 @@ class Node:
         if round_ % gossip.eval_every == 0 or round_ == gossip.rounds:
             evaluation = self.trainer.evaluate(self.test)
         adapter = get_state(self.am)  # after mixing: what the checkpoint and snapshot keep
-        save_checkpoint(
-            self.config.checkpoint_dir,
-            Checkpoint(round_, self.protocol.seq, adapter, self.trainer.state_dict()),
-        )
-        every = gossip.snapshot_every
-        if every and round_ % every == 0:
-            snapshots = self.config.node.out / "snapshots"
-            snapshots.mkdir(exist_ok=True)
-            safetensors.numpy.save_file(adapter, str(snapshots / f"round_{round_:05d}.safetensors"))
+        self._save(round_, adapter)
         round_s = time.monotonic() - started
         counters = self._counters()
-        self.metrics.write(
-            "round", round=round_, train_loss=loss, eval=evaluation, heard=heard, missing=missing,
-            timed_out=timed_out, train_s=train_s, wait_s=wait_s, round_s=round_s, **counters,
+        self._write(
+            "round", round=round_, rounds_trained=self.rounds_trained, train_loss=loss, eval=evaluation,
+            heard=heard, missing=missing, timed_out=timed_out, train_s=train_s, wait_s=wait_s,
+            round_s=round_s, **counters,
         )  # fmt: skip
         self.log(
             f"[{self.name}] round {round_}/{gossip.rounds} "
@@ -268,6 +330,72 @@ class Node:
             f"recv {counters['bytes_received'] / 1e6:.2f} MB {round_s:.1f} s"
         )
         return evaluation
+
+    def _publish(self, state: dict[str, Any]) -> None:
+        """Record what we are about to send, then send it (see the module docstring)."""
+        train = self.config.train
+        samples, now_ms = train.local_steps * train.batch_size, int(time.time() * 1000)
+        if self.attacker is not None:
+            messages = self.attacker.messages(self.protocol, state, samples=samples, wall_time_ms=now_ms)
+        else:
+            messages = [
+                self.protocol.make_update(
+                    state, samples=samples, wall_time_ms=now_ms, wire_dtypes=self.wire_dtypes
+                )
+            ]
+        sent = {"round": self.protocol.round, "seq": self.protocol.seq}
+        if not self._guard("sent_record", write_private_file, self.config.node.out / SENT_FILE,
+                           json.dumps(sent).encode()):  # fmt: skip
+            # Unrecorded, a crash now could make us sign a second update for
+            # this round after the restart: better to stay silent this round.
+            self.log(f"[{self.name}] cannot record round {sent['round']} as sent: not sending it")
+            return
+        assert self.transport is not None
+        for i, message in enumerate(messages):
+            if i:  # an equivocating attacker: give the receivers time to read the first version
+                self.stop.wait(0.3)
+            self.transport.send(message)
+
+    def _save(self, round_: int, adapter: dict[str, Any]) -> None:
+        checkpoint = Checkpoint(
+            round_, self.protocol.seq, adapter, self.trainer.state_dict(), rounds_trained=self.rounds_trained
+        )
+        self._guard("checkpoint", save_checkpoint, self.config.checkpoint_dir, checkpoint)
+        every = self.config.gossip.snapshot_every
+        if every and round_ % every == 0:
+            snapshots = self.config.node.out / "snapshots"
+            self._guard("snapshot", _save_snapshot, snapshots, round_, adapter)
+
+    def _guard(self, what: str, write: Callable[..., object], *args: Any) -> bool:
+        """Run one of our own writes; an OSError is logged and counted, never fatal."""
+        try:
+            write(*args)
+        except OSError as exc:
+            self._io.counts[what] += 1
+            if self._io.counts[what] in (1, 10, 100) or self._io.counts[what] % 1000 == 0:
+                self.log(
+                    f"[{self.name}] ERROR: {what} write failed ({exc}); "
+                    f"{self._io.counts[what]} so far, retried next round, training goes on"
+                )
+            return False
+        return True
+
+    def _write(self, event: str, **fields: Any) -> None:
+        """Append a metrics record; records that fail to write are kept (bounded) and retried first."""
+        self._unwritten.append((event, {"time_s": time.time(), **fields}))
+        while self._unwritten:
+            pending_event, pending_fields = self._unwritten[0]
+            try:
+                self.metrics.write(pending_event, **pending_fields)
+            except OSError as exc:
+                self._io.counts["metrics"] += 1
+                if self._io.counts["metrics"] in (1, 10, 100) or self._io.counts["metrics"] % 1000 == 0:
+                    self.log(
+                        f"[{self.name}] ERROR: metrics write failed ({exc}); retried later, training goes on"
+                    )
+                del self._unwritten[:-_MAX_UNWRITTEN_RECORDS]  # keep the newest
+                return
+            self._unwritten.pop(0)
 
     def _collect(self) -> RoundComplete:
         while True:
@@ -284,9 +412,13 @@ class Node:
     def _receive(self, timeout_s: float) -> None:
         if self.transport is None:
             return
-        for frames in self.transport.receive(timeout_s):
+        for received in self.transport.receive(timeout_s):
             try:
-                event = self.protocol.receive(frames, time.monotonic(), int(time.time() * 1000))
+                event = self.protocol.receive(
+                    received.message, time.monotonic(), int(time.time() * 1000), link=received.link
+                )
+                if isinstance(event, EquivocationFound):
+                    self._on_equivocation(event)
             except Exception as exc:  # noqa: BLE001  a bug must not let one message stop a node
                 self._internal_errors += 1
                 self.log(f"[{self.name}] BUG: a message raised {exc!r}; dropped it and carried on")
@@ -299,6 +431,34 @@ class Node:
                     reason = event.reason.value
                     self.log(f"[{self.name}] rejected a message from {sender}: {reason} ({event.detail})")
 
+    def _on_equivocation(self, event: EquivocationFound) -> None:
+        if not event.new:
+            return
+        accused = self.peer_names.get(event.accused, event.accused.short)
+        via = (
+            "seen here"
+            if event.reporter is None
+            else f"proof from {self.peer_names.get(event.reporter, '?')}"
+        )
+        path = self.config.node.out / "evidence" / evidence_file_name(event.accused.hex, event.round)
+        self.log(
+            f"[{self.name}] EQUIVOCATION by {accused} in round {event.round} ({via}): banned; proof in {path}"
+        )
+        proof_file = encode_evidence(self.config.node.network, event.evidence)
+        self._guard("evidence", _write_evidence, path, proof_file)
+        to = [p for p in self.protocol.neighbours if p not in (event.accused, event.reporter)]
+        self._proofs.append(_PendingProof(self.protocol.make_proof(event.evidence), to))
+        self._send_proofs()
+
+    def _send_proofs(self) -> None:
+        """Pass proofs on, in a few rounds: a receiver's inbox keeps only its newest message per link."""
+        if self.transport is None:
+            return
+        for proof in self._proofs:
+            self.transport.send(proof.message, proof.to)
+            proof.sends_left -= 1
+        self._proofs = [p for p in self._proofs if p.sends_left > 0]
+
     def _counters(self) -> dict[str, Any]:
         stats = self.transport.stats if self.transport else None
         return {
@@ -308,9 +468,34 @@ class Node:
             "messages_received": stats.messages_received if stats else 0,
             "dropped": dict(stats.dropped) if stats else {},
             "refused_connections": stats.refused_connections if stats else 0,
+            "connections_accepted": stats.connections_accepted if stats else 0,
+            "handshake_failures": dict(stats.handshake_failures) if stats else {},
             "rejected": {reason.value: n for reason, n in self.protocol.rejections.items()},
+            "banned": sorted(self.peer_names.get(p, p.short) for p in self.protocol.banned),
             "internal_errors": self._internal_errors,
+            "io_errors": dict(self._io.counts),
         }
+
+
+def _read_sent(path: Path) -> tuple[int, int] | None:
+    """The (round, seq) of the last update this node recorded before sending; None if none."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return int(doc["round"]), int(doc["seq"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError("node.out", f"{path} is unreadable ({exc}); remove it to start over") from None
+
+
+def _save_snapshot(folder: Path, round_: int, adapter: dict[str, Any]) -> None:
+    make_private_dir(folder)
+    write_private_file(folder / f"round_{round_:05d}.safetensors", safetensors.numpy.save(adapter))
+
+
+def _write_evidence(path: Path, data: bytes) -> None:
+    make_private_dir(path.parent)
+    write_private_file(path, data)
 
 
 def _fmt(evaluation: dict[str, float]) -> str:

@@ -1,24 +1,30 @@
 """Sans-I/O gossip protocol for one node: rounds, deadlines, replay and gates.
 
-No sockets, no clocks, no threads: the caller feeds received frames and the
-current time in seconds, and the protocol answers with events. The network
-node and the in-process simulator drive this same class, so what the
+No sockets, no clocks, no threads: the caller feeds received messages and
+the current time in seconds, and the protocol answers with events. The
+network node and the in-process simulator drive this same class, so what the
 simulator shows is what the network does (h11's design rule).
 
 One round ``r`` of adapt-then-combine gossip on node i::
 
-    proto.start_round(r, now_s)            # deadline = now_s + round_timeout_s
-    frames = proto.make_update(state, ...) # send to every neighbour
-    proto.receive(frames_from_j, now_s)    # -> Accepted | Rejected, for each arrival
-    proto.poll(now_s)                      # -> RoundComplete once all heard or deadline passed
+    proto.start_round(r, now_s)             # deadline = now_s + round_timeout_s
+    message = proto.make_update(state, ...) # send to every neighbour
+    proto.receive(message, now_s, link=j)   # -> Accepted | Rejected | EquivocationFound
+    proto.poll(now_s)                       # -> RoundComplete once all heard or deadline passed
 
 Per neighbour the protocol keeps at most two accepted updates: the one of
 the current round and the newest (memory is bounded by the neighbour count).
 A neighbour counts for round r once it has an update of round >= r; the mix
 uses its round-r state when there is one (the exact synchronous iteration),
-else its newest: a neighbour that is ahead contributes its fresher state,
-which is also how a node that fell behind learns the round to catch up to
-(:attr:`GossipProtocol.highest_peer_round`).
+else its newest.
+
+Every number a peer sends is a claim. A round more than ``max_rounds_ahead``
+ahead of ours is refused (``future_round``) but remembered as the sender's
+*claim*; a node that fell behind catches up only to a round that a strict
+majority of the neighbours it heard recently confirm (:meth:`catch_up_target`),
+so one lying neighbour cannot end anybody's training. Two different signed
+heads from one sender for one round are kept as proof of equivocation; the
+sender is banned and the proof is handed to the node to pass on.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ import numpy as np
 from p2pfm import wire
 from p2pfm.errors import LocalProtocolError, RejectReason, RemoteProtocolError
 from p2pfm.identity import Identity, PeerId
-from p2pfm.wire import Buffer, TensorSpec, Update, WireLimits
+from p2pfm.wire import Buffer, ProofHeader, TensorSpec, Update, UpdateHeader, WireLimits
+
+# How long a neighbour's round claim counts as "heard recently", in deadlines.
+_CLAIM_FRESH_DEADLINES = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,14 @@ class ProtocolConfig:
     # Timestamps further than this from the receiver's wall clock are refused
     # (None: not checked). Honest nodes need clocks within this of each other.
     max_clock_skew_s: float | None = 300.0
-    # Per-sender token bucket: a steady rate and a burst, in messages. An
-    # honest node sends one message per round.
+    # Token bucket per link (the authenticated connection a message came
+    # on): a steady rate and a burst, in messages. An honest node sends one
+    # update per round.
     max_messages_per_s: float = 10.0
     message_burst: int = 20
+    # Updates for rounds further ahead of ours than this are refused
+    # (``future_round``); their round still counts as the sender's claim.
+    max_rounds_ahead: int = 3
 
     def __post_init__(self) -> None:
         if self.max_messages_per_s <= 0 or self.message_burst < 1:
@@ -63,6 +76,8 @@ class ProtocolConfig:
             raise LocalProtocolError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
         if len(self.fingerprint) != wire.FINGERPRINT_BYTES:
             raise LocalProtocolError(f"fingerprint must be {wire.FINGERPRINT_BYTES} bytes")
+        if type(self.max_rounds_ahead) is not int or self.max_rounds_ahead < 1:
+            raise LocalProtocolError(f"max_rounds_ahead must be an int >= 1, got {self.max_rounds_ahead!r}")
 
 
 @dataclass(frozen=True)
@@ -75,9 +90,25 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    sender: PeerId | None  # None when the message was too broken to name one
+    sender: PeerId | None  # the link's peer when known, else the signer; None when unparseable
     reason: RejectReason
     detail: str
+
+
+@dataclass(frozen=True)
+class EquivocationFound:
+    """A sender signed two different updates for one round: it is banned.
+
+    ``evidence`` is the two signed heads (wire.check_evidence verifies them);
+    ``reporter`` is the neighbour that relayed the proof, None when we saw
+    both heads ourselves; ``new`` is False when the sender was banned already.
+    """
+
+    accused: PeerId
+    round: int
+    evidence: tuple[bytes, bytes]
+    reporter: PeerId | None
+    new: bool
 
 
 @dataclass(frozen=True)
@@ -88,7 +119,7 @@ class RoundComplete:
     timed_out: bool
 
 
-ReceiveEvent = Union[Accepted, Rejected]
+ReceiveEvent = Union[Accepted, Rejected, EquivocationFound]
 
 
 class Phase(enum.Enum):
@@ -116,8 +147,15 @@ class GossipProtocol:
         # round's and its newest (memory bounded by 2 x neighbours).
         self._updates: dict[PeerId, dict[int, Update]] = {}
         self._last_key: dict[PeerId, tuple[int, int]] = {}  # (round, seq) last accepted
-        self._buckets: dict[PeerId, tuple[float, float]] = {}  # sender -> (tokens, at now_s)
+        self._buckets: dict[PeerId, tuple[float, float]] = {}  # link -> (tokens, at now_s)
         self._schema = None if config.schema is None else {s.name: s for s in config.schema}
+        # Highest round each neighbour has shown in a validly signed head, and
+        # when (now_s): catch-up targets come from these, by majority.
+        self._claims: dict[PeerId, tuple[int, float]] = {}
+        # Signed heads seen per neighbour and round, for rounds in
+        # [round - 1, round + max_rounds_ahead]: equivocation evidence.
+        self._heads: dict[PeerId, dict[int, bytes]] = {}
+        self.banned: set[PeerId] = set()  # proven equivocators: refused for the rest of the run
         # Neighbours that missed the last deadline: not waited for again until
         # we hear from them, so a dead neighbour costs one deadline, not one
         # per round. Their updates still count whenever they do arrive in time.
@@ -132,6 +170,9 @@ class GossipProtocol:
         self.round = round
         for by_round in self._updates.values():
             self._prune(by_round)
+        for heads in self._heads.values():
+            for old in [r for r in heads if r < round - 1]:
+                del heads[old]
         self.phase = Phase.COLLECTING
         self.deadline_s = now_s + self.config.round_timeout_s
 
@@ -142,7 +183,7 @@ class GossipProtocol:
         samples: int,
         wall_time_ms: int,
         wire_dtypes: Mapping[str, str] | None = None,
-    ) -> list[Buffer]:
+    ) -> bytes:
         """Encode and sign this node's state for the current round."""
         seq = self.take_seq()
         body = wire.encode_update(
@@ -157,6 +198,11 @@ class GossipProtocol:
             wire_dtypes=wire_dtypes,
             limits=self.config.limits,
         )
+        return wire.sign(body, self.identity)
+
+    def make_proof(self, evidence: tuple[bytes, bytes]) -> bytes:
+        """A signed equivocation proof to pass on to the other neighbours."""
+        body = wire.encode_proof(network=self.config.network, evidence=evidence, limits=self.config.limits)
         return wire.sign(body, self.identity)
 
     def take_seq(self) -> int:
@@ -175,23 +221,43 @@ class GossipProtocol:
     # ---------------------------------------------------------- receiving
 
     def receive(
-        self, frames: Sequence[Buffer], now_s: float, wall_time_ms: int | None = None
+        self,
+        message: Buffer,
+        now_s: float,
+        wall_time_ms: int | None = None,
+        *,
+        link: PeerId | None = None,
     ) -> ReceiveEvent:
         """Judge one incoming message. Never raises for bad peer data.
 
         ``now_s`` is the monotonic clock (deadlines, rate limits);
-        ``wall_time_ms`` the wall clock for the timestamp gate (None: skipped).
+        ``wall_time_ms`` the wall clock for the timestamp gate (None: skipped);
+        ``link`` the peer authenticated on the connection the message came on
+        (CurveZMQ), None when the transport cannot tell (``insecure``). A
+        message signed by another key than its link's is refused.
         """
-        sender: PeerId | None = None
+        sender: PeerId | None = link
         try:
-            verified = wire.verify(frames, self.config.limits, self.neighbours)
+            verified = wire.verify(message, self.config.limits, self.neighbours)
+            if link is not None and verified.sender != link:
+                return self._reject(link, RejectReason.SENDER_MISMATCH, f"signed by {verified.sender.short}")
             sender = verified.sender
-            if not self._take_token(sender, now_s):
+            if sender in self.banned:
+                return self._reject(sender, RejectReason.BANNED, "proven to equivocate")
+            header = wire.decode_header(verified, self.config.limits)
+            if isinstance(header, ProofHeader):
+                return self._receive_proof(header, link or sender, now_s)
+            refusal = self._head_gate(header, bytes(verified.head), now_s)
+            if isinstance(refusal, EquivocationFound):
+                return refusal
+            if refusal is not None:
+                return self._reject(sender, *refusal)
+            if not self._take_token(link or sender, now_s):
                 return self._reject(sender, RejectReason.RATE_LIMITED, "message rate exceeded")
-            update = wire.decode_update(verified, self.config.limits)
+            update = wire.update_of(header, wire.decode_payload(verified, header), verified.wire_bytes)
         except RemoteProtocolError as exc:
             return self._reject(sender, exc.reason, str(exc))
-        gate = self._gate(update) or self._content_gate(update, wall_time_ms)
+        gate = self._content_gate(update, wall_time_ms)
         if gate is not None:
             return self._reject(update.sender, *gate)
         by_round = self._updates.setdefault(update.sender, {})
@@ -202,19 +268,60 @@ class GossipProtocol:
         self.accepted += 1
         return Accepted(update.sender, update.round, update.seq, update.wire_bytes)
 
-    def _gate(self, update: Update) -> tuple[RejectReason, str] | None:
-        if update.network != self.config.network:
-            return RejectReason.WRONG_NETWORK, f"network {update.network!r}"
-        if update.fingerprint != self.config.fingerprint:
+    def _head_gate(
+        self, header: UpdateHeader, head: bytes, now_s: float
+    ) -> tuple[RejectReason, str] | EquivocationFound | None:
+        """Everything judged from the signed head alone, before the payload is hashed."""
+        if header.network != self.config.network:
+            return RejectReason.WRONG_NETWORK, f"network {header.network!r}"
+        if header.fingerprint != self.config.fingerprint:
             return RejectReason.FINGERPRINT_MISMATCH, "adapter fingerprint differs"
-        if self._schema is not None and not _schema_matches(self._schema, update.specs):
+        if self._schema is not None and not _schema_matches(self._schema, header.specs):
             return RejectReason.SCHEMA_MISMATCH, "tensor names, dtypes or shapes differ"
-        last = self._last_key.get(update.sender)
-        if last is not None and (update.round, update.seq) <= last:
-            return RejectReason.REPLAY, f"(round, seq) {(update.round, update.seq)} <= {last}"
-        if update.round < self.round:
-            return RejectReason.STALE_ROUND, f"round {update.round} < current {self.round}"
+        sender = header.sender
+        heads = self._heads.setdefault(sender, {})
+        seen = heads.get(header.round)
+        if seen is not None and seen != head:
+            self.rejections[RejectReason.EQUIVOCATION] += 1
+            self.ban(sender)
+            return EquivocationFound(sender, header.round, (seen, head), None, True)
+        if seen is None and self.round - 1 <= header.round <= self.round + self.config.max_rounds_ahead:
+            heads[header.round] = head
+        claimed, _ = self._claims.get(sender, (-1, now_s))
+        self._claims[sender] = (max(claimed, header.round), now_s)
+        last = self._last_key.get(sender)
+        if last is not None and (header.round, header.seq) <= last:
+            return RejectReason.REPLAY, f"(round, seq) {(header.round, header.seq)} <= {last}"
+        if header.round < self.round:
+            return RejectReason.STALE_ROUND, f"round {header.round} < current {self.round}"
+        if header.round > self.round + self.config.max_rounds_ahead:
+            ahead = header.round - self.round
+            return RejectReason.FUTURE_ROUND, f"round {header.round} is {ahead} ahead of ours ({self.round})"
         return None
+
+    def _receive_proof(self, proof: ProofHeader, via: PeerId, now_s: float) -> ReceiveEvent:
+        if proof.network != self.config.network:
+            return self._reject(via, RejectReason.WRONG_NETWORK, f"proof for network {proof.network!r}")
+        if not self._take_token(via, now_s):
+            return self._reject(via, RejectReason.RATE_LIMITED, "message rate exceeded")
+        try:
+            facts = wire.check_evidence(*proof.evidence, self.config.limits)
+        except RemoteProtocolError as exc:
+            return self._reject(via, RejectReason.MALFORMED, f"equivocation proof: {exc}")
+        if facts.network != self.config.network or facts.fingerprints != (self.config.fingerprint,) * 2:
+            return self._reject(
+                via, RejectReason.MALFORMED, "equivocation proof for another network or model"
+            )
+        new = facts.accused not in self.banned and facts.accused != self.identity.peer_id
+        if new:
+            self.ban(facts.accused)
+        return EquivocationFound(facts.accused, facts.round, proof.evidence, proof.sender, new)
+
+    def ban(self, peer: PeerId) -> None:
+        """Refuse ``peer`` for the rest of the run and forget what it sent."""
+        self.banned.add(peer)
+        for table in (self._updates, self._claims, self._heads):
+            table.pop(peer, None)
 
     def _content_gate(self, update: Update, wall_time_ms: int | None) -> tuple[RejectReason, str] | None:
         skew_s = self.config.max_clock_skew_s
@@ -233,15 +340,15 @@ class GossipProtocol:
                 return RejectReason.NON_FINITE, f"tensor {name!r} holds NaN or Inf"
         return None
 
-    def _take_token(self, sender: PeerId, now_s: float) -> bool:
-        """Token bucket per authenticated sender: bounded work per peer, whatever it sends."""
+    def _take_token(self, link: PeerId, now_s: float) -> bool:
+        """Token bucket per link: bounded work per connection, whatever it sends."""
         rate, burst = self.config.max_messages_per_s, float(self.config.message_burst)
-        tokens, then = self._buckets.get(sender, (burst, now_s))
+        tokens, then = self._buckets.get(link, (burst, now_s))
         tokens = min(burst, tokens + max(0.0, now_s - then) * rate)
         if tokens < 1.0:
-            self._buckets[sender] = (tokens, now_s)
+            self._buckets[link] = (tokens, now_s)
             return False
-        self._buckets[sender] = (tokens - 1.0, now_s)
+        self._buckets[link] = (tokens - 1.0, now_s)
         return True
 
     def _reject(self, sender: PeerId | None, reason: RejectReason, detail: str) -> Rejected:
@@ -256,7 +363,7 @@ class GossipProtocol:
         A neighbour that missed the previous round's deadline is *absent*: the
         round does not wait for it (its update still counts if it arrives
         before the round completes), and it is present again from its next
-        accepted message.
+        accepted message. Banned neighbours are never waited for.
         """
         if self.phase is not Phase.COLLECTING:
             return None
@@ -269,7 +376,7 @@ class GossipProtocol:
             update = by_round.get(self.round) or by_round[max(by_round)]
             if update.round >= self.round:
                 fresh[peer] = update
-        waiting_for = self.neighbours - self.absent - fresh.keys()
+        waiting_for = self.neighbours - self.absent - self.banned - fresh.keys()
         timed_out = now_s >= self.deadline_s
         if waiting_for and not timed_out:
             return None
@@ -278,10 +385,26 @@ class GossipProtocol:
         self.absent = set(missing)
         return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for))
 
-    @property
-    def highest_peer_round(self) -> int:
-        """Highest round any neighbour has shown us (-1 before any): the catch-up target."""
-        return max((max(by_round) for by_round in self._updates.values() if by_round), default=-1)
+    def heard_claims(self, now_s: float) -> dict[PeerId, int]:
+        """Each neighbour's highest claimed round, for those heard within two deadlines."""
+        fresh_s = _CLAIM_FRESH_DEADLINES * self.config.round_timeout_s
+        return {p: r for p, (r, at_s) in self._claims.items() if now_s - at_s <= fresh_s}
+
+    def catch_up_target(self, next_round: int, now_s: float) -> int:
+        """The round to run next: ``next_round``, or a later one the neighbours confirm.
+
+        A later round counts only when a strict majority of the neighbours
+        heard recently claim at least that round, so one liar among two or
+        more cannot move us. With a single neighbour heard there is nobody to
+        outvote it: we follow it, by at most ``max_rounds_ahead`` per call.
+        """
+        claims = sorted(self.heard_claims(now_s).values(), reverse=True)
+        if not claims:
+            return next_round
+        target = claims[len(claims) // 2]  # claimed (or exceeded) by len // 2 + 1 neighbours
+        if len(claims) == 1:
+            target = min(target, next_round + self.config.max_rounds_ahead)
+        return max(target, next_round)
 
     def _prune(self, by_round: dict[int, Update]) -> None:
         newest = max(by_round)

@@ -1,7 +1,8 @@
 """Scenario report: summary.json, PNG plots and report.md from node outputs.
 
 Inputs are only files the nodes wrote (metrics.jsonl, adapter snapshots),
-so a report can be rebuilt after the fact (``p2pfm report DIR``).
+so a report could be rebuilt after the fact from a run folder (there is no
+command for that yet: ``p2pfm run`` writes it at the end of a run).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _node_summary(folder: Path, metric: str) -> dict[str, Any]:
         "restarts": sum(1 for r in records if r.get("event") == "resume"),
         "caught_up": sum(1 for r in records if r.get("event") == "caught_up"),
         "rounds_completed": max((r["round"] for r in rounds), default=0),
+        # Rounds it really ran: a catch-up skips rounds, and skipped rounds are not training.
+        "rounds_trained": max((r.get("rounds_trained", 0) for r in rounds), default=0),
+        "banned": last.get("banned", []),
         "timed_out_rounds": sum(1 for r in rounds if r.get("timed_out")),
         "finished": any(r.get("event") == "done" and not r.get("stopped") for r in records),
         "attack": next((r["attack"] for r in records if r.get("attack")), ""),
@@ -226,11 +230,16 @@ def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str
         lines += ["| round | consensus distance | nodes |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['consensus_distance']:.3e} | {c['nodes']} |" for c in consensus]
     lines += ["", "![consensus distance](consensus.png)", "", "## Network and faults", ""]
-    lines += ["| node | restarts | rounds timed out | dropped | rejected |", "|---|---|---|---|---|"]
+    lines += [
+        "| node | rounds trained / reached | restarts | rounds timed out | dropped | rejected | banned |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for node in nodes:
+        banned = ", ".join(node.get("banned", [])) or "-"
         lines.append(
-            f"| {_label(node)} | {node['restarts']} | {node['timed_out_rounds']} "
-            f"| {_counts(node['dropped'])} | {_counts(node['rejected'])} |"
+            f"| {_label(node)} | {node.get('rounds_trained', 0)} / {node['rounds_completed']} "
+            f"| {node['restarts']} | {node['timed_out_rounds']} "
+            f"| {_counts(node['dropped'])} | {_counts(node['rejected'])} | {banned} |"
         )
     faults = scenario.faults
     described = [

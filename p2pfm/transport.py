@@ -7,26 +7,35 @@ PUSH socket, so each link has its own bounded queue, its own drop count and
 its own fault injection, and a slow or dead neighbour only ever fills its
 own queue.
 
-- Bounded memory: each PUSH queue holds at most ``send_queue_messages``
-  whole messages (ZeroMQ keeps multipart messages atomic), the PULL queue
-  ``recv_queue_messages``; any single frame above ``max_frame_bytes`` makes
-  ZeroMQ drop the sender's connection (``MAXMSGSIZE``).
+- Bounded memory, also against peers that lie: a message is one ZeroMQ
+  frame (wire version 2), and the PULL socket refuses any frame above
+  ``max_message_bytes`` (``MAXMSGSIZE``, derived by the node from the largest
+  legitimate message of its schema), which libzmq checks from the frame's
+  size field, before buffering, even before the CurveZMQ handshake. The
+  PULL socket *conflates* (``ZMQ_CONFLATE``): it keeps only the newest frame
+  per connection, so a multipart message (which libzmq would otherwise
+  buffer whole) or a flood costs one frame per link. PUSH sockets receive
+  nothing but handshake commands and refuse frames above 64 KiB.
+- A short handshake interval (``handshake_timeout_ms``) drops connections
+  that never finish the CurveZMQ handshake; failed handshakes are counted by
+  kind from the socket monitor.
 - Never blocks: sends are non-blocking; a full queue (neighbour down or too
   slow) drops the message for that link and counts it. Messages queued while
   a neighbour is not yet up are delivered when it comes up.
 - Reconnects: ZeroMQ re-dials a restarted neighbour by itself.
-- Zero copy: tensor frames are handed to ZeroMQ without copying and received
-  as views of ZeroMQ's buffers.
 - Encrypted and authenticated: every link runs CurveZMQ with X25519 keys
   derived from the nodes' Ed25519 identities (``Identity.curve_keypair``), and
   a ZAP handler admits only the allowed peers (the roster's members, or the
-  neighbours); any other key gets no connection. Plaintext needs the
-  explicit ``insecure`` setting.
+  neighbours); any other key gets no connection. Each received message comes
+  with the peer authenticated on its connection (the ZAP User-Id), so the
+  protocol can refuse a message signed by anyone else. Plaintext needs the
+  explicit ``insecure`` setting, and then no link identity is known.
 """
 
 from __future__ import annotations
 
 import random
+import resource
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,27 +43,38 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.auth.thread
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, PeerId, curve_public_key
-from p2pfm.wire import Buffer, message_bytes
+from p2pfm.wire import Buffer, WireLimits, message_bytes
 
 DROP_QUEUE_FULL = "send_queue_full"  # neighbour down or not keeping up
 DROP_FAULT = "fault_injected"  # scenario `drop` fault
+# A PUSH socket only ever receives CurveZMQ handshake commands (WELCOME,
+# READY: a few hundred bytes); anything larger is an attack on our memory.
+PUSH_MAX_INBOUND_BYTES = 64 * 2**10
+_HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+}
+_MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+for _event in _HANDSHAKE_FAILURES:
+    _MONITORED |= _event
 
 
 @dataclass(frozen=True)
 class TransportSettings:
     send_queue_messages: int = 2  # per neighbour; only the newest state matters
-    recv_queue_messages: int = 64
-    max_frame_bytes: int = 512 * 2**20
     reconnect_interval_ms: int = 100
     reconnect_interval_max_ms: int = 2000
     linger_ms: int = 2000  # on close, time to flush the last round's messages
+    handshake_timeout_ms: int = 5000  # a connection must finish the CurveZMQ handshake in this time
     insecure: bool = False  # plaintext links, no peer authentication: debugging only
 
     def __post_init__(self) -> None:
-        for name in ("send_queue_messages", "recv_queue_messages", "max_frame_bytes"):
+        for name in ("send_queue_messages", "handshake_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transport.{name}", "must be >= 1")
 
@@ -67,6 +87,17 @@ class TransportStats:
     bytes_received: int = 0
     dropped: Counter[str] = field(default_factory=Counter)  # by reason
     refused_connections: int = 0  # CurveZMQ handshakes from keys not allowed in
+    connections_accepted: int = 0  # TCP connections accepted on the listen socket
+    handshakes_completed: int = 0
+    handshake_failures: Counter[str] = field(default_factory=Counter)  # by kind: no_detail/protocol/auth
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message and the peer authenticated on the connection it came on (None: insecure)."""
+
+    link: PeerId | None
+    message: memoryview
 
 
 class _Admission:
@@ -96,8 +127,27 @@ def check_address(field_name: str, address: str) -> str:
     return address
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit; return (soft, hard).
+
+    Every TCP connection costs a descriptor, before any authentication: with
+    the common soft limit of 1024, a thousand bare connects would leave the
+    node none for its checkpoint. The hard limit is what an unprivileged
+    process may take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, hard
+        soft = target
+    return soft, hard
+
+
 class Transport:
-    """One PULL in, one PUSH per neighbour out (see module docstring)."""
+    """One conflating PULL in, one PUSH per neighbour out (see module docstring)."""
 
     def __init__(
         self,
@@ -107,53 +157,40 @@ class Transport:
         *,
         identity: Identity | None = None,
         allowed: Collection[PeerId] | None = None,
+        max_message_bytes: int = WireLimits().max_message_bytes,
         link_drop_prob: Mapping[PeerId, float] | None = None,
         seed: int = 0,
     ) -> None:
         """``identity`` is required unless ``settings.insecure``; ``allowed``
-        (default: ``peers``) are the keys admitted to connect to us."""
+        (default: ``peers``) are the keys admitted to connect to us;
+        ``max_message_bytes`` is the largest message accepted (frames above it
+        cost the sender its connection)."""
         self.settings = settings or TransportSettings()
         self.stats = TransportStats()
+        self.max_message_bytes = max_message_bytes
         self._link_drop_prob = dict(link_drop_prob or {})
         self._rng = random.Random(seed)  # fault injection only; not security relevant
         self._context = zmq.Context()
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._links: dict[str, PeerId] = {}  # ZAP User-Id (Z85 CurveZMQ key) -> peer
         own_keys: tuple[bytes, bytes] | None = None
         if not self.settings.insecure:
             if identity is None:
                 raise ConfigError("transport.insecure", "a secure transport needs the node's identity")
             public, secret = identity.curve_keypair()
             own_keys = (z85.encode(public), z85.encode(secret))
-            admitted = frozenset(
-                z85.encode(curve_public_key(p)) for p in (peers if allowed is None else allowed)
-            )
+            for peer in peers if allowed is None else allowed:
+                self._links[z85.encode(curve_public_key(peer)).decode()] = peer
             self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
             self._auth.start()
+            admitted = frozenset(key.encode() for key in self._links)
             self._auth.configure_curve_callback("*", _Admission(admitted, self.stats))
         try:
-            self._inbound = self._context.socket(zmq.PULL)
-            if own_keys is not None:
-                self._inbound.curve_server = True
-                self._inbound.curve_publickey, self._inbound.curve_secretkey = own_keys
-            self._inbound.setsockopt(zmq.RCVHWM, self.settings.recv_queue_messages)
-            self._inbound.setsockopt(zmq.MAXMSGSIZE, self.settings.max_frame_bytes)
-            self._inbound.setsockopt(zmq.LINGER, 0)
-            try:
-                self._inbound.bind(listen)
-            except zmq.ZMQError as exc:
-                raise ConfigError("node.listen", f"cannot listen on {listen}: {exc}") from None
-            self._outbound: dict[PeerId, zmq.Socket[bytes]] = {}
-            for peer, address in peers.items():
-                sock = self._context.socket(zmq.PUSH)
-                sock.setsockopt(zmq.SNDHWM, self.settings.send_queue_messages)
-                sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
-                sock.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_interval_ms)
-                sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_interval_max_ms)
-                if own_keys is not None:
-                    sock.curve_serverkey = z85.encode(curve_public_key(peer))
-                    sock.curve_publickey, sock.curve_secretkey = own_keys
-                sock.connect(address)
-                self._outbound[peer] = sock
+            self._inbound = self._make_inbound(listen, own_keys)
+            self._monitor = self._inbound.get_monitor_socket(_MONITORED)
+            self._outbound = {
+                peer: self._make_outbound(peer, address, own_keys) for peer, address in peers.items()
+            }
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()
@@ -163,26 +200,60 @@ class Transport:
         self._poller.register(self._inbound, zmq.POLLIN)
         self.closed = False
 
+    def _make_inbound(self, listen: str, own_keys: tuple[bytes, bytes] | None) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.PULL)
+        if own_keys is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = own_keys
+        sock.setsockopt(zmq.CONFLATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(listen)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError("node.listen", f"cannot listen on {listen}: {exc}") from None
+        return sock
+
+    def _make_outbound(
+        self, peer: PeerId, address: str, own_keys: tuple[bytes, bytes] | None
+    ) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, self.settings.send_queue_messages)
+        sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_interval_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_interval_max_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, PUSH_MAX_INBOUND_BYTES)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
+        if own_keys is not None:
+            sock.curve_serverkey = z85.encode(curve_public_key(peer))
+            sock.curve_publickey, sock.curve_secretkey = own_keys
+        sock.connect(address)
+        return sock
+
     @property
     def listen_address(self) -> str:
         """The bound address (resolves a ``tcp://host:*`` wildcard port)."""
         endpoint = self._inbound.getsockopt(zmq.LAST_ENDPOINT)
         return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
 
-    def send(self, frames: Sequence[Buffer], peers: Sequence[PeerId] | None = None) -> int:
+    def send(self, message: Buffer, peers: Sequence[PeerId] | None = None) -> int:
         """Queue one message to every neighbour (or ``peers``); returns how many took it.
 
-        Never blocks. The frames must not be modified afterwards: ZeroMQ
-        sends them from the caller's memory.
+        Never blocks. The message must not be modified afterwards: ZeroMQ
+        sends it from the caller's memory.
         """
-        size = message_bytes(frames)
+        size = message_bytes(message)
         taken = 0
         for peer in self._outbound if peers is None else peers:
+            if peer not in self._outbound:
+                continue
             if self._rng.random() < self._link_drop_prob.get(peer, 0.0):
                 self.stats.dropped[DROP_FAULT] += 1
                 continue
             try:
-                self._outbound[peer].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self._outbound[peer].send(message, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.stats.dropped[DROP_QUEUE_FULL] += 1
                 continue
@@ -191,27 +262,57 @@ class Transport:
             self.stats.bytes_sent += size
         return taken
 
-    def receive(self, timeout_s: float, max_messages: int = 64) -> list[list[memoryview]]:
-        """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``max_messages``)."""
-        out: list[list[memoryview]] = []
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+    def receive(self, timeout_s: float, max_messages: int = 64) -> list[Received]:
+        """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``max_messages``).
+
+        The inbound socket conflates, so at most one (the newest) message per
+        connection is waiting.
+        """
+        out: list[Received] = []
+        ready = self._poller.poll(max(0, int(timeout_s * 1000)))
+        self._drain_monitor()
+        if not ready:
             return out
         while len(out) < max_messages:
             try:
-                parts = self._inbound.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frame = self._inbound.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            views = [part.buffer for part in parts]
+            view = frame.buffer
             self.stats.messages_received += 1
-            self.stats.bytes_received += sum(v.nbytes for v in views)
-            out.append(views)
+            self.stats.bytes_received += view.nbytes
+            out.append(Received(self._link_of(frame), view))
         return out
+
+    def _link_of(self, frame: zmq.Frame) -> PeerId | None:
+        if self.settings.insecure:
+            return None
+        # The ZAP handler set the User-Id to the client's Z85 CurveZMQ key;
+        # only keys in self._links were admitted.
+        user_id = frame.get("User-Id")
+        return self._links.get(user_id) if isinstance(user_id, str) else None
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_ACCEPTED:
+                self.stats.connections_accepted += 1
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.stats.handshakes_completed += 1
+            elif kind in _HANDSHAKE_FAILURES:
+                self.stats.handshake_failures[_HANDSHAKE_FAILURES[kind]] += 1
 
     def close(self) -> None:
         """Flush for up to ``linger_ms`` and release every socket. Idempotent."""
         if self.closed:
             return
         self.closed = True
+        self._inbound.disable_monitor()
+        self._monitor.close(linger=0)
         self._inbound.close(linger=0)
         for sock in self._outbound.values():
             sock.close()

@@ -1,21 +1,34 @@
-"""The wire format: signed, msgpack-encoded updates as ZeroMQ-style frames.
+"""The wire format, version 2: one signed, msgpack-headed buffer per message.
 
-A message is a list of frames (docs/protocol.md is the normative spec)::
+A message is ONE byte string (one ZeroMQ frame; docs/protocol.md is the
+normative spec)::
 
-    frame 0   prelude, 101 bytes: b"P2FM" | version u8 | sender key (32) | signature (64)
-    frame 1   header: a msgpack map (kind, network, round, seq, ts_ms,
-              fingerprint, degree, samples, tensors=[[name, dtype, shape], ...])
-    frame 2+i raw little-endian bytes of tensor i, C order
+    prelude   101 bytes   b"P2FM" | version u8 (= 2) | sender key (32) | signature (64)
+    u32le H               length of the header
+    header    H bytes     a msgpack map; for an update it lists the tensors
+                          ([name, dtype, shape]) and carries BLAKE3(payload)
+    payload               the tensors' raw little-endian bytes, concatenated
+                          in header order (updates only; empty otherwise)
 
-The signature is Ed25519 over a 32-byte BLAKE3 digest of the exact bytes
-that travel (prelude without its signature, then every later frame with its
-length). Hash-then-sign keeps signing at BLAKE3 speed (GB/s) instead of
-Ed25519's own SHA-512 pass, and one frame per tensor lets the transport send
-tensor memory without copying it.
+The signature is Ed25519 over the 32-byte BLAKE3 digest of the *head*:
+``message[0:37] || message[101:105+H]`` (prelude without its signature, the
+header length and the header). The header binds the payload through its
+``payload`` digest. So a signed head is a small self-contained statement
+("sender S says round r is the state with digest D"): two different heads
+signed by one sender for one round are a compact, checkable proof that it
+equivocated (:func:`check_evidence`), and a receiver judges a message (replay,
+round, rate) from its head before it hashes the payload.
 
-Receiving is two typed steps, so that nothing is decoded before it is
-authenticated: :func:`verify` bounds sizes and checks the signature and
-returns a :class:`Verified`; only :func:`decode_update` accepts one.
+Why one buffer and not one frame per tensor (version 1): libzmq bounds each
+frame (``MAXMSGSIZE``), never a multipart message, and buffers a whole
+multipart message before the application sees any of it. With one frame per
+message, ``MAXMSGSIZE`` bounds the whole message, and a conflating PULL
+socket (``ZMQ_CONFLATE``) keeps at most one frame per link.
+
+Receiving is typed steps, so that nothing is decoded before it is
+authenticated: :func:`verify` bounds sizes and checks the head's signature
+and returns a :class:`Verified`; only :func:`decode_header` accepts one, and
+only :func:`decode_payload` turns a checked header into arrays.
 """
 
 from __future__ import annotations
@@ -44,13 +57,21 @@ from p2pfm.errors import (
 from p2pfm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId
 
 MAGIC = b"P2FM"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 KIND_UPDATE = "update"
+KIND_EQUIVOCATION = "equivocation"
 FINGERPRINT_BYTES = 32
+DIGEST_BYTES = 32
 _SIGNED_PRELUDE_BYTES = len(MAGIC) + 1 + PUBLIC_KEY_BYTES  # 37
 PRELUDE_BYTES = _SIGNED_PRELUDE_BYTES + SIGNATURE_BYTES  # 101
+HEAD_OVERHEAD_BYTES = PRELUDE_BYTES + 4  # prelude + u32le header length = 105
 _MAX_INT = 2**63 - 1  # every integer field fits a signed 64-bit int
 _MAX_DIM = 2**31 - 1
+_UPDATE_KEYS = frozenset(
+    {"kind", "network", "round", "seq", "ts_ms", "fingerprint", "degree", "samples", "tensors", "payload"}
+)
+_PROOF_KEYS = frozenset({"kind", "network", "evidence"})
+_MAX_MAP_KEYS = 16
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -72,7 +93,11 @@ _NUMPY_TO_WIRE = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if
 
 @dataclass(frozen=True)
 class WireLimits:
-    """Hard bounds a receiver checks before it allocates or hashes anything."""
+    """Hard bounds a receiver checks before it allocates or hashes anything.
+
+    The defaults fit any model up to a 7B-parameter LoRA adapter; a node
+    derives tighter ones from its own schema (:func:`limits_for_schema`).
+    """
 
     max_message_bytes: int = 512 * 2**20  # a 7B-model LoRA r=16 fp32 adapter is ~160 MiB
     max_header_bytes: int = 2**20  # 4096 tensor entries need ~200 KiB
@@ -84,8 +109,14 @@ class WireLimits:
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
 
     @property
-    def max_frames(self) -> int:
-        return self.max_tensors + 2
+    def max_head_bytes(self) -> int:
+        """Largest signed head of an update: what one piece of equivocation evidence may be."""
+        return HEAD_OVERHEAD_BYTES + self.max_header_bytes
+
+    @property
+    def max_proof_header_bytes(self) -> int:
+        """An equivocation proof's header holds two heads plus a few keys."""
+        return 2 * self.max_head_bytes + 256 + self.max_network_id_bytes
 
 
 @dataclass(frozen=True)
@@ -107,18 +138,46 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Unsigned:
-    """Body frames (header + tensor data) of a message not yet signed."""
+    """Header and payload pieces of a message not yet signed."""
 
-    body: tuple[Buffer, ...]
+    header: bytes
+    payload: tuple[Buffer, ...] = ()
 
 
 @dataclass(frozen=True)
 class Verified:
-    """Frames whose size bounds and signature have been checked."""
+    """A message whose size bounds and head signature have been checked."""
 
     sender: PeerId
-    body: tuple[memoryview, ...]
+    head: memoryview  # message[0 : 105 + H]: the signed part, kept as evidence
+    header: memoryview
+    payload: memoryview
     wire_bytes: int
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """The checked header of an update (its payload not yet hashed or decoded)."""
+
+    sender: PeerId
+    network: str
+    round: int
+    seq: int
+    ts_ms: int
+    fingerprint: bytes
+    degree: int
+    samples: int
+    specs: tuple[TensorSpec, ...]
+    payload_digest: bytes
+
+
+@dataclass(frozen=True)
+class ProofHeader:
+    """An equivocation proof: two signed update heads of one sender for one round."""
+
+    sender: PeerId  # who relays the proof (not the accused)
+    network: str
+    evidence: tuple[bytes, bytes]
 
 
 @dataclass(frozen=True)
@@ -134,8 +193,18 @@ class Update:
     degree: int
     samples: int
     specs: tuple[TensorSpec, ...]
-    tensors: dict[str, np.ndarray[Any, Any]]  # read-only views into the frames
+    tensors: dict[str, np.ndarray[Any, Any]]  # read-only views into the message
     wire_bytes: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a valid equivocation proof establishes (:func:`check_evidence`)."""
+
+    accused: PeerId
+    network: str
+    round: int
+    fingerprints: tuple[bytes, bytes]
 
 
 # --------------------------------------------------------------------- encode
@@ -154,11 +223,10 @@ def encode_update(
     wire_dtypes: Mapping[str, str] | None = None,
     limits: WireLimits | None = None,
 ) -> Unsigned:
-    """Build the body frames of an update. Raises LocalProtocolError on misuse.
+    """Build the header and payload of an update. Raises LocalProtocolError on misuse.
 
     ``wire_dtypes`` optionally casts tensors for transport (for example
-    ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor). Tensor bytes
-    are not copied when the array already has the wire layout.
+    ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor).
     """
     limits = limits or WireLimits()
     _check_network(network, limits, LocalProtocolError)
@@ -177,12 +245,15 @@ def encode_update(
         raise LocalProtocolError(f"{len(tensors)} tensors exceed max_tensors={limits.max_tensors}")
     entries: list[list[Any]] = []
     data: list[Buffer] = []
+    payload_hash = blake3.blake3(max_threads=1)
     for name, array in tensors.items():
         wire_dtype = (wire_dtypes or {}).get(name) or _wire_dtype_of(name, array)
         if len(name.encode()) > limits.max_name_bytes or not name:
             raise LocalProtocolError(f"tensor name {name!r} must be 1..{limits.max_name_bytes} bytes")
         entries.append([name, wire_dtype, list(array.shape)])
-        data.append(_to_wire_bytes(name, array, wire_dtype))
+        chunk = _to_wire_bytes(name, array, wire_dtype)
+        payload_hash.update(chunk)
+        data.append(chunk)
     header = {
         "kind": KIND_UPDATE,
         "network": network,
@@ -193,15 +264,31 @@ def encode_update(
         "degree": degree,
         "samples": samples,
         "tensors": entries,
+        "payload": payload_hash.digest(),
     }
-    return Unsigned((msgpack.packb(header, use_bin_type=True), *data))
+    return Unsigned(msgpack.packb(header, use_bin_type=True), tuple(data))
 
 
-def sign(message: Unsigned, identity: Identity) -> list[Buffer]:
-    """Prepend the prelude frame: magic, version, sender key and signature."""
+def encode_proof(
+    *, network: str, evidence: tuple[bytes, bytes], limits: WireLimits | None = None
+) -> Unsigned:
+    """Build an equivocation proof message (signed by whoever relays it)."""
+    limits = limits or WireLimits()
+    _check_network(network, limits, LocalProtocolError)
+    if len(evidence) != 2 or not all(isinstance(e, bytes) for e in evidence):
+        raise LocalProtocolError("evidence must be two signed heads (bytes)")
+    header = {"kind": KIND_EQUIVOCATION, "network": network, "evidence": list(evidence)}
+    return Unsigned(msgpack.packb(header, use_bin_type=True))
+
+
+def sign(message: Unsigned, identity: Identity) -> bytes:
+    """Sign the head and return the whole message as one buffer (one ZeroMQ frame)."""
     signed_prelude = MAGIC + bytes([WIRE_VERSION]) + identity.peer_id.key
-    signature = identity.sign(_digest(signed_prelude, [memoryview(f) for f in message.body]))
-    return [signed_prelude + signature, *message.body]
+    length = struct.pack("<I", len(message.header))
+    signature = identity.sign(_head_digest(signed_prelude, length, message.header))
+    # One copy of the tensor bytes into the message: the price of a single
+    # frame, which is what lets the transport bound a whole message.
+    return b"".join((signed_prelude, signature, length, message.header, *message.payload))
 
 
 def _wire_dtype_of(name: str, array: np.ndarray[Any, Any]) -> str:
@@ -236,49 +323,114 @@ def float32_to_bfloat16_bits(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Widen bfloat16 bit patterns to float32; exact."""
-    return (bits.astype("<u4") << 16).view("<f4")
+    """Widen bfloat16 bit patterns to float32; exact. Keeps the shape, also of a 0-d array."""
+    widened = np.array(bits, dtype="<u4")  # an array even for a scalar: `<<` on 0-d would give a scalar
+    np.left_shift(widened, 16, out=widened)
+    return widened.view("<f4")
+
+
+# ------------------------------------------------------------ derived limits
+
+
+def limits_for_schema(
+    specs: Sequence[TensorSpec], *, network: str, base: WireLimits | None = None
+) -> WireLimits:
+    """Tight limits for a node whose updates have exactly ``specs``.
+
+    A legitimate update of this schema cannot exceed them: the header bound
+    is twice the header with every integer at its widest value, plus 1 KiB
+    (writers must use msgpack's smallest encodings, docs/protocol.md), and
+    the message bound is that plus the payload. Equivocation proofs of the
+    same schema fit as well. Used for the transport's ``MAXMSGSIZE``, so
+    that nobody (not even before the CurveZMQ handshake) makes the node
+    buffer more than one legitimate message per connection.
+    """
+    base = base or WireLimits()
+    widest = encode_update(
+        network=network, round=_MAX_INT, seq=_MAX_INT, ts_ms=_MAX_INT, fingerprint=bytes(FINGERPRINT_BYTES),
+        degree=_MAX_DIM, samples=_MAX_INT,
+        tensors={s.name: np.zeros(0, np.float32) for s in specs},
+        wire_dtypes={s.name: s.dtype for s in specs}, limits=base,
+    ).header  # fmt: skip
+    # The shapes above are [0]: add what the real shapes take, at most 9 bytes per dimension.
+    header_bound = 2 * (len(widest) + sum(9 * len(s.shape) for s in specs)) + 1024
+    header_bound = min(header_bound, base.max_header_bytes)
+    payload = sum(s.nbytes for s in specs)
+    limits = WireLimits(
+        max_message_bytes=base.max_message_bytes,
+        max_header_bytes=header_bound,
+        max_tensors=base.max_tensors,
+        max_tensor_elements=base.max_tensor_elements,
+        max_ndim=base.max_ndim,
+        max_name_bytes=base.max_name_bytes,
+        max_network_id_bytes=base.max_network_id_bytes,
+        dtypes=base.dtypes,
+    )
+    biggest = HEAD_OVERHEAD_BYTES + max(header_bound + payload, limits.max_proof_header_bytes)
+    return WireLimits(
+        max_message_bytes=min(biggest, base.max_message_bytes),
+        max_header_bytes=header_bound,
+        max_tensors=base.max_tensors,
+        max_tensor_elements=base.max_tensor_elements,
+        max_ndim=base.max_ndim,
+        max_name_bytes=base.max_name_bytes,
+        max_network_id_bytes=base.max_network_id_bytes,
+        dtypes=base.dtypes,
+    )
 
 
 # --------------------------------------------------------------------- verify
 
 
-def message_bytes(frames: Sequence[Buffer]) -> int:
-    """Total size of a message's frames, in bytes."""
-    return sum(memoryview(f).nbytes for f in frames)
+def message_bytes(message: Buffer) -> int:
+    """Size of a message, in bytes."""
+    return memoryview(message).nbytes
 
 
-def verify(
-    frames: Sequence[Buffer],
-    limits: WireLimits,
-    known_senders: Container[PeerId] | None = None,
-) -> Verified:
-    """Bound sizes and check the signature; decode nothing. Raises RemoteProtocolError.
+def verify(message: Buffer, limits: WireLimits, known_senders: Container[PeerId] | None = None) -> Verified:
+    """Bound sizes and check the head's signature; decode nothing. Raises RemoteProtocolError.
 
     ``known_senders``, when given, refuses unknown keys before any hashing.
+    Only the head is hashed here (small); the payload is checked against the
+    signed digest by :func:`decode_payload`.
     """
-    if not 2 <= len(frames) <= limits.max_frames:
-        raise MalformedMessage(f"{len(frames)} frames; expected 2..{limits.max_frames}")
-    views = [_byte_view(f) for f in frames]
-    total = sum(v.nbytes for v in views)
+    view = _byte_view(message)
+    total = view.nbytes
     if total > limits.max_message_bytes:
         raise MessageTooLarge(f"{total} bytes exceed max_message_bytes={limits.max_message_bytes}")
-    prelude = views[0]
-    if prelude.nbytes != PRELUDE_BYTES or bytes(prelude[:4]) != MAGIC:
-        raise MalformedMessage("first frame is not a p2pfm prelude")
-    if prelude[4] != WIRE_VERSION:
-        raise UnsupportedVersion(f"wire version {prelude[4]}; this node speaks {WIRE_VERSION}")
-    if views[1].nbytes > limits.max_header_bytes:
-        raise MessageTooLarge(f"header of {views[1].nbytes} bytes exceeds {limits.max_header_bytes}")
-    sender = PeerId(bytes(prelude[5:_SIGNED_PRELUDE_BYTES]))
+    if total < HEAD_OVERHEAD_BYTES or bytes(view[:4]) != MAGIC:
+        raise MalformedMessage("message does not start with a p2pfm prelude")
+    if view[4] != WIRE_VERSION:
+        raise UnsupportedVersion(f"wire version {view[4]}; this node speaks {WIRE_VERSION}")
+    (header_len,) = struct.unpack_from("<I", view, PRELUDE_BYTES)
+    if header_len > max(limits.max_header_bytes, limits.max_proof_header_bytes):
+        raise MessageTooLarge(f"header of {header_len} bytes exceeds the header bound")
+    head_end = HEAD_OVERHEAD_BYTES + header_len
+    if header_len == 0 or head_end > total:
+        raise MalformedMessage(f"header length {header_len} does not fit a {total}-byte message")
+    sender = PeerId(bytes(view[5:_SIGNED_PRELUDE_BYTES]))
     if known_senders is not None and sender not in known_senders:
         raise UnknownSender(f"sender {sender.short} is not a known peer")
-    digest = _digest(bytes(prelude[:_SIGNED_PRELUDE_BYTES]), views[1:])
+    _check_signature(sender, view[:head_end])
+    return Verified(
+        sender=sender,
+        head=view[:head_end],
+        header=view[HEAD_OVERHEAD_BYTES:head_end],
+        payload=view[head_end:],
+        wire_bytes=total,
+    )
+
+
+def _check_signature(sender: PeerId, head: memoryview) -> None:
+    digest = _head_digest(
+        bytes(head[:_SIGNED_PRELUDE_BYTES]),
+        head[PRELUDE_BYTES:HEAD_OVERHEAD_BYTES],
+        head[HEAD_OVERHEAD_BYTES:],
+    )
     try:
-        _verify_key(sender.key).verify(digest, bytes(prelude[_SIGNED_PRELUDE_BYTES:]))
+        _verify_key(sender.key).verify(digest, bytes(head[_SIGNED_PRELUDE_BYTES:PRELUDE_BYTES]))
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
         raise BadSignature(f"signature from {sender.short} does not verify") from None
-    return Verified(sender, tuple(views[1:]), total)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -294,75 +446,145 @@ def _byte_view(frame: Buffer) -> memoryview:
     return view
 
 
-def _digest(signed_prelude: bytes, body: Sequence[memoryview]) -> bytes:
-    """BLAKE3-256 of prelude[0:37] | u32le(frame count) | (u64le(len) | frame)*."""
-    # One thread on purpose: the length prefixes break BLAKE3's chunk
-    # alignment across frames, so AUTO threading measured slower (26 ms vs
-    # 16 ms for 64 MiB, benchmarks/wire.py), and ZeroMQ's I/O thread needs
-    # the other core anyway.
+def _head_digest(signed_prelude: bytes, length: Buffer, header: Buffer) -> bytes:
+    """BLAKE3-256 of prelude[0:37] | u32le(H) | header: what Ed25519 signs."""
     hasher = blake3.blake3(max_threads=1)
     hasher.update(signed_prelude)
-    hasher.update(struct.pack("<I", len(body)))
-    for frame in body:
-        hasher.update(struct.pack("<Q", frame.nbytes))
-        hasher.update(frame)
+    hasher.update(length)
+    hasher.update(header)
     return hasher.digest()
 
 
 # --------------------------------------------------------------------- decode
 
 
-def decode_update(message: Verified, limits: WireLimits) -> Update:
-    """Parse an authenticated message into an Update. Raises RemoteProtocolError."""
-    header = _unpack_header(message.body[0], limits)
-    data = message.body[1:]
-    if header.get("kind") != KIND_UPDATE:
-        raise MalformedMessage(f"kind {header.get('kind')!r} is not {KIND_UPDATE!r}")
-    expected_keys = {"kind", "network", "round", "seq", "ts_ms", "fingerprint", "degree"}
-    expected_keys |= {"samples", "tensors"}
-    if set(header) != expected_keys:
-        raise MalformedMessage(f"header keys {sorted(header)} differ from {sorted(expected_keys)}")
+def decode_header(message: Verified, limits: WireLimits) -> UpdateHeader | ProofHeader:
+    """Parse and check an authenticated header. Raises RemoteProtocolError."""
+    header = _unpack_header(message.header, limits)
+    kind = header.get("kind")
+    if kind == KIND_UPDATE:
+        if message.header.nbytes > limits.max_header_bytes:
+            raise MessageTooLarge(f"update header of {message.header.nbytes} bytes exceeds max_header_bytes")
+        return _update_header(message.sender, header, limits)
+    if kind == KIND_EQUIVOCATION:
+        if set(header) != _PROOF_KEYS:
+            raise MalformedMessage(f"proof header keys {sorted(header)} differ from {sorted(_PROOF_KEYS)}")
+        if message.payload.nbytes:
+            raise MalformedMessage("an equivocation proof carries no payload")
+        _check_network(header["network"], limits, MalformedMessage)
+        evidence = header["evidence"]
+        if not (
+            isinstance(evidence, list)
+            and len(evidence) == 2
+            and all(isinstance(e, bytes) and len(e) <= limits.max_head_bytes for e in evidence)
+        ):
+            raise MalformedMessage(f"evidence must be two signed heads of <= {limits.max_head_bytes} bytes")
+        return ProofHeader(message.sender, header["network"], (evidence[0], evidence[1]))
+    raise MalformedMessage(f"kind {kind!r} is not one of {KIND_UPDATE!r}, {KIND_EQUIVOCATION!r}")
+
+
+def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits) -> UpdateHeader:
+    if set(header) != _UPDATE_KEYS:
+        raise MalformedMessage(f"header keys {sorted(header)} differ from {sorted(_UPDATE_KEYS)}")
     _check_network(header["network"], limits, MalformedMessage)
-    ints = {}
-    for name, top in (("round", _MAX_INT), ("seq", _MAX_INT), ("ts_ms", _MAX_INT)):
-        ints[name] = _field_int(header, name, top)
+    ints = {name: _field_int(header, name, _MAX_INT) for name in ("round", "seq", "ts_ms", "samples")}
     degree = _field_int(header, "degree", _MAX_DIM)
-    samples = _field_int(header, "samples", _MAX_INT)
-    fingerprint = header["fingerprint"]
-    if not isinstance(fingerprint, bytes) or len(fingerprint) != FINGERPRINT_BYTES:
-        raise MalformedMessage(f"fingerprint must be {FINGERPRINT_BYTES} bytes of msgpack bin")
-    specs = _parse_specs(header["tensors"], limits)
-    if len(specs) != len(data):
-        raise MalformedMessage(f"header lists {len(specs)} tensors but {len(data)} data frames came")
-    tensors: dict[str, np.ndarray[Any, Any]] = {}
-    for spec, frame in zip(specs, data, strict=True):
-        if frame.nbytes != spec.nbytes:
-            raise MalformedMessage(f"tensor {spec.name!r}: {frame.nbytes} bytes, shape needs {spec.nbytes}")
-        array = np.frombuffer(frame, dtype=DTYPES[spec.dtype]).reshape(spec.shape)
-        if spec.dtype == "bfloat16":
-            array = bfloat16_bits_to_float32(array)
-        array.flags.writeable = False
-        tensors[spec.name] = array
-    return Update(
-        sender=message.sender,
+    for name in ("fingerprint", "payload"):
+        value = header[name]
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise MalformedMessage(f"{name} must be 32 bytes of msgpack bin")
+    return UpdateHeader(
+        sender=sender,
         network=header["network"],
         round=ints["round"],
         seq=ints["seq"],
         ts_ms=ints["ts_ms"],
-        fingerprint=fingerprint,
+        fingerprint=header["fingerprint"],
         degree=degree,
-        samples=samples,
-        specs=specs,
+        samples=ints["samples"],
+        specs=_parse_specs(header["tensors"], limits),
+        payload_digest=header["payload"],
+    )
+
+
+def decode_payload(message: Verified, header: UpdateHeader) -> dict[str, np.ndarray[Any, Any]]:
+    """Check the payload against the signed digest and return read-only tensor views.
+
+    Raises MalformedMessage (wrong length) or BadSignature (bytes differ from
+    what the sender signed).
+    """
+    payload = message.payload
+    expected = sum(spec.nbytes for spec in header.specs)
+    if payload.nbytes != expected:
+        raise MalformedMessage(f"payload of {payload.nbytes} bytes; the header's tensors need {expected}")
+    if blake3.blake3(payload, max_threads=1).digest() != header.payload_digest:
+        raise BadSignature(f"payload from {header.sender.short} does not match its signed digest")
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    offset = 0
+    for spec in header.specs:
+        chunk = payload[offset : offset + spec.nbytes]
+        offset += spec.nbytes
+        array = np.frombuffer(chunk, dtype=DTYPES[spec.dtype]).reshape(spec.shape)
+        if spec.dtype == "bfloat16":
+            array = bfloat16_bits_to_float32(array)
+        array.flags.writeable = False
+        tensors[spec.name] = array
+    return tensors
+
+
+def decode_update(message: Verified, limits: WireLimits) -> Update:
+    """decode_header() then decode_payload() for a message that must be an update."""
+    header = decode_header(message, limits)
+    if not isinstance(header, UpdateHeader):
+        raise MalformedMessage(f"expected an update, got kind {KIND_EQUIVOCATION!r}")
+    return update_of(header, decode_payload(message, header), message.wire_bytes)
+
+
+def update_of(header: UpdateHeader, tensors: dict[str, np.ndarray[Any, Any]], wire_bytes: int) -> Update:
+    return Update(
+        sender=header.sender,
+        network=header.network,
+        round=header.round,
+        seq=header.seq,
+        ts_ms=header.ts_ms,
+        fingerprint=header.fingerprint,
+        degree=header.degree,
+        samples=header.samples,
+        specs=header.specs,
         tensors=tensors,
-        wire_bytes=message.wire_bytes,
+        wire_bytes=wire_bytes,
     )
 
 
 def open_update(
-    frames: Sequence[Buffer], limits: WireLimits, known_senders: Container[PeerId] | None = None
+    message: Buffer, limits: WireLimits, known_senders: Container[PeerId] | None = None
 ) -> Update:
     """verify() then decode_update(): the whole receive path of the wire layer."""
-    return decode_update(verify(frames, limits, known_senders), limits)
+    return decode_update(verify(message, limits, known_senders), limits)
+
+
+def check_evidence(first: bytes, second: bytes, limits: WireLimits) -> Evidence:
+    """Check an equivocation proof: two different update heads, validly signed by
+    one sender, for one network and one round. Raises MalformedMessage otherwise.
+
+    Needs nothing but the two heads: anyone can check a proof file.
+    """
+    if first == second:
+        raise MalformedMessage("evidence: the two heads are identical")
+    headers = []
+    for head in (first, second):
+        try:
+            verified = verify(head, limits)
+            header = decode_header(verified, limits)
+        except (MalformedMessage, MessageTooLarge, BadSignature, UnsupportedVersion, UnknownSender) as exc:
+            raise MalformedMessage(f"evidence: a head does not check ({exc})") from None
+        if verified.payload.nbytes or not isinstance(header, UpdateHeader):
+            raise MalformedMessage("evidence must be the signed heads of two updates, without payload")
+        headers.append(header)
+    a, b = headers
+    if a.sender != b.sender or a.network != b.network or a.round != b.round:
+        raise MalformedMessage("evidence: the heads differ in sender, network or round")
+    return Evidence(a.sender, a.network, a.round, (a.fingerprint, b.fingerprint))
 
 
 def _unpack_header(frame: memoryview, limits: WireLimits) -> dict[str, Any]:
@@ -372,20 +594,29 @@ def _unpack_header(frame: memoryview, limits: WireLimits) -> dict[str, Any]:
             raw=False,
             strict_map_key=True,
             use_list=True,
+            object_pairs_hook=_unique_keys,
             max_str_len=max(limits.max_name_bytes, limits.max_network_id_bytes, 16),
-            max_bin_len=FINGERPRINT_BYTES,
+            max_bin_len=max(limits.max_head_bytes, DIGEST_BYTES),
             max_array_len=max(limits.max_tensors, limits.max_ndim, 3),
-            max_map_len=16,
+            max_map_len=_MAX_MAP_KEYS,
             max_ext_len=0,
         )
     # msgpack raises many exception types on hostile input (ValueError,
     # TypeError, ExtraData, StackError, UnicodeDecodeError...): all are the
     # peer's fault, none may escape as anything but MalformedMessage.
     except Exception as exc:  # noqa: BLE001
-        raise MalformedMessage(f"header is not valid msgpack ({type(exc).__name__})") from None
+        raise MalformedMessage(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(header, dict):
         raise MalformedMessage("header is not a msgpack map")
     return header
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map with a repeated key is refused: which value wins would be up to the parser."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return out
 
 
 def _field_int(header: Mapping[str, Any], name: str, top: int) -> int:
@@ -411,6 +642,8 @@ def _parse_specs(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
         name, dtype, shape = entry
         if not isinstance(name, str) or not name or name in names:
             raise MalformedMessage(f"tensor name {name!r} is empty, not a string or repeated")
+        if len(name.encode()) > limits.max_name_bytes:
+            raise MalformedMessage(f"tensor name longer than {limits.max_name_bytes} bytes")
         if not isinstance(dtype, str) or dtype not in limits.dtypes or dtype not in DTYPES:
             raise MalformedMessage(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if (

@@ -81,7 +81,8 @@ def _captured_traffic(insecure: bool) -> bytes:
             while not got and time.monotonic() < deadline:
                 got = receiver.receive(0.1)
             assert got, "the message did not arrive"
-            assert bytes(got[0][2]) == TENSOR.tobytes()  # it did arrive intact
+            arrived = wire.open_update(got[0].message, wire.WireLimits())
+            assert arrived.tensors["lora"].tobytes() == TENSOR.tobytes()  # it did arrive intact
             time.sleep(0.3)
     finally:
         stop.set()

@@ -166,7 +166,7 @@ def _attacker(draw: st.DrawFn, size: int) -> list[float]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), honest=_honest_round(min_neighbours=2))
+@given(data=st.data(), honest=_honest_round(min_neighbours=1))  # n >= 3: enough inputs to trim one
 def test_one_outlier_cannot_leave_the_honest_range(data: st.DataObject, honest: Any) -> None:
     dim, own, received = honest
     honest_values = np.stack([flatten(own), *[flatten(s) for s in received.values()]])
@@ -304,18 +304,50 @@ def test_clip_radius_extremes_and_missing_neighbours() -> None:
 def test_trimmed_mean_and_median_by_hand() -> None:
     own = {"w": np.array([0.0, 10.0])}
     received = {j: {"w": np.array([v, 10.0 + v])} for j, v in enumerate([1.0, 2.0, 3.0, 100.0])}
-    np.testing.assert_allclose(trimmed_mean(own, received, trim=1)["w"], [2.0, 12.0])
-    np.testing.assert_allclose(trimmed_mean(own, received, trim=0)["w"], [106 / 5, 10.0 + 106 / 5])
-    np.testing.assert_allclose(coordinate_median(own, received)["w"], [2.0, 12.0])
+    weights = dict.fromkeys(received, 0.2)  # the uniform rules only check them when n > 2 * trim
+    np.testing.assert_allclose(trimmed_mean(own, received, weights, trim=1)["w"], [2.0, 12.0])
+    np.testing.assert_allclose(trimmed_mean(own, received, weights, trim=0)["w"], [106 / 5, 10.0 + 106 / 5])
+    np.testing.assert_allclose(coordinate_median(own, received, weights)["w"], [2.0, 12.0])
     even = {j: received[j] for j in range(3)}  # values 0, 1, 2, 3 -> median 1.5
-    np.testing.assert_allclose(coordinate_median(own, even)["w"], [1.5, 11.5])
-    # n = 4 <= 2 * trim: nothing would be left, so the median is used.
-    np.testing.assert_allclose(trimmed_mean(own, even, trim=2)["w"], [1.5, 11.5])
+    even_weights = dict.fromkeys(even, 0.2)  # degree 4, one neighbour late
+    np.testing.assert_allclose(coordinate_median(own, even, even_weights)["w"], [1.5, 11.5])
+    # n = 4 <= 2 * trim: too few inputs to trim, so the plain Metropolis mean (0.4 of self, 0.2 each).
+    np.testing.assert_allclose(trimmed_mean(own, even, even_weights, trim=2)["w"], [1.2, 11.2])
     alone: dict[int, dict[str, Arr]] = {}
-    np.testing.assert_array_equal(trimmed_mean(own, alone, trim=3)["w"], own["w"])
+    np.testing.assert_array_equal(trimmed_mean(own, alone, {}, trim=3)["w"], own["w"])
+    np.testing.assert_array_equal(coordinate_median(own, alone, {})["w"], own["w"])
     # A NaN from a peer sorts as the largest value and is trimmed like one.
     nan_peer: dict[Any, dict[str, Arr]] = {**even, "mallory": {"w": np.array([math.nan, math.nan])}}
-    np.testing.assert_allclose(trimmed_mean(own, nan_peer, trim=1)["w"], [2.0, 12.0])  # 0, 1, 2, 3, NaN
+    nan_weights = dict.fromkeys(nan_peer, 0.2)
+    np.testing.assert_allclose(trimmed_mean(own, nan_peer, nan_weights, trim=1)["w"], [2.0, 12.0])
+
+
+def test_small_rounds_trim_only_when_the_outliers_are_a_minority() -> None:
+    own = {"w": np.array([0.0])}
+    weight = 1 / 5  # torus, own degree 4: W_ij = 1/5 whatever the neighbours claim
+    # n = 3, trim = 1: the median of three. The outlier is dropped, and the honest neighbour's value is
+    # taken whole (weight 1 > W_ij): more than the mean gives it, but inside the honest range.
+    two = {"honest": {"w": np.array([1.0])}, "mallory": {"w": np.array([1e6])}}
+    two_weights = dict.fromkeys(two, weight)
+    np.testing.assert_array_equal(trimmed_mean(own, two, two_weights, trim=1)["w"], [1.0])
+    np.testing.assert_array_equal(coordinate_median(own, two, two_weights)["w"], [1.0])
+    # n = 3 and 4 with trim = 2: the two outliers trim = 2 allows for could be half the inputs, so no
+    # order statistic is safe: the plain mean, exactly (the median of 4 would give 5e5 here).
+    three = {**two, "eve": {"w": np.array([1e6])}}
+    for received in (two, three):
+        weights = dict.fromkeys(received, weight)
+        np.testing.assert_array_equal(
+            trimmed_mean(own, received, weights, trim=2)["w"], mix(own, received, weights)["w"]
+        )
+    # n = 4 median, one outlier: the mean of the middle two gives an in-range value weight 1/2 > 1/5,
+    # and the outlier, wherever it is, stays out of the middle unless it lies between honest values.
+    honest = {"a": {"w": np.array([1.0])}, "b": {"w": np.array([2.0])}}
+    weights = dict.fromkeys([*honest, "mallory"], weight)
+    # Honest values 0, 1, 2; sorted with the attack, the middle two are (0, 1), (1, 1.5), (1, 2).
+    for attack, expected in ((-1e6, 0.5), (1.5, 1.25), (1e6, 1.5)):
+        attacked = {**honest, "mallory": {"w": np.array([attack])}}
+        out = float(coordinate_median(own, attacked, weights)["w"][0])
+        assert out == expected and 0.0 <= out <= 2.0
 
 
 def test_coordinate_rules_span_several_blocks() -> None:
@@ -323,9 +355,12 @@ def test_coordinate_rules_span_several_blocks() -> None:
     states = [{"w": rng.standard_normal((3, 30_000)).astype(np.float32)} for _ in range(6)]  # 90k > 65536
     own, received = states[0], dict(enumerate(states[1:]))
     stacked = np.stack([s["w"].astype(np.float64) for s in states])
-    np.testing.assert_allclose(coordinate_median(own, received)["w"], np.median(stacked, axis=0), rtol=1e-6)
+    weights = dict.fromkeys(received, 1 / 6)
+    median = coordinate_median(own, received, weights)["w"]
+    np.testing.assert_allclose(median, np.median(stacked, axis=0), rtol=1e-6)
     ordered = np.sort(stacked, axis=0)
-    np.testing.assert_allclose(trimmed_mean(own, received, trim=2)["w"], ordered[2:4].mean(axis=0), rtol=1e-6)
+    trimmed = trimmed_mean(own, received, weights, trim=2)["w"]
+    np.testing.assert_allclose(trimmed, ordered[2:4].mean(axis=0), rtol=1e-6)
 
 
 def test_robust_mix_dispatches() -> None:
@@ -335,8 +370,8 @@ def test_robust_mix_dispatches() -> None:
     weights = dict.fromkeys(received, 1 / 6)
     expected = {
         "mean": mix(own, received, weights),
-        "trimmed-mean": trimmed_mean(own, received, trim=2),
-        "median": coordinate_median(own, received),
+        "trimmed-mean": trimmed_mean(own, received, weights, trim=2),
+        "median": coordinate_median(own, received, weights),
         "clip": self_centered_clip(
             own, received, weights, radius=clipping_radius(own, received, weights, byzantine_weight=0.4)
         ),
@@ -354,7 +389,7 @@ def test_robust_rules_refuse_misuse() -> None:
         robust_mix("krum", own, received, weights)  # type: ignore[arg-type]
     for trim in (-1, 1.5, True):
         with pytest.raises(LocalProtocolError):
-            trimmed_mean(own, received, trim=trim)  # type: ignore[arg-type]
+            trimmed_mean(own, received, weights, trim=trim)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         robust_mix("trimmed-mean", own, received, weights, trim=-1)
     for radius in (-0.1, math.nan):
@@ -391,13 +426,59 @@ def test_robust_rules_keep_dtype_and_leave_inputs_alone(dtype: Any) -> None:
         {k: v.copy() for k, v in own.items()},
         {j: {k: v.copy() for k, v in s.items()} for j, s in received.items()},
     )
+    lone = {9: received[9]}  # one neighbour heard: the trimmed rules fall back to mix
     for rule in MIX_RULES:
-        out = robust_mix(rule, own, received, weights)  # type: ignore[arg-type]
-        for name, value in own.items():
-            assert out[name].dtype == dtype and out[name].shape == value.shape
-            assert not np.shares_memory(out[name], value)
+        for heard, heard_weights in ((received, weights), (lone, {9: 0.18})):
+            out = robust_mix(rule, own, heard, heard_weights)  # type: ignore[arg-type]
+            for name, value in own.items():
+                assert out[name].dtype == dtype and out[name].shape == value.shape
+                assert not np.shares_memory(out[name], value)
     for name, value in own.items():
         np.testing.assert_array_equal(value, before[0][name])
     for j, state in received.items():
         for name, value in state.items():
             np.testing.assert_array_equal(value, before[1][j][name])
+
+
+# --------------------------------------------------------------------------- #
+# Too few inputs to trim: the plain Metropolis mean (docs/robust.md "Exact definitions")
+# --------------------------------------------------------------------------- #
+
+
+def test_a_lone_neighbour_gets_no_more_than_its_metropolis_weight() -> None:
+    # Ring, own degree 2, one neighbour (degree 2) heard and the other late: W_ij = 1/3.
+    own = {"w": np.array([0.0, 0.0])}
+    received = {"mallory": {"w": np.array([1e6, -1e6])}}
+    weights = metropolis_weights(2, {"mallory": 2})
+    plain = mix(own, received, weights)["w"]
+    for rule in ("trimmed-mean", "median"):
+        out = robust_mix(rule, own, received, weights, trim=1)["w"]
+        assert np.all(np.abs(out) <= 1e6 / 3 * (1 + 1e-12)), (rule, out)
+        np.testing.assert_array_equal(out, plain)
+
+
+@st.composite
+def _too_few_to_trim(draw: st.DrawFn) -> tuple[int, dict[str, Arr], dict[Any, dict[str, Arr]]]:
+    """(trim, own, received) with n = 1 + len(received) <= 2 * trim; neighbours may be attackers."""
+    trim = draw(st.integers(1, 3))
+    dim = draw(st.integers(1, 3))
+    own = _state(draw(st.lists(_unit, min_size=dim + 2, max_size=dim + 2)), dim)
+    finite = st.one_of(_unit, st.floats(-1e12, 1e12, allow_nan=False))
+    peers = draw(st.integers(0, 2 * trim - 1))
+    received = {
+        j: _state(draw(st.lists(finite, min_size=dim + 2, max_size=dim + 2)), dim) for j in range(peers)
+    }
+    return trim, own, received
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), case=_too_few_to_trim())
+def test_too_few_inputs_never_move_farther_than_the_mean(data: st.DataObject, case: Any) -> None:
+    trim, own, received = case
+    weights = _weights(data.draw, list(received))
+    mine = flatten(own)
+    bound = np.abs(_run("mean", own, received, weights) - mine)  # per coordinate
+    rules = ["trimmed-mean"] + (["median"] if len(received) <= 1 else [])  # median: n <= 2
+    for rule in rules:
+        moved = np.abs(_run(rule, own, received, weights, trim=trim) - mine)
+        assert np.all(moved <= bound * (1 + 1e-12)), (rule, trim, moved, bound)

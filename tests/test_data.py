@@ -233,8 +233,8 @@ def test_labels_scheme_errors(node_labels: list[list[str]] | None, message: str)
 @pytest.mark.parametrize(
     ("n_nodes", "scheme", "field", "message"),
     [
-        (0, "iid", "data.nodes", "at least 1 node"),
-        (11, "iid", "data.nodes", "11 nodes but only 10 training examples"),
+        (0, "iid", "data.shards", "at least 1 shard"),
+        (11, "iid", "data.shards", "11 shards .nodes. but only 10 training examples"),
         (2, "random", "data.partition", "unknown scheme 'random'"),
     ],
 )

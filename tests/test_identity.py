@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pfm import cli
 from p2pfm.errors import KeyFileError
 from p2pfm.identity import Identity, PeerId, load_key_file, write_key_file
 
@@ -29,6 +30,59 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     write_key_file(second, path, force=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # --force also fixes the mode
     assert load_key_file(path).peer_id == second.peer_id
+
+
+def _symlink_to_victim(tmp_path: Path) -> tuple[Path, Path]:
+    """A key path that is a symlink to someone else's file (here: one we can write)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours to overwrite\n")
+    victim.chmod(0o644)
+    path = tmp_path / "node.key"
+    path.symlink_to(victim)
+    return path, victim
+
+
+def _assert_replaced_link_only(path: Path, victim: Path) -> Identity:
+    assert victim.read_text() == "not yours to overwrite\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not path.is_symlink() and path.is_file()
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+    return load_key_file(path)
+
+
+def test_force_replaces_a_symlink_never_its_target(tmp_path: Path) -> None:
+    path, victim = _symlink_to_victim(tmp_path)
+    identity = Identity.generate()
+    write_key_file(identity, path, force=True)
+    assert _assert_replaced_link_only(path, victim).peer_id == identity.peer_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "victim.txt"]  # no temporary file
+
+
+def test_keygen_force_through_the_cli_replaces_a_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, victim = _symlink_to_victim(tmp_path)
+    assert cli.main(["keygen", "--out", str(path), "--force"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert _assert_replaced_link_only(path, victim).peer_id.hex == printed
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_without_force_a_symlink_counts_as_existing(tmp_path: Path, dangling: bool) -> None:
+    path, victim = _symlink_to_victim(tmp_path)
+    if dangling:
+        victim.unlink()
+    with pytest.raises(KeyFileError, match="already exists; pass --force to overwrite it"):
+        write_key_file(Identity.generate(), path)
+    assert path.is_symlink()
+    assert dangling or victim.read_text() == "not yours to overwrite\n"
+    assert not dangling or not victim.exists()  # nothing created through the dangling link
+
+
+def test_force_onto_a_folder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "node.key").mkdir()
+    with pytest.raises(KeyFileError, match="cannot create it"):
+        write_key_file(Identity.generate(), tmp_path / "node.key", force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["node.key"]
 
 
 def _written(tmp_path: Path) -> Path:
@@ -115,3 +169,17 @@ def test_signature_is_deterministic_ed25519() -> None:
         "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
     )
     assert "9d61" not in repr(identity)
+
+
+@pytest.mark.parametrize(
+    "hex_key",
+    [
+        "01" + "00" * 31,  # the identity point (order 1)
+        "ec" + "ff" * 30 + "7f",  # order 2
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    ],
+)
+def test_small_order_peer_ids_are_refused_with_the_reason(hex_key: str) -> None:
+    """Such a key has no CurveZMQ key: the transport would fail with an untyped library error."""
+    with pytest.raises(ValueError, match="not a usable Ed25519 public key"):
+        PeerId.from_hex(hex_key)

@@ -11,7 +11,15 @@ from p2pfm import wire
 from p2pfm.consensus import metropolis_weights, mix
 from p2pfm.errors import LocalProtocolError, RejectReason
 from p2pfm.identity import Identity
-from p2pfm.protocol import Accepted, GossipProtocol, Phase, ProtocolConfig, Rejected, RoundComplete
+from p2pfm.protocol import (
+    Accepted,
+    EquivocationFound,
+    GossipProtocol,
+    Phase,
+    ProtocolConfig,
+    Rejected,
+    RoundComplete,
+)
 
 FP = bytes(32)
 SPEC = (wire.TensorSpec("x", "float32", (4,)),)
@@ -32,7 +40,7 @@ def _state(value: float) -> dict[str, np.ndarray[Any, Any]]:
     return {"x": np.full(4, value, dtype=np.float32)}
 
 
-def _send(proto: GossipProtocol, value: float) -> list[wire.Buffer]:
+def _send(proto: GossipProtocol, value: float) -> bytes:
     return proto.make_update(_state(value), samples=10, wall_time_ms=0)
 
 
@@ -121,17 +129,66 @@ def test_stale_round_is_rejected() -> None:
     assert isinstance(event, Rejected) and event.reason is RejectReason.STALE_ROUND
 
 
-def test_newer_message_in_same_round_replaces_older() -> None:
-    a, b = _line(2)
-    a.start_round(1, 0.0)
-    b.start_round(1, 0.0)
+def test_a_second_different_update_for_a_round_is_equivocation() -> None:
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
+    first, second = _send(a, 1.0), _send(a, 2.0)  # both validly signed, round 1
+    assert isinstance(b.receive(first, 0.0), Accepted)
+    found = b.receive(second, 0.1)
+    assert isinstance(found, EquivocationFound) and found.new and found.reporter is None
+    assert found.accused == IDS[0].peer_id and found.round == 1
+    assert b.banned == {IDS[0].peer_id} and b.rejections[RejectReason.EQUIVOCATION] == 1
+    assert wire.check_evidence(*found.evidence, CONFIG.limits).accused == IDS[0].peer_id
+    # The banned sender's first update is forgotten (not mixed) and it is not waited for.
+    assert isinstance(b.receive(_send(c, 0.0), 0.1), Accepted)
+    done = b.poll(0.2)
+    assert isinstance(done, RoundComplete) and IDS[0].peer_id in done.missing
+    assert IDS[0].peer_id not in done.updates
+    a.start_round(2, 1.0)
+    later = b.receive(_send(a, 3.0), 1.0)
+    assert isinstance(later, Rejected) and later.reason is RejectReason.BANNED
+    # The same message twice is a replay, not equivocation.
+    c.start_round(2, 1.0)
+    again = _send(c, 1.0)
+    b.start_round(2, 1.0)
+    assert isinstance(b.receive(again, 1.0), Accepted)
+    replay = b.receive(again, 1.1)
+    assert isinstance(replay, Rejected) and replay.reason is RejectReason.REPLAY
+
+
+def test_equivocation_proof_convinces_a_node_that_saw_one_version() -> None:
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
     first, second = _send(a, 1.0), _send(a, 2.0)
-    assert isinstance(b.receive(second, 0.0), Accepted)
-    late_first = b.receive(first, 0.0)  # older seq arriving late: a replay
-    assert isinstance(late_first, Rejected) and late_first.reason is RejectReason.REPLAY
-    done = b.poll(0.0)
-    assert isinstance(done, RoundComplete)
-    assert float(done.updates[IDS[0].peer_id].tensors["x"][0]) == 2.0
+    b.receive(first, 0.0)
+    found = b.receive(second, 0.0)
+    assert isinstance(found, EquivocationFound)
+    proof = b.make_proof(found.evidence)
+    relayed = c.receive(proof, 0.1, link=IDS[1].peer_id)
+    assert isinstance(relayed, EquivocationFound) and relayed.new and relayed.reporter == IDS[1].peer_id
+    assert relayed.accused == IDS[0].peer_id and c.banned == {IDS[0].peer_id}
+    again = c.receive(b.make_proof(found.evidence), 0.2)
+    assert isinstance(again, EquivocationFound) and not again.new
+
+
+def _head(message: bytes) -> bytes:
+    return bytes(wire.verify(message, CONFIG.limits).head)
+
+
+def test_invalid_equivocation_proofs_are_refused_and_ban_nobody() -> None:
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
+    m1 = _send(a, 1.0)
+    a.start_round(2, 0.0)
+    m2 = _send(a, 2.0)  # a different round: honest
+    m3 = _send(c, 2.0)  # another sender
+    for evidence in ((_head(m1), _head(m2)), (_head(m1), _head(m1)), (_head(m2), _head(m3)), (m1, _head(m2))):
+        event = c.receive(b.make_proof(evidence), 0.1)
+        assert isinstance(event, Rejected) and event.reason is RejectReason.MALFORMED, evidence
+    assert not c.banned
 
 
 def test_round_state_is_preferred_over_a_newer_one() -> None:
@@ -141,7 +198,7 @@ def test_round_state_is_preferred_over_a_newer_one() -> None:
     assert isinstance(b.receive(_send(a, 1.0), 0.0), Accepted)
     a.start_round(2, 0.1)
     assert isinstance(b.receive(_send(a, 2.0), 0.1), Accepted)  # a is already a round ahead
-    assert b.highest_peer_round == 2
+    assert b.heard_claims(0.1) == {IDS[0].peer_id: 2}
     done = b.poll(0.2)
     assert isinstance(done, RoundComplete)
     assert float(done.updates[IDS[0].peer_id].tensors["x"][0]) == 1.0  # round 1's state, exactly
@@ -152,12 +209,73 @@ def test_round_state_is_preferred_over_a_newer_one() -> None:
 
 def test_neighbour_ahead_counts_and_sets_catch_up_target() -> None:
     a, b = _line(2)
-    a.start_round(7, 0.0)
+    a.start_round(4, 0.0)
     b.start_round(2, 0.0)
-    assert isinstance(b.receive(_send(a, 1.0), 0.0), Accepted)
-    assert b.highest_peer_round == 7
+    assert isinstance(b.receive(_send(a, 1.0), 0.0), Accepted)  # 2 rounds ahead: within the window
+    assert b.heard_claims(0.0) == {IDS[0].peer_id: 4}
     done = b.poll(0.0)
     assert isinstance(done, RoundComplete) and not done.missing
+    assert b.catch_up_target(3, 0.0) == 4
+
+
+def test_far_future_round_is_refused_and_moves_a_lone_node_by_the_window_only() -> None:
+    """Issue 9 item 1: one signed update with round 2^62 must not end anyone's training."""
+    a, b = _line(2)
+    a.start_round(2**62, 0.0)
+    b.start_round(1, 0.0)
+    event = b.receive(_send(a, 1.0), 0.0)
+    assert isinstance(event, Rejected) and event.reason is RejectReason.FUTURE_ROUND
+    assert b.heard_claims(0.0) == {IDS[0].peer_id: 2**62}  # remembered as a claim, not believed
+    window = CONFIG.max_rounds_ahead
+    assert b.catch_up_target(2, 0.0) == 2 + window  # one neighbour: followed by at most the window
+    assert b.poll(0.0) is None  # the refused update does not count for the round ...
+    done = b.poll(CONFIG.round_timeout_s)
+    assert isinstance(done, RoundComplete) and done.missing == {IDS[0].peer_id}  # ... its weight stays here
+
+
+def test_catch_up_needs_a_strict_majority_of_the_neighbours_heard() -> None:
+    a, b, c = _line(3)  # b has neighbours a and c
+    b.start_round(1, 0.0)
+    a.start_round(2**40, 0.0)
+    b.receive(_send(a, 1.0), 0.0)  # a liar, far ahead
+    assert b.catch_up_target(2, 0.0) == 2 + CONFIG.max_rounds_ahead  # only a heard so far
+    c.start_round(2, 0.0)
+    b.receive(_send(c, 1.0), 0.0)  # an honest neighbour one round ahead
+    assert b.catch_up_target(2, 0.0) == 2  # no majority for the liar's round
+    c.start_round(9, 0.1)
+    b.receive(_send(c, 1.0), 0.1)
+    assert b.catch_up_target(2, 0.1) == 9  # both a and c claim >= 9: a majority
+    # Claims older than two deadlines are not "heard recently".
+    assert b.catch_up_target(2, 0.1 + 2 * CONFIG.round_timeout_s + 1) == 2
+
+
+def test_message_signed_by_another_key_than_its_link_is_refused() -> None:
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
+    message = _send(a, 1.0)
+    event = b.receive(message, 0.0, link=IDS[2].peer_id)  # came on c's connection
+    assert isinstance(event, Rejected) and event.reason is RejectReason.SENDER_MISMATCH
+    assert event.sender == IDS[2].peer_id
+    assert isinstance(b.receive(message, 0.0, link=IDS[0].peer_id), Accepted)
+
+
+def test_replays_of_a_neighbours_message_cost_it_no_tokens() -> None:
+    """Issue 9 item 6: re-sent copies of H's old message must not silence H."""
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
+    old = _send(a, 1.0)
+    assert isinstance(b.receive(old, 0.0, link=IDS[0].peer_id), Accepted)
+    for i in range(777):  # replayed by c on its own link, and with no link known (insecure)
+        event = b.receive(old, 0.001 * i, link=IDS[2].peer_id if i % 2 else None)
+        assert isinstance(event, Rejected)
+        assert event.reason in (RejectReason.SENDER_MISMATCH, RejectReason.REPLAY)
+    assert b.rejections[RejectReason.RATE_LIMITED] == 0
+    a.start_round(2, 0.8)
+    b.poll(1.0)
+    b.start_round(2, 1.0)
+    assert isinstance(b.receive(_send(a, 2.0), 1.0, link=IDS[0].peer_id), Accepted)
 
 
 def test_message_before_first_round_is_kept() -> None:
@@ -168,8 +286,8 @@ def test_message_before_first_round_is_kept() -> None:
     assert isinstance(b.poll(0.1), RoundComplete)
 
 
-def _rejected_reason(receiver: GossipProtocol, frames: list[wire.Buffer]) -> RejectReason:
-    event = receiver.receive(frames, 0.0)
+def _rejected_reason(receiver: GossipProtocol, message: bytes) -> RejectReason:
+    event = receiver.receive(message, 0.0)
     assert isinstance(event, Rejected)
     assert receiver.rejections[event.reason] >= 1
     return event.reason
@@ -191,9 +309,9 @@ def test_gates_reject_and_count_by_reason() -> None:
     assert _rejected_reason(b, _send(sender(CONFIG, MALLORY), 1.0)) is RejectReason.UNKNOWN_SENDER
     wrong_shape = sender(CONFIG).make_update({"x": np.zeros(5, np.float32)}, samples=1, wall_time_ms=0)
     assert _rejected_reason(b, wrong_shape) is RejectReason.SCHEMA_MISMATCH
-    assert _rejected_reason(b, [b"garbage"]) is RejectReason.MALFORMED
-    forged = list(_send(sender(CONFIG), 1.0))
-    forged[2] = np.full(4, 1e9, dtype=np.float32).tobytes()
+    assert _rejected_reason(b, b"garbage") is RejectReason.MALFORMED
+    genuine = _send(sender(CONFIG), 1.0)
+    forged = genuine[:-16] + np.full(4, 1e9, dtype=np.float32).tobytes()  # payload swapped
     assert _rejected_reason(b, forged) is RejectReason.BAD_SIGNATURE
     assert b.accepted == 0 and sum(b.rejections.values()) == 6
     assert b.poll(0.5) is None  # nothing accepted: still waiting
@@ -233,10 +351,10 @@ def test_four_nodes_average_to_the_mean_over_rounds() -> None:
         for proto, state in zip(protos, states, strict=True):
             proto.start_round(round_, float(round_))
             outgoing.append(proto.make_update(state, samples=1, wall_time_ms=0))
-        for i, frames in enumerate(outgoing):
+        for i, message in enumerate(outgoing):
             for j in (i - 1, i + 1):
                 if 0 <= j < 4:
-                    assert isinstance(protos[j].receive(frames, float(round_)), Accepted)
+                    assert isinstance(protos[j].receive(message, float(round_)), Accepted)
         new_states = []
         for proto, state in zip(protos, states, strict=True):
             done = proto.poll(float(round_))
@@ -251,24 +369,29 @@ def test_four_nodes_average_to_the_mean_over_rounds() -> None:
 
 
 def test_clock_skew_non_finite_and_rate_gates() -> None:
-    a, b = _line(2)
-    a.start_round(1, 0.0)
+    wide = ProtocolConfig(
+        network="net", fingerprint=FP, round_timeout_s=5.0, schema=SPEC, max_rounds_ahead=10_000
+    )
+    a, b = _line(2, wide)
     b.start_round(1, 0.0)
+    rounds = iter(range(1, 10_000))
+
+    def update(state: dict[str, np.ndarray[Any, Any]], wall_time_ms: int = 0) -> bytes:
+        a.start_round(next(rounds), 0.0)  # one update per round: a second one would be equivocation
+        return a.make_update(state, samples=1, wall_time_ms=wall_time_ms)
+
     now_ms = 1_800_000_000_000
-    late = a.make_update(_state(1.0), samples=1, wall_time_ms=now_ms - 301_000)
-    event = b.receive(late, 0.0, wall_time_ms=now_ms)
+    event = b.receive(update(_state(1.0), now_ms - 301_000), 0.0, wall_time_ms=now_ms)
     assert isinstance(event, Rejected) and event.reason is RejectReason.CLOCK_SKEW
-    ok = a.make_update(_state(1.0), samples=1, wall_time_ms=now_ms - 299_000)
-    assert isinstance(b.receive(ok, 0.0, wall_time_ms=now_ms), Accepted)
+    assert isinstance(b.receive(update(_state(1.0), now_ms - 299_000), 0.0, wall_time_ms=now_ms), Accepted)
     for bad in (np.nan, np.inf, -np.inf):
-        poisoned = a.make_update({"x": np.array([1.0, bad, 0.0, 0.0], np.float32)}, samples=1, wall_time_ms=0)
-        event = b.receive(poisoned, 0.0)
+        event = b.receive(update({"x": np.array([1.0, bad, 0.0, 0.0], np.float32)}), 0.0)
         assert isinstance(event, Rejected) and event.reason is RejectReason.NON_FINITE
     # A flood from one (authenticated) neighbour: the burst passes, the rest is refused ...
-    burst = CONFIG.message_burst
-    results = [b.receive(_send(a, 2.0), 1.0) for _ in range(burst + 10)]
+    burst = wide.message_burst
+    results = [b.receive(update(_state(2.0)), 1.0) for _ in range(burst + 10)]
     limited = [r for r in results if isinstance(r, Rejected) and r.reason is RejectReason.RATE_LIMITED]
     assert len(limited) >= 10
     # ... and the bucket refills with time.
-    assert isinstance(b.receive(_send(a, 3.0), 1.0 + 10.0), Accepted)
+    assert isinstance(b.receive(update(_state(3.0)), 1.0 + 10.0), Accepted)
     assert b.rejections[RejectReason.RATE_LIMITED] == len(limited)

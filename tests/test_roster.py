@@ -65,10 +65,16 @@ def test_roster_commands_round_trip(tmp_path: Path) -> None:
         ('network = "n"\n[[members]]\nname = "a"\nid = "zz"', "roster.members[0].id"),
         ('network = "n"\n[[members]]\nname = "a"', "roster.members[0].id"),
         (
-            'network = "n"\n[[members]]\nname = "a"\nid = "' + "00" * 32 + '"\naddress = "nope"',
+            'network = "n"\n[[members]]\nname = "a"\nid = "'
+            + Identity(b"\1" * 32).peer_id.hex
+            + '"\naddress = "nope"',
             "roster.members[0].address",
         ),
         ('network = "n"\nextra = 1', "roster.extra"),
+        (
+            'network = "n"\n[[members]]\nname = "a"\nid = "' + "00" * 32 + '"',
+            "roster.members[0].id",
+        ),  # small order
     ],
 )
 def test_bad_rosters_name_the_field(tmp_path: Path, text: str, field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 
@@ -11,7 +12,14 @@ import pytest
 from p2pfm import wire
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity
-from p2pfm.transport import DROP_FAULT, DROP_QUEUE_FULL, Transport, TransportSettings, check_address
+from p2pfm.transport import (
+    DROP_FAULT,
+    DROP_QUEUE_FULL,
+    Transport,
+    TransportSettings,
+    check_address,
+    raise_open_files_limit,
+)
 
 A, B = Identity(b"\1" * 32), Identity(b"\2" * 32)
 
@@ -22,12 +30,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _frames(value: float) -> list[wire.Buffer]:
+def _frames(value: float, size: int = 1000, signer: Identity = A) -> bytes:
     body = wire.encode_update(
         network="n", round=1, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=1,
-        tensors={"x": np.full(1000, value, dtype=np.float32)},
+        tensors={"x": np.full(size, value, dtype=np.float32)},
     )  # fmt: skip
-    return wire.sign(body, A)
+    return wire.sign(body, signer)
 
 
 def _receiver(address: str, **kw: object) -> Transport:
@@ -40,12 +48,12 @@ def _sender(to: str, **kw: object) -> Transport:
     return Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: to}, identity=A, **kw)  # type: ignore[arg-type]
 
 
-def _receive_one(transport: Transport, timeout_s: float = 5.0) -> list[memoryview]:
+def _receive_one(transport: Transport, timeout_s: float = 5.0) -> memoryview:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = transport.receive(0.1, max_messages=1)
         if got:
-            return got[0]
+            return got[0].message
     raise AssertionError("no message within the timeout")
 
 
@@ -93,8 +101,8 @@ def test_queued_messages_arrive_when_the_neighbour_comes_up_and_after_restart() 
             while value != 2.0 and time.monotonic() < deadline:
                 sender.send(_frames(2.0))
                 got = second.receive(0.2)
-                for views in got:
-                    value = float(wire.open_update(views, wire.WireLimits()).tensors["x"][0])
+                for item in got:
+                    value = float(wire.open_update(item.message, wire.WireLimits()).tensors["x"][0])
             assert value == 2.0
         finally:
             second.close()
@@ -115,11 +123,75 @@ def test_fault_injected_link_loss() -> None:
             sender.send(_frames(float(i)))
         dropped = sender.stats.dropped[DROP_FAULT]
         assert 60 < dropped < 140
-        received = 0
+        assert sender.stats.messages_sent == 200 - dropped
+        _receive_one(receiver)  # the rest of the link works
+
+
+def test_inbound_keeps_only_the_newest_message_per_link_and_names_the_link() -> None:
+    """The PULL socket conflates: a burst (or a multipart bomb) costs one message per link."""
+    port = _free_port()
+    c = Identity(b"\3" * 32)
+    with (
+        Transport(
+            f"tcp://127.0.0.1:{port}", {}, identity=B, allowed=[A.peer_id, c.peer_id], max_message_bytes=2**20
+        ) as receiver,
+        _sender(f"tcp://127.0.0.1:{port}", settings=TransportSettings(send_queue_messages=100)) as sender_a,
+        Transport(
+            f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, identity=c
+        ) as sender_c,
+    ):
+        deadline = time.monotonic() + 5.0
+        while receiver.stats.handshakes_completed < 1 and time.monotonic() < deadline:
+            receiver.receive(0.05)
+        for i in range(50):
+            sender_a.send(_frames(float(i)))
+        sender_c.send(_frames(100.0, signer=c))
+        time.sleep(0.5)
+        got = []
+        deadline = time.monotonic() + 5.0
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += receiver.receive(0.1)
+        time.sleep(0.2)
+        got += receiver.receive(0.1)
+        by_link = {item.link: wire.open_update(item.message, wire.WireLimits()) for item in got}
+        assert set(by_link) == {A.peer_id, c.peer_id}
+        assert float(by_link[A.peer_id].tensors["x"][0]) == 49.0  # the newest of the burst
+        assert by_link[c.peer_id].sender == c.peer_id
+        assert len(got) <= 3  # not 51
+
+
+def test_message_above_the_bound_never_arrives() -> None:
+    port = _free_port()
+    small = 2000 * 4 + 4096
+    with (
+        Transport(
+            f"tcp://127.0.0.1:{port}", {}, identity=B, allowed=[A.peer_id], max_message_bytes=small
+        ) as receiver,
+        _sender(f"tcp://127.0.0.1:{port}") as sender,
+    ):
+        sender.send(_frames(1.0, size=4000))  # 16 KB > bound: the connection is dropped
+        assert receiver.receive(1.0) == []
         deadline = time.monotonic() + 10.0
-        while received < 200 - dropped and time.monotonic() < deadline:
-            received += len(receiver.receive(0.1))
-        assert received == 200 - dropped
+        while time.monotonic() < deadline:  # libzmq reconnects; a message within the bound gets through
+            sender.send(_frames(2.0, size=2000))
+            got = receiver.receive(0.2)
+            if got:
+                assert float(wire.open_update(got[0].message, wire.WireLimits()).tensors["x"][0]) == 2.0
+                break
+        else:
+            raise AssertionError("a message within the bound never arrived")
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        raised, hard_after = raise_open_files_limit()
+        assert hard_after == hard
+        assert raised == hard or hard == resource.RLIM_INFINITY
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_raw_tcp_garbage_changes_nothing() -> None:

@@ -1,8 +1,15 @@
+"""p2pfm.wire, version 2: one signed buffer per message (docs/protocol.md sections 1-6)."""
+
 from __future__ import annotations
 
+import contextlib
+import struct
+from collections.abc import Iterator
 from typing import Any
 
+import blake3
 import msgpack
+import nacl.signing
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,12 +28,28 @@ from p2pfm.errors import (
     UnsupportedVersion,
 )
 from p2pfm.identity import Identity
-from p2pfm.wire import Unsigned, WireLimits
+from p2pfm.wire import ProofHeader, TensorSpec, Unsigned, UpdateHeader, WireLimits
 
 ALICE = Identity(bytes([1]) * 32)
 BOB = Identity(bytes([2]) * 32)
 LIMITS = WireLimits()
 FP = bytes(range(32))
+MAX_INT = 2**63 - 1
+MAX_DIM = 2**31 - 1
+HEAD = 105  # prelude (101) + u32le header length
+UPDATE_KEYS = [
+    "kind",
+    "network",
+    "round",
+    "seq",
+    "ts_ms",
+    "fingerprint",
+    "degree",
+    "samples",
+    "tensors",
+    "payload",
+]
+PAYLOAD = b"\0" * 8  # what _header()'s single tensor ["t", "float32", [2]] needs
 
 
 def _update(tensors: dict[str, np.ndarray[Any, Any]] | None = None, **fields: Any) -> Unsigned:
@@ -39,22 +62,100 @@ def _update(tensors: dict[str, np.ndarray[Any, Any]] | None = None, **fields: An
     return wire.encode_update(tensors=tensors, **base)
 
 
-def _signed(**kw: Any) -> list[bytes]:
-    return [bytes(f) for f in wire.sign(_update(**kw), ALICE)]
+def _signed(identity: Identity = ALICE, **kw: Any) -> bytes:
+    return wire.sign(_update(**kw), identity)
+
+
+def _header_len(message: bytes) -> int:
+    return int(struct.unpack_from("<I", message, 101)[0])
+
+
+def _head(message: bytes) -> bytes:
+    """message[0 : 105 + H]: the signed head, as equivocation evidence carries it."""
+    return message[: HEAD + _header_len(message)]
 
 
 def _header(**override: Any) -> bytes:
     header: dict[str, Any] = {
-        "kind": "update", "network": "net", "round": 1, "seq": 1, "ts_ms": 0,
-        "fingerprint": FP, "degree": 1, "samples": 1, "tensors": [["t", "float32", [2]]],
+        "kind": "update", "network": "net", "round": 1, "seq": 1, "ts_ms": 0, "fingerprint": FP,
+        "degree": 1, "samples": 1, "tensors": [["t", "float32", [2]]],
+        "payload": blake3.blake3(PAYLOAD).digest(),
     }  # fmt: skip
     header.update(override)
     return msgpack.packb(header, use_bin_type=True)
 
 
-def _mallory(header: bytes, *data: bytes) -> list[bytes]:
-    """A validly signed message with arbitrary body bytes (an insider gone bad)."""
-    return [bytes(f) for f in wire.sign(Unsigned((header, *data)), ALICE)]
+def _mallory(header: bytes, payload: bytes = PAYLOAD, identity: Identity = ALICE) -> bytes:
+    """A validly signed message with arbitrary header and payload bytes (an insider gone bad)."""
+    return wire.sign(Unsigned(header, (payload,)), identity)
+
+
+def _decode_header(message: bytes, limits: WireLimits = LIMITS) -> UpdateHeader | ProofHeader:
+    return wire.decode_header(wire.verify(message, limits), limits)
+
+
+def _with_header_len(message: bytes, length: int) -> bytes:
+    """The same bytes with another header length written in (the signature is not redone)."""
+    return message[:101] + struct.pack("<I", length) + message[HEAD:]
+
+
+class _Unhashable:
+    """Stands in for the blake3 module: any hashing fails the test."""
+
+    @staticmethod
+    def blake3(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the message was hashed before a bound refused it")
+
+
+@contextlib.contextmanager
+def _no_hashing() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "blake3", _Unhashable)
+        yield
+
+
+def _raw_map(pairs: list[tuple[str, bytes]]) -> bytes:
+    """A msgpack map built by hand from already-encoded values: repeats and odd encodings allowed."""
+    assert len(pairs) <= 15
+    return bytes([0x80 | len(pairs)]) + b"".join(msgpack.packb(k) + v for k, v in pairs)
+
+
+def _raw_fields(**override: Any) -> list[tuple[str, bytes]]:
+    """The ten entries of _header(), each value encoded on its own."""
+    header = msgpack.unpackb(_header(**override))
+    return [(key, msgpack.packb(value, use_bin_type=True)) for key, value in header.items()]
+
+
+# ----------------------------------------------------------------- layout
+
+
+def test_message_layout_follows_the_spec() -> None:
+    """prelude | u32le H | header | payload, the signature over BLAKE3(message[0:37] | message[101:105+H])."""
+    a = np.arange(3, dtype=np.float32)
+    b = np.array([[1, -2], [3, -4]], dtype=np.int8)
+    message = _signed(tensors={"a": a, "b": b})
+    assert message[:4] == b"P2FM" and message[4] == 2 and message[5:37] == ALICE.peer_id.key
+    length = _header_len(message)
+    header = msgpack.unpackb(message[HEAD : HEAD + length])
+    assert list(header) == UPDATE_KEYS  # writers emit the documented order
+    assert header["tensors"] == [["a", "float32", [3]], ["b", "int8", [2, 2]]]
+    payload = message[HEAD + length :]
+    assert payload == a.tobytes() + b.tobytes()  # header order, no padding
+    assert header["payload"] == blake3.blake3(payload).digest()
+    digest = blake3.blake3(message[:37] + message[101 : HEAD + length]).digest()
+    nacl.signing.VerifyKey(message[5:37]).verify(digest, message[37:101])  # raises if wrong
+    assert wire.message_bytes(message) == len(message)
+
+
+def test_header_uses_the_smallest_encodings() -> None:
+    raw = _update(round=5, seq=200, ts_ms=70_000, samples=2**40, degree=0).header
+    assert raw[0] == 0x8A  # fixmap of 10
+    assert b"\xa5round\x05" in raw  # positive fixint
+    assert b"\xa3seq\xcc\xc8" in raw  # uint 8
+    assert b"\xa5ts_ms\xce\x00\x01\x11\x70" in raw  # uint 32
+    assert b"\xa7samples\xcf\x00\x00\x01\x00\x00\x00\x00\x00" in raw  # uint 64
+    assert b"\xa6degree\x00" in raw
+    assert b"\xabfingerprint\xc4\x20" + FP in raw  # bin 8, not str
 
 
 # ----------------------------------------------------------------- round trip
@@ -77,11 +178,11 @@ def _tensor_dicts(draw: st.DrawFn) -> dict[str, np.ndarray[Any, Any]]:
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(
     tensors=_tensor_dicts(),
-    round_=st.integers(0, 2**63 - 1),
-    seq=st.integers(0, 2**63 - 1),
-    ts_ms=st.integers(0, 2**63 - 1),
-    degree=st.integers(0, 2**31 - 1),
-    samples=st.integers(0, 2**63 - 1),
+    round_=st.integers(0, MAX_INT),
+    seq=st.integers(0, MAX_INT),
+    ts_ms=st.integers(0, MAX_INT),
+    degree=st.integers(0, MAX_DIM),
+    samples=st.integers(0, MAX_INT),
     network=st.text(min_size=1, max_size=16),
 )
 def test_round_trip(
@@ -97,8 +198,9 @@ def test_round_trip(
         network=network, round=round_, seq=seq, ts_ms=ts_ms, fingerprint=FP,
         degree=degree, samples=samples, tensors=tensors,
     )  # fmt: skip
-    frames = wire.sign(body, ALICE)
-    update = wire.open_update(frames, LIMITS)
+    message = wire.sign(body, ALICE)
+    assert isinstance(message, bytes)
+    update = wire.open_update(message, LIMITS)
     assert update.sender == ALICE.peer_id
     assert (update.network, update.round, update.seq, update.ts_ms) == (network, round_, seq, ts_ms)
     assert (update.degree, update.samples, update.fingerprint) == (degree, samples, FP)
@@ -108,126 +210,282 @@ def test_round_trip(
         assert got.dtype == array.dtype and got.shape == array.shape
         np.testing.assert_array_equal(got, array)
         assert not got.flags.writeable
-    assert update.wire_bytes == wire.message_bytes(frames)
+    assert update.wire_bytes == wire.message_bytes(message) == len(message)
+
+
+_EXTREMES: dict[str, list[Any]] = {
+    "float32": [0.0, -0.0, 1.5, np.finfo(np.float32).max, np.finfo(np.float32).tiny, -np.inf, np.nan],
+    "float16": [0.0, -1.0, 65504.0, 6e-8, np.inf],
+    "float64": [np.finfo(np.float64).max, -np.finfo(np.float64).tiny, np.pi],
+    "int8": [-128, 0, 127],
+    "uint8": [0, 1, 255],
+    "int32": [-(2**31), 0, 2**31 - 1],
+    "int64": [-(2**63), 0, 2**63 - 1],
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(wire.DTYPES))
+def test_every_dtype_round_trips(dtype: str) -> None:
+    if dtype == "bfloat16":  # travels as the upper half of a float32, decodes to float32
+        values = np.array([1.0, -0.5, 3.0, -np.inf, 2.0**-126], dtype=np.float32)
+        message = wire.sign(_update({"x": values}, wire_dtypes={"x": "bfloat16"}), ALICE)
+        expected = values
+    else:
+        values = np.array(_EXTREMES[dtype], dtype=wire.DTYPES[dtype])
+        message = wire.sign(_update({"x": values.reshape(1, -1)}), ALICE)
+        expected = values.reshape(1, -1)
+    update = wire.open_update(message, LIMITS)
+    assert update.specs[0].dtype == dtype
+    got = update.tensors["x"]
+    assert got.dtype == (np.float32 if dtype == "bfloat16" else expected.dtype)
+    np.testing.assert_array_equal(got, expected)  # NaN == NaN here
+    assert len(message) - HEAD - _header_len(message) == values.size * wire.DTYPES[dtype].itemsize
 
 
 def test_bfloat16_round_trip_rounds_to_nearest() -> None:
     values = np.array([1.0, -2.5, 3.14159, 1e-3, 65504.0, np.inf, -np.inf], dtype=np.float32)
-    frames = wire.sign(_update({"w": values}, round=1), ALICE)
-    half = wire.sign(
-        wire.encode_update(
-            network="net", round=1, seq=7, ts_ms=1_700_000_000_000, fingerprint=FP, degree=2,
-            samples=64, tensors={"w": values}, wire_dtypes={"w": "bfloat16"},
-        ),
-        ALICE,
-    )  # fmt: skip
+    full = wire.sign(_update({"w": values}), ALICE)
+    half = wire.sign(_update({"w": values}, wire_dtypes={"w": "bfloat16"}), ALICE)
     update = wire.open_update(half, LIMITS)
     assert update.specs[0].dtype == "bfloat16"
     got = update.tensors["w"]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, values, rtol=2**-8)
     assert got[0] == 1.0 and got[1] == -2.5 and np.isinf(got[5])
-    assert memoryview(half[2]).nbytes == 2 * values.size == memoryview(frames[2]).nbytes // 2
-    nan = wire.float32_to_bfloat16_bits(np.array([np.nan], dtype=np.float32))
-    assert np.isnan(wire.bfloat16_bits_to_float32(nan))[0]
+    payload = len(half) - HEAD - _header_len(half)
+    assert payload == 2 * values.size == (len(full) - HEAD - _header_len(full)) // 2
+    nan = wire.float32_to_bfloat16_bits(np.array([np.nan, -np.nan], dtype=np.float32))
+    assert np.isnan(wire.bfloat16_bits_to_float32(nan)).all()
 
 
-def test_decoded_arrays_are_views_of_the_frames() -> None:
-    frames = wire.sign(_update({"big": np.ones(1 << 16, dtype=np.float32)}), ALICE)
-    update = wire.open_update(frames, LIMITS)
-    assert np.shares_memory(update.tensors["big"], np.frombuffer(frames[2], dtype=np.uint8))
+@pytest.mark.parametrize(
+    ("bits", "expected"),
+    [
+        (0x3F808000, 0x3F80),  # exactly half way, upper half even: down
+        (0x3F818000, 0x3F82),  # exactly half way, upper half odd: up
+        (0x3F808001, 0x3F81),  # above half way: up
+        (0x3F807FFF, 0x3F80),  # below half way: down
+        (0xBF818000, 0xBF82),  # sign does not matter
+        (0x7F7FFFFF, 0x7F80),  # float32 max rounds to +inf
+        (0x00000001, 0x0000),  # smallest subnormal rounds to +0
+        (0x7FC00001, 0x7FC0),  # NaN stays a NaN
+        (0x7FFFFFFF, 0x7FC0),  # a NaN that rounding would carry out of the NaN range
+    ],
+)
+def test_bfloat16_ties_to_even(bits: int, expected: int) -> None:
+    value = np.array([bits], dtype="<u4").view("<f4")
+    assert int(wire.float32_to_bfloat16_bits(value)[0]) == expected
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=6),  # scalars: test_a_bfloat16_scalar_round_trips
+        elements=st.floats(width=32, allow_nan=False, allow_subnormal=False),
+    )
+)
+def test_bfloat16_matches_torch(values: np.ndarray[Any, Any]) -> None:
+    torch = pytest.importorskip("torch")
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16).to(torch.float32).numpy()
+    update = wire.open_update(wire.sign(_update({"w": values}, wire_dtypes={"w": "bfloat16"}), ALICE), LIMITS)
+    np.testing.assert_array_equal(update.tensors["w"], expected)
+    assert update.tensors["w"].shape == values.shape
+
+
+def test_a_bfloat16_scalar_round_trips() -> None:
+    message = wire.sign(_update({"s": np.float32(1.5).reshape(())}, wire_dtypes={"s": "bfloat16"}), ALICE)
+    update = wire.open_update(message, LIMITS)
+    assert update.tensors["s"].shape == () and float(update.tensors["s"]) == 1.5
+
+
+def test_decoded_arrays_are_views_of_the_message() -> None:
+    message = _signed(tensors={"big": np.ones(1 << 16, dtype=np.float32)})
+    update = wire.open_update(message, LIMITS)
+    assert np.shares_memory(update.tensors["big"], np.frombuffer(message, dtype=np.uint8))
+
+
+def test_tensors_may_be_unaligned() -> None:
+    tensors = {"b": np.array([7], dtype=np.uint8), "f": np.array([1.5, -2.0], dtype=np.float64)}
+    message = _signed(tensors=tensors)
+    start = HEAD + _header_len(message)
+    assert message[start + 1 : start + 17] == tensors["f"].tobytes()  # no padding after one byte
+    update = wire.open_update(bytearray(message), LIMITS)  # any buffer type
+    np.testing.assert_array_equal(update.tensors["f"], tensors["f"])
+    assert wire.open_update(memoryview(message), LIMITS).tensors["b"].tolist() == [7]
+
+
+def test_big_endian_input_travels_little_endian() -> None:
+    big = np.arange(4, dtype=">f4")
+    message = _signed(tensors={"b": big})
+    assert message[HEAD + _header_len(message) :] == np.arange(4, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(wire.open_update(message, LIMITS).tensors["b"], big)
+
+
+def test_a_header_in_any_key_order_and_wider_encodings_is_accepted() -> None:
+    """Writers use the smallest encoding (docs/protocol.md 4.1); readers accept any valid one."""
+    fields = dict(_raw_fields(round=5, degree=2))
+    fields["round"] = b"\xcf" + (5).to_bytes(8, "big")  # uint 64
+    fields["degree"] = b"\xd3" + (2).to_bytes(8, "big")  # int 64
+    fields["network"] = b"\xd9\x03net"  # str 8
+    fields["fingerprint"] = b"\xc5\x00\x20" + FP  # bin 16
+    pairs = list(reversed(fields.items()))
+    header = _decode_header(_mallory(_raw_map(pairs)))
+    assert isinstance(header, UpdateHeader)
+    assert (header.round, header.degree, header.network, header.fingerprint) == (5, 2, "net", FP)
 
 
 # ----------------------------------------------------------------- tampering
 
 
 def test_every_single_bit_flip_is_rejected() -> None:
-    frames = _signed(tensors={"a": np.arange(3, dtype=np.float32)})
+    """Exhaustive: a flip in the head fails verify(), a flip in the payload fails decode_payload()."""
+    message = _signed(tensors={"a": np.arange(3, dtype=np.float32)})
+    head_end = HEAD + _header_len(message)
     flips = 0
-    for index, frame in enumerate(frames):
-        for bit in range(len(frame) * 8):
-            mutated = bytearray(frame)
-            mutated[bit // 8] ^= 1 << (bit % 8)
-            copy = list(frames)
-            copy[index] = bytes(mutated)
-            with pytest.raises(RemoteProtocolError):
-                wire.open_update(copy, LIMITS)
-            flips += 1
-    assert flips == 8 * sum(len(f) for f in frames)
-
-
-def test_flips_in_signature_and_body_are_bad_signatures() -> None:
-    frames = _signed()
-    for index, offset in [(0, 40), (0, 100), (1, 0), (1, 10), (2, 0)]:
-        copy = list(frames)
-        mutated = bytearray(copy[index])
-        mutated[offset] ^= 0x80
-        copy[index] = bytes(mutated)
-        with pytest.raises(BadSignature) as info:
-            wire.open_update(copy, LIMITS)
-        assert info.value.reason is RejectReason.BAD_SIGNATURE
+    for bit in range(len(message) * 8):
+        offset = bit // 8
+        mutated = bytearray(message)
+        mutated[offset] ^= 1 << (bit % 8)
+        if offset < head_end:
+            with pytest.raises(RemoteProtocolError) as info:
+                wire.verify(mutated, LIMITS)
+            if offset < 4:
+                assert isinstance(info.value, MalformedMessage)  # magic
+            elif offset == 4:
+                assert isinstance(info.value, UnsupportedVersion)
+            elif not 101 <= offset < HEAD:  # the header length may also become out of bounds
+                assert isinstance(info.value, BadSignature), offset
+                assert info.value.reason is RejectReason.BAD_SIGNATURE
+        else:
+            verified = wire.verify(mutated, LIMITS)
+            header = wire.decode_header(verified, LIMITS)
+            assert isinstance(header, UpdateHeader)
+            with pytest.raises(BadSignature):
+                wire.decode_payload(verified, header)
+        flips += 1
+    assert flips == 8 * len(message) and head_end < len(message)
 
 
 def test_key_substitution_is_a_bad_signature() -> None:
-    frames = _signed()
-    prelude = bytearray(frames[0])
-    prelude[5:37] = BOB.peer_id.key  # claim Bob sent Alice's bytes
+    message = bytearray(_signed())
+    message[5:37] = BOB.peer_id.key  # claim Bob sent Alice's bytes
     with pytest.raises(BadSignature):
-        wire.open_update([bytes(prelude), *frames[1:]], LIMITS)
+        wire.verify(message, LIMITS)
 
 
-def test_reframing_the_same_bytes_is_rejected() -> None:
-    frames = _signed(tensors={"a": np.arange(4, dtype=np.float32), "b": np.arange(4, dtype=np.float32)})
-    moved = [frames[0], frames[1], frames[2] + frames[3][:4], frames[3][4:]]
+def test_moving_the_header_boundary_is_rejected() -> None:
+    message = _signed(tensors={"a": np.arange(4, dtype=np.float32), "b": np.arange(4, dtype=np.float32)})
+    length = _header_len(message)
+    with pytest.raises(BadSignature):  # 4 payload bytes read as header: H is signed
+        wire.verify(_with_header_len(message, length + 4), LIMITS)
     with pytest.raises(BadSignature):
-        wire.open_update(moved, LIMITS)
-    with pytest.raises(BadSignature):  # dropping a frame
-        wire.open_update(frames[:-1], LIMITS)
+        wire.verify(_with_header_len(message, length - 1), LIMITS)
+
+
+def test_payload_is_bound_by_the_signed_digest() -> None:
+    one = _signed(tensors={"a": np.arange(4, dtype=np.float32), "b": np.zeros(4, dtype=np.float32)})
+    two = _signed(tensors={"a": np.ones(4, dtype=np.float32), "b": np.zeros(4, dtype=np.float32)})
+    split = HEAD + _header_len(one)
+    assert split == HEAD + _header_len(two)
+    for message in (
+        one[:split] + two[split:],  # another (validly signed) update's payload under this head
+        one[:split] + one[split + 16 :] + one[split : split + 16],  # the tensors swapped
+    ):
+        verified = wire.verify(message, LIMITS)  # the head is intact
+        header = wire.decode_header(verified, LIMITS)
+        assert isinstance(header, UpdateHeader)
+        with pytest.raises(BadSignature) as info:
+            wire.decode_payload(verified, header)
+        assert info.value.reason is RejectReason.BAD_SIGNATURE
+    for message in (one[:-1], one + b"\0"):  # truncated or extended payload
+        with pytest.raises(MalformedMessage):
+            wire.open_update(message, LIMITS)
 
 
 def test_unknown_sender_is_refused_before_hashing() -> None:
-    frames = _signed()
-    with pytest.raises(UnknownSender):
-        wire.verify(frames, LIMITS, known_senders={BOB.peer_id})
-    assert wire.verify(frames, LIMITS, known_senders={ALICE.peer_id}).sender == ALICE.peer_id
+    message = _signed()
+    with _no_hashing(), pytest.raises(UnknownSender) as info:
+        wire.verify(message, LIMITS, known_senders={BOB.peer_id})
+    assert info.value.reason is RejectReason.UNKNOWN_SENDER
+    assert wire.verify(message, LIMITS, known_senders={ALICE.peer_id}).sender == ALICE.peer_id
 
 
-def test_other_version_and_magic() -> None:
-    frames = _signed()
-    with pytest.raises(UnsupportedVersion):
-        wire.open_update([frames[0][:4] + b"\x02" + frames[0][5:], *frames[1:]], LIMITS)
-    with pytest.raises(MalformedMessage):
-        wire.open_update([b"XXXX" + frames[0][4:], *frames[1:]], LIMITS)
-    with pytest.raises(MalformedMessage):
-        wire.open_update([frames[0][:-1], *frames[1:]], LIMITS)
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
+def test_other_versions_are_unsupported(version: int) -> None:
+    message = _signed()
+    with _no_hashing(), pytest.raises(UnsupportedVersion) as info:
+        wire.verify(message[:4] + bytes([version]) + message[5:], LIMITS)
+    assert info.value.reason is RejectReason.UNSUPPORTED_VERSION
+
+
+def test_bad_magic_and_short_messages_are_malformed() -> None:
+    message = _signed()
+    for bad in (b"XXXX" + message[4:], message[: HEAD - 1], message[:101], b"", b"P2FM"):
+        with _no_hashing(), pytest.raises(MalformedMessage):
+            wire.verify(bad, LIMITS)
 
 
 # ----------------------------------------------------------------- size bounds
 
 
 def test_oversized_message_is_refused_before_hashing() -> None:
-    small = WireLimits(max_message_bytes=1000)
-    frames = _signed(tensors={"a": np.zeros(1000, dtype=np.float32)})
-    with pytest.raises(MessageTooLarge) as info:
-        wire.verify(frames, small)
+    message = _signed(tensors={"a": np.zeros(1000, dtype=np.float32)})
+    with _no_hashing(), pytest.raises(MessageTooLarge) as info:
+        wire.verify(message, WireLimits(max_message_bytes=len(message) - 1))
     assert info.value.reason is RejectReason.TOO_LARGE
+    assert wire.verify(message, WireLimits(max_message_bytes=len(message))).wire_bytes == len(message)
 
 
-def test_too_many_frames_and_too_few() -> None:
-    limits = WireLimits(max_tensors=2)
-    frames = _signed(tensors={k: np.zeros(1, dtype=np.float32) for k in "abc"})
-    with pytest.raises(MalformedMessage):
-        wire.verify(frames, limits)
-    with pytest.raises(MalformedMessage):
-        wire.verify(frames[:1], LIMITS)
-    with pytest.raises(MalformedMessage):
-        wire.verify([], LIMITS)
+def test_header_length_beyond_the_bound_is_too_large_before_hashing() -> None:
+    message = _signed()
+    bound = max(LIMITS.max_header_bytes, LIMITS.max_proof_header_bytes)
+    assert bound == LIMITS.max_proof_header_bytes == 2 * (HEAD + LIMITS.max_header_bytes) + 256 + 64
+    for length in (bound + 1, 2**32 - 1):
+        with _no_hashing(), pytest.raises(MessageTooLarge):
+            wire.verify(_with_header_len(message, length), LIMITS)
 
 
-def test_oversized_header() -> None:
-    frames = _mallory(_header(network="n" * 60), b"\0" * 8)
+def test_header_length_beyond_the_message_is_malformed_before_hashing() -> None:
+    message = _signed()
+    room = len(message) - HEAD
+    for length in (0, room + 1, LIMITS.max_proof_header_bytes):
+        with _no_hashing(), pytest.raises(MalformedMessage):
+            wire.verify(_with_header_len(message, length), LIMITS)
+    with pytest.raises(BadSignature):  # H = everything after the prelude fits: on to the signature
+        wire.verify(_with_header_len(message, room), LIMITS)
+
+
+def test_update_header_above_max_header_bytes_is_too_large() -> None:
+    """verify() allows a proof's bigger header; decode_header() holds updates to max_header_bytes."""
+    limits = WireLimits(max_header_bytes=120)
+    message = _mallory(_header(network="n" * 60))
+    assert 120 < _header_len(message) <= limits.max_proof_header_bytes
+    verified = wire.verify(message, limits)
     with pytest.raises(MessageTooLarge):
-        wire.verify(frames, WireLimits(max_header_bytes=50))
+        wire.decode_header(verified, limits)
+    assert isinstance(wire.decode_header(verified, LIMITS), UpdateHeader)
+
+
+def _entries(count: int) -> list[list[Any]]:
+    return [[f"t{i}", "float32", [1]] for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("limits", "count"),
+    [
+        (WireLimits(max_tensors=2), 3),  # caught by the header check
+        (WireLimits(max_tensors=2), 9),  # caught by the parser's array bound, max(max_tensors, max_ndim, 3)
+        (LIMITS, LIMITS.max_tensors + 1),
+    ],
+)
+def test_too_many_tensors_are_malformed(limits: WireLimits, count: int) -> None:
+    message = _mallory(_header(tensors=_entries(count)), b"")
+    with pytest.raises(MalformedMessage) as info:
+        _decode_header(message, limits)
+    assert info.value.reason is RejectReason.MALFORMED
+    header = _decode_header(_mallory(_header(tensors=_entries(limits.max_tensors)), b""), limits)
+    assert isinstance(header, UpdateHeader) and len(header.specs) == limits.max_tensors
 
 
 @pytest.mark.parametrize(
@@ -236,15 +494,99 @@ def test_oversized_header() -> None:
         [2**31 - 1, 2**31 - 1, 2**31 - 1],
         [0, 2**31 - 1, 2**31 - 1, 2**31 - 1],  # found by fuzz/fuzz_messages.py: a zero hid the rest
         [2**31 - 1, 0, 2**31 - 1],
+        [2**14, 2**14 + 1],  # one element over max_tensor_elements = 2**28
+        [0, 2**28, 2],
     ],
 )
 def test_huge_shape_with_little_data_is_refused_before_allocating(shape: list[int]) -> None:
-    frames = _mallory(_header(tensors=[["t", "float32", shape]]), b"")
+    message = _mallory(_header(tensors=[["t", "float32", shape]]), b"")
+    with pytest.raises(MessageTooLarge) as info:
+        _decode_header(message)  # the payload is never looked at
+    assert info.value.reason is RejectReason.TOO_LARGE
     with pytest.raises(MessageTooLarge):
-        wire.open_update(frames, LIMITS)
+        wire.open_update(message, LIMITS)
+
+
+@pytest.mark.parametrize("shape", [[2**14, 2**14], [0, 2**28], [1] * 8, [], [0]])
+def test_shapes_at_the_bounds_are_accepted(shape: list[int]) -> None:
+    header = _decode_header(_mallory(_header(tensors=[["t", "float32", shape]]), b""))
+    assert isinstance(header, UpdateHeader) and header.specs[0].shape == tuple(shape)
+
+
+@pytest.mark.parametrize(
+    ("limits", "name", "ok"),
+    [
+        (LIMITS, "n" * 256, True),
+        (LIMITS, "n" * 257, False),  # above the parser's string bound
+        (LIMITS, "é" * 128, True),  # 256 UTF-8 bytes
+        (LIMITS, "é" * 129, False),  # 129 characters, 258 bytes: bytes count
+        (WireLimits(max_name_bytes=8), "n" * 9, False),  # below the parser's bound, caught by the check
+    ],
+)
+def test_tensor_name_length_bound(limits: WireLimits, name: str, ok: bool) -> None:
+    message = _mallory(_header(tensors=[[name, "float32", [2]]]), b"")
+    if ok:
+        assert isinstance(_decode_header(message, limits), UpdateHeader)
+    else:
+        with pytest.raises(MalformedMessage):
+            _decode_header(message, limits)
+
+
+@pytest.mark.parametrize(
+    ("network", "ok"), [("n" * 64, True), ("n" * 65, False), ("é" * 32, True), ("é" * 33, False), ("", False)]
+)
+def test_network_id_length_bound(network: str, ok: bool) -> None:
+    message = _mallory(_header(network=network), b"")
+    if ok:
+        header = _decode_header(message)
+        assert isinstance(header, UpdateHeader) and header.network == network
+    else:
+        with pytest.raises(MalformedMessage):
+            _decode_header(message)
+
+
+def test_ndim_bound() -> None:
+    assert isinstance(_decode_header(_mallory(_header(tensors=[["t", "float32", [1] * 8]]))), UpdateHeader)
+    with pytest.raises(MalformedMessage):
+        _decode_header(_mallory(_header(tensors=[["t", "float32", [1] * 9]]), b""))
+    with pytest.raises(MalformedMessage):
+        _decode_header(_mallory(_header(tensors=[["t", "float32", [1] * 3]]), b""), WireLimits(max_ndim=2))
+
+
+@pytest.mark.parametrize(("allowed", "dtype"), [(frozenset({"float32"}), "float16"), (None, "complex64")])
+def test_dtype_not_allowed(allowed: frozenset[str] | None, dtype: str) -> None:
+    limits = LIMITS if allowed is None else WireLimits(dtypes=allowed)
+    with pytest.raises(MalformedMessage):
+        _decode_header(_mallory(_header(tensors=[["t", dtype, [2]]]), b""), limits)
+    assert isinstance(_decode_header(_mallory(_header()), limits), UpdateHeader)
 
 
 # ----------------------------------------------------------------- malformed
+
+
+def test_a_repeated_header_key_is_refused() -> None:
+    """Issue 9 item 10: a map that names "round" twice; a last-wins parser would take round 2."""
+    fields = _raw_fields(round=1)
+    at = [key for key, _ in fields].index("round")
+    pairs = [*fields[: at + 1], ("round", msgpack.packb(2)), *fields[at + 1 :]]
+    raw = _raw_map(pairs)
+    assert raw[0] == 0x8B and len(pairs) == 11  # a map header declaring 11 entries
+    last_wins = msgpack.unpackb(raw)
+    assert sorted(last_wins) == sorted(UPDATE_KEYS) and last_wins["round"] == 2
+    message = _mallory(raw)
+    verified = wire.verify(message, LIMITS)  # the signature is valid: the signer is the culprit
+    with pytest.raises(MalformedMessage) as info:
+        wire.decode_header(verified, LIMITS)
+    assert info.value.reason is RejectReason.MALFORMED
+
+
+def test_a_repeated_key_is_all_that_is_wrong_with_that_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With version 1's dict-last-wins map parsing, the same bytes would decode as round 2."""
+    fields = _raw_fields(round=1)
+    raw = _raw_map([*fields, ("round", msgpack.packb(2))])
+    monkeypatch.setattr(wire, "_unique_keys", dict)
+    header = _decode_header(_mallory(raw))
+    assert isinstance(header, UpdateHeader) and header.round == 2
 
 
 @pytest.mark.parametrize(
@@ -255,56 +597,275 @@ def test_huge_shape_with_little_data_is_refused_before_allocating(shape: list[in
         msgpack.packb({"kind": "update"}),  # missing keys
         _header(extra=1),
         _header(kind="hello"),
-        _header(round=True),
+        _header(kind=b"update"),  # bin, not str
+        _header(kind="equivocation"),  # an update's keys under the proof's kind
+        _header(round=True),  # bool is not int
         _header(round=-1),
+        _header(round=2**63),
         _header(seq=1.5),
+        _header(seq=1.0),  # an integral float is still not an int
+        _header(samples=None),
         _header(degree=2**31),
         _header(network=""),
         _header(network=b"bytes"),
         _header(fingerprint=b"short"),
+        _header(fingerprint=b"x" * 33),
         _header(fingerprint="x" * 32),
+        _header(payload=b"x" * 31),
+        _header(payload="x" * 32),
         _header(tensors=[["t", "complex64", [2]]]),
         _header(tensors=[["t", "float32", [-2]]]),
+        _header(tensors=[["t", "float32", [2**31]]]),
+        _header(tensors=[["t", "float32", [True]]]),
         _header(tensors=[["t", "float32", [3]]]),  # 12 bytes expected, 8 sent
         _header(tensors=[["t", "float32"]]),
         _header(tensors=[["", "float32", [2]]]),
+        _header(tensors=[[b"t", "float32", [2]]]),
+        _header(tensors=[["t", "float32", 2]]),
         _header(tensors=[["t", "float32", [1] * 9]]),
-        _header(tensors=[["t", "float32", [2]], ["t", "float32", [2]]]),
-        _header(tensors=[]),  # one data frame but no tensor
+        _header(tensors=[["t", "float32", [1]], ["t", "float32", [1]]]),
+        _header(tensors=[]),  # 8 payload bytes but no tensor
         _header(tensors="nope"),
         msgpack.packb({1: 2}),  # non-string keys
+        msgpack.packb({b"kind": "update"}),  # bin keys
         b"\x91" * 5000,  # deep nesting
         msgpack.packb({"kind": msgpack.ExtType(1, b"x")}),
+        _raw_map([*_raw_fields()[:-1], ("payload", b"\xc7\x00\x05")]),  # an empty ext value
         _header() + b"\x00",  # trailing bytes
+        _header()[:-1],  # truncated
+        bytes([0xDE, 0x00, 0x11]) + _header()[1:],  # map 16 declaring 17 entries
     ],
 )
 def test_malformed_but_signed_headers_are_rejected(header: bytes) -> None:
-    frames = _mallory(header, b"\0" * 8)
+    message = _mallory(header)
     with pytest.raises(RemoteProtocolError) as info:
-        wire.open_update(frames, LIMITS)
+        wire.open_update(message, LIMITS)
     assert info.value.reason in {RejectReason.MALFORMED, RejectReason.TOO_LARGE}
+
+
+def test_a_payload_digest_mismatch_is_a_bad_signature() -> None:
+    with pytest.raises(BadSignature):
+        wire.open_update(_mallory(_header(payload=bytes(32))), LIMITS)
+    with pytest.raises(BadSignature):
+        wire.open_update(_mallory(_header(), b"\1" * 8), LIMITS)
+    assert wire.open_update(_mallory(_header()), LIMITS).tensors["t"].tolist() == [0.0, 0.0]
 
 
 def test_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         _update(round=-1)
     with pytest.raises(LocalProtocolError):
+        _update(degree=2**31)
+    with pytest.raises(LocalProtocolError):
+        _update(seq=True)
+    with pytest.raises(LocalProtocolError):
         _update(fingerprint=b"short")
     with pytest.raises(LocalProtocolError):
         _update(network="")
+    with pytest.raises(LocalProtocolError):
+        _update(network="n" * 65)
     with pytest.raises(LocalProtocolError):
         _update({"c": np.zeros(2, dtype=np.complex64)})
     with pytest.raises(LocalProtocolError):
         _update({"": np.zeros(2, dtype=np.float32)})
     with pytest.raises(LocalProtocolError):
+        _update({"n" * 257: np.zeros(2, dtype=np.float32)})
+    with pytest.raises(LocalProtocolError):
+        _update({"a": np.zeros(1), "b": np.zeros(1)}, limits=WireLimits(max_tensors=1))
+    with pytest.raises(LocalProtocolError):
+        _update({"i": np.zeros(2, dtype=np.int32)}, wire_dtypes={"i": "bfloat16"})
+    with pytest.raises(LocalProtocolError):
+        _update({"i": np.zeros(2, dtype=np.float32)}, wire_dtypes={"i": "float8"})
+    with pytest.raises(LocalProtocolError):
+        wire.encode_proof(network="net", evidence=(b"a",))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        wire.encode_proof(network="net", evidence=(b"a", "b"))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        wire.encode_proof(network="", evidence=(b"a", b"b"))
+
+
+# ----------------------------------------------------------------- equivocation proofs
+
+
+def _two_heads(**second: Any) -> tuple[bytes, bytes]:
+    """Heads of two different updates Alice signed for round 4 (or as ``second`` overrides)."""
+    first = _signed(round=4, seq=10)
+    other: dict[str, Any] = dict(round=4, seq=11, tensors={"lora_A": np.ones((2, 3), dtype=np.float32)})
+    other.update(second)
+    identity = other.pop("identity", ALICE)
+    return _head(first), _head(_signed(identity, **other))
+
+
+def test_proof_round_trip_and_valid_evidence() -> None:
+    evidence = _two_heads()
+    message = wire.sign(wire.encode_proof(network="net", evidence=evidence), BOB)  # Bob relays it
+    assert len(message) == HEAD + _header_len(message)  # no payload
+    header = _decode_header(message)
+    assert isinstance(header, ProofHeader)
+    assert list(msgpack.unpackb(message[HEAD:])) == ["kind", "network", "evidence"]
+    assert (header.sender, header.network, header.evidence) == (BOB.peer_id, "net", evidence)
+    facts = wire.check_evidence(*header.evidence, LIMITS)
+    assert (facts.accused, facts.network, facts.round) == (ALICE.peer_id, "net", 4)
+    assert facts.fingerprints == (FP, FP)
+    assert wire.check_evidence(evidence[1], evidence[0], LIMITS).accused == ALICE.peer_id
+    with pytest.raises(MalformedMessage):  # a proof is not an update
+        wire.open_update(message, LIMITS)
+
+
+def test_evidence_reports_both_fingerprints() -> None:
+    first, second = _two_heads(fingerprint=bytes(32))
+    assert wire.check_evidence(first, second, LIMITS).fingerprints == (FP, bytes(32))
+
+
+def test_identical_heads_are_no_proof() -> None:
+    head = _two_heads()[0]
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(head, head, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        {"identity": BOB},  # two senders
+        {"round": 5},  # two rounds
+        {"network": "other"},  # two networks
+    ],
+)
+def test_heads_that_differ_in_sender_round_or_network_are_no_proof(second: dict[str, Any]) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        wire.check_evidence(*_two_heads(**second), LIMITS)
+    assert info.value.reason is RejectReason.MALFORMED
+
+
+def test_a_head_with_its_payload_is_no_proof() -> None:
+    first, _ = _two_heads()
+    whole = _signed(round=4, seq=11, tensors={"lora_A": np.ones((2, 3), dtype=np.float32)})
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(first, whole, LIMITS)
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(whole, first, LIMITS)
+
+
+def test_a_tampered_head_is_no_proof() -> None:
+    first, second = _two_heads()
+    for offset in (10, 50, 101, HEAD + 3, len(second) - 1):
+        tampered = bytearray(second)
+        tampered[offset] ^= 0x01
+        with pytest.raises(MalformedMessage):
+            wire.check_evidence(first, bytes(tampered), LIMITS)
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(first, second[:-1], LIMITS)
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(first, b"garbage", LIMITS)
+
+
+def test_a_proof_head_is_no_update_head() -> None:
+    first, second = _two_heads()
+    proof = wire.sign(wire.encode_proof(network="net", evidence=(first, second)), ALICE)
+    with pytest.raises(MalformedMessage):
+        wire.check_evidence(first, proof, LIMITS)
+
+
+def _proof_header(**override: Any) -> bytes:
+    header: dict[str, Any] = {"kind": "equivocation", "network": "net", "evidence": list(_two_heads())}
+    header.update(override)
+    return msgpack.packb(header, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        (_proof_header(extra=1), b""),
+        (_proof_header(round=4), b""),  # an update key in a proof
+        (msgpack.packb({"kind": "equivocation", "network": "net"}), b""),
+        (_proof_header(), b"x"),  # a proof carries no payload
+        (_proof_header(network=""), b""),
+        (_proof_header(network="n" * 65), b""),
+        (_proof_header(evidence=[b"one"]), b""),
+        (_proof_header(evidence=[b"a", b"b", b"c"]), b""),
+        (_proof_header(evidence=[b"a", "b"]), b""),
+        (_proof_header(evidence=b"ab"), b""),
+    ],
+)
+def test_malformed_proofs_are_rejected(header: bytes, payload: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        _decode_header(wire.sign(Unsigned(header, (payload,)), BOB))
+
+
+def test_evidence_longer_than_a_head_is_malformed() -> None:
+    limits = WireLimits(max_header_bytes=1000)
+    big = b"\0" * (limits.max_head_bytes + 1)
+    message = wire.sign(Unsigned(_proof_header(evidence=[big, b"x"])), BOB)
+    assert _header_len(message) <= limits.max_proof_header_bytes
+    with pytest.raises(MalformedMessage):
+        _decode_header(message, limits)
+
+
+# ----------------------------------------------------------------- derived limits
+
+NETWORK = "p2pfm-testnet"
+SCHEMA = (
+    TensorSpec("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight", "float32", (8, 96)),
+    TensorSpec("base_model.model.encoder.layer.0.attention.self.query.lora_B.weight", "float32", (96, 8)),
+    TensorSpec("base_model.model.classifier.weight", "float16", (2, 96)),
+    TensorSpec("base_model.model.classifier.bias", "float32", (2,)),
+    TensorSpec("base_model.model.step", "int64", ()),
+)
+
+
+def _of_schema(specs: tuple[TensorSpec, ...], identity: Identity = ALICE, **fields: Any) -> bytes:
+    """A message of ``specs`` with every integer field at its widest, as limits_for_schema assumes."""
+    tensors = {s.name: np.ones(s.shape, dtype=wire.DTYPES[s.dtype]) for s in specs}
+    values: dict[str, Any] = dict(
+        network=NETWORK, round=MAX_INT, seq=MAX_INT, ts_ms=MAX_INT, fingerprint=b"\xff" * 32,
+        degree=MAX_DIM, samples=MAX_INT, tensors=tensors,
+    )  # fmt: skip
+    values.update(fields)
+    return wire.sign(wire.encode_update(**values), identity)
+
+
+def test_limits_for_schema_fit_the_largest_legitimate_messages() -> None:
+    limits = wire.limits_for_schema(SCHEMA, network=NETWORK)
+    message = _of_schema(SCHEMA)
+    assert len(message) <= limits.max_message_bytes and _header_len(message) <= limits.max_header_bytes
+    update = wire.open_update(message, limits)
+    assert update.specs == SCHEMA and update.round == MAX_INT
+    assert limits.max_message_bytes < LIMITS.max_message_bytes // 10_000  # far below the default
+    assert limits.max_header_bytes < LIMITS.max_header_bytes
+    first, second = _head(message), _head(_of_schema(SCHEMA, seq=MAX_INT - 1))
+    proof = wire.sign(wire.encode_proof(network=NETWORK, evidence=(first, second)), BOB)
+    assert len(proof) <= limits.max_message_bytes
+    header = _decode_header(proof, limits)  # a proof of two of the widest heads fits as well
+    assert isinstance(header, ProofHeader)
+    assert wire.check_evidence(*header.evidence, limits).round == MAX_INT
+
+
+def test_limits_for_schema_refuse_a_message_one_tensor_bigger() -> None:
+    limits = wire.limits_for_schema(SCHEMA, network=NETWORK)
+    extra = TensorSpec("base_model.model.extra.lora_A.weight", "float32", (8, 96))
+    message = _of_schema((*SCHEMA, extra), round=1, seq=1, ts_ms=1, degree=1, samples=1)
+    with _no_hashing(), pytest.raises(MessageTooLarge):
+        wire.verify(message, limits)
+
+
+def test_limits_for_schema_keep_the_other_bounds_and_cap_at_the_base() -> None:
+    base = WireLimits(
+        max_message_bytes=1000, max_tensors=7, dtypes=frozenset({"float32", "float16", "int64"})
+    )
+    limits = wire.limits_for_schema(SCHEMA, network=NETWORK, base=base)
+    assert limits.max_message_bytes == 1000
+    assert (limits.max_tensors, limits.dtypes, limits.max_ndim) == (7, base.dtypes, base.max_ndim)
+
+
+def test_limits_for_schema_of_a_bfloat16_schema() -> None:
+    schema = tuple(TensorSpec(s.name, "bfloat16", s.shape) for s in SCHEMA if s.dtype == "float32")
+    limits = wire.limits_for_schema(schema, network=NETWORK)
+    values = {s.name: np.ones(s.shape, dtype=np.float32) for s in schema}
+    message = wire.sign(
         wire.encode_update(
-            network="n", round=0, seq=0, ts_ms=0, fingerprint=FP, degree=0, samples=0,
-            tensors={"i": np.zeros(2, dtype=np.int32)}, wire_dtypes={"i": "bfloat16"},
-        )  # fmt: skip
-
-
-def test_big_endian_input_travels_little_endian() -> None:
-    big = np.arange(4, dtype=">f4")
-    frames = _signed(tensors={"b": big})
-    assert bytes(frames[2]) == np.arange(4, dtype="<f4").tobytes()
-    np.testing.assert_array_equal(wire.open_update(frames, LIMITS).tensors["b"], big)
+            network=NETWORK, round=MAX_INT, seq=MAX_INT, ts_ms=MAX_INT, fingerprint=FP, degree=MAX_DIM,
+            samples=MAX_INT, tensors=values, wire_dtypes={name: "bfloat16" for name in values},
+        ),
+        ALICE,
+    )  # fmt: skip
+    assert wire.open_update(message, limits).specs == schema
