@@ -5,26 +5,39 @@ Run::
     python benchmarks/wire.py [--mib 64] [--repeats 5] [--small-messages 2000] [--json]
 
 What is measured, all in one run so that a noisy machine affects every
-figure alike:
+figure alike (wire format version 2: one message = one buffer = one ZeroMQ
+frame, prelude | u32le header length | msgpack header | payload):
 
 (a) **Pipeline** -- the whole p2pfm wire path for one adapter update of
-    ``--mib`` MiB: ``wire.encode_update`` + ``wire.sign`` (sender) and
-    ``wire.verify`` + ``wire.decode_update`` (receiver), each stage timed
-    separately with ``time.perf_counter`` and the total end to end. The
-    update is a LoRA-like adapter: float32 ``lora_A`` (r, 4096) and
-    ``lora_B`` (4096, r) on q/k/v/o of every layer, r=16 (r=8 when
-    ``--mib`` is odd), as many layers as make exactly ``--mib`` MiB
-    (64 MiB = 32 layers, r=16, the attention adapter of a 7B model).
+    ``--mib`` MiB: ``wire.encode_update`` (header, BLAKE3 of the payload) +
+    ``wire.sign`` (Ed25519 over the head's digest, then ONE copy of the
+    tensor bytes into the single-buffer message: ``b"".join``) on the
+    sender, ``wire.verify`` (the head's signature only) +
+    ``wire.decode_update`` (BLAKE3 of the payload against the signed
+    digest, read-only views) on the receiver; each stage timed separately
+    with ``time.perf_counter`` and the total end to end. The update is a
+    LoRA-like adapter: float32 ``lora_A`` (r, 4096) and ``lora_B`` (4096, r)
+    on q/k/v/o of every layer, r=16 (r=8 when ``--mib`` is odd), as many
+    layers as make exactly ``--mib`` MiB (64 MiB = 32 layers, r=16, the
+    attention adapter of a 7B model).
 
-(b) **ZeroMQ** -- the same frames (prelude, header, one frame per tensor)
-    pushed PUSH -> PULL over loopback TCP with ``copy=False`` in this
-    process, the receiver in a background thread; the time runs from the
-    first send to the receiver holding the whole multipart message.
+(b) **ZeroMQ** -- the same signed message pushed PUSH -> PULL over loopback
+    TCP with ``copy=False``, sender and receiver each with its own
+    ``zmq.Context`` (own I/O thread, as two nodes have), the receiver in a
+    background thread; the time runs from the send to the receiver holding
+    the whole message.
 
-    (a) and (b) run interleaved (a, b, a, b, ...) after one warm-up each;
-    medians are reported. The ratio pipeline GB/s / ZeroMQ GB/s is the
-    figure of merit: >= 1.0 means encoding and signing never slow the
-    network down (PASS).
+(b') **CurveZMQ** -- (b) with CURVE on, keyed as p2pfm/transport.py keys
+    its sockets: X25519 keys from ``Identity.curve_keypair`` /
+    ``curve_public_key``, the PULL socket the CURVE server, and a ZAP
+    handler that admits the sender's key. This is what a node's links run
+    (plaintext needs the explicit ``insecure`` setting).
+
+    (a), (b) and (b') run interleaved (a, b, b', a, b, b', ...) after one
+    warm-up each; medians are reported. The ratio pipeline GB/s / ZeroMQ
+    GB/s is the figure of merit: >= 1.0 means encoding and signing never
+    slow the network down (PASS). The ratio pipeline / CurveZMQ is printed
+    too: against the encrypted links that nodes really use.
 
 (c) **Simulator scale** -- the cost of one small message as the simulator
     sends it (one float32 tensor of 1000 elements): encode + sign, and
@@ -39,16 +52,19 @@ figure alike:
 
 (d) **Context** -- plain Ed25519 (nacl ``SigningKey.sign`` /
     ``VerifyKey.verify``) over the whole payload, once each, against BLAKE3
-    (best of 3) of the same bytes, with ``max_threads=AUTO`` and
-    single-threaded (wire.py's setting), both as one buffer and as
-    the exact byte stream ``wire._digest`` feeds it (prelude, frame count,
-    then a u64 length before every frame; checked to give the same digest).
-    Ed25519 runs SHA-512 over its whole input (twice to sign), which is why
-    wire.py hashes with BLAKE3 and signs only the 32-byte digest.
+    (best of 3) of the same bytes: ``max_threads=AUTO`` and single-threaded
+    (wire.py's setting) over one buffer (what ``decode_payload`` checks),
+    single-threaded fed tensor by tensor (what ``encode_update`` does;
+    checked to give the header's payload digest); and the copy that a
+    single-frame message costs (``b"".join`` of the tensors, as
+    ``wire.sign`` does: a new buffer, whose pages the kernel maps on first
+    write) next to the same copy into a reused buffer whose pages are
+    already mapped (what is memcpy, what is page faults). Ed25519 runs SHA-512 over its whole input (twice to
+    sign), which is why wire.py hashes with BLAKE3 and signs a digest.
 
 Throughputs are decimal GB/s (1e9 bytes per second) of the message's wire
-bytes (all frames, prelude and header included), the same numerator for
-(a) and (b).
+bytes (prelude and header included), the same numerator for (a), (b) and
+(b').
 """
 
 from __future__ import annotations
@@ -57,7 +73,6 @@ import argparse
 import json
 import queue
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -69,9 +84,11 @@ import blake3
 import nacl.signing
 import numpy as np
 import zmq
+import zmq.auth.thread
+from zmq.utils import z85
 
 from p2pfm import wire
-from p2pfm.identity import Identity
+from p2pfm.identity import Identity, curve_public_key
 from p2pfm.sim import SimConfig, simulate
 
 MIB = 2**20
@@ -166,9 +183,9 @@ def run_pipeline(
     t0 = time.perf_counter()
     unsigned = encode(tensors, seq)
     t1 = time.perf_counter()
-    frames = wire.sign(unsigned, identity)
+    message = wire.sign(unsigned, identity)  # includes the one copy of the payload into the message
     t2 = time.perf_counter()
-    verified = wire.verify(frames, limits, known)
+    verified = wire.verify(message, limits, known)
     t3 = time.perf_counter()
     update = wire.decode_update(verified, limits)
     t4 = time.perf_counter()
@@ -183,54 +200,91 @@ def run_pipeline(
     return PipelineRun(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, update.wire_bytes)
 
 
-# --------------------------------------------------------------- (b) ZeroMQ
+# ------------------------------------------------------ (b) ZeroMQ, (b') CurveZMQ
+
+
+class _Admit:
+    """ZAP credentials provider admitting one CurveZMQ client key (p2pfm.transport admits its peers')."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
 
 
 class ZmqLoopback:
-    """PUSH -> PULL over tcp://127.0.0.1, receiver in a background thread."""
+    """PUSH -> PULL over tcp://127.0.0.1, one context per side, receiver in a background thread.
 
-    def __init__(self, messages: int) -> None:
-        self.ctx = zmq.Context()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.pull = self.ctx.socket(zmq.PULL)
+    With ``curve`` (sender, receiver) identities, CURVE is on as p2pfm.transport
+    sets it up: the PULL socket is the CURVE server with the receiver's keys,
+    the PUSH socket knows the server's public key, a ZAP handler admits the
+    sender's key.
+    """
+
+    def __init__(self, messages: int, curve: tuple[Identity, Identity] | None = None) -> None:
+        self.send_ctx, self.recv_ctx = zmq.Context(), zmq.Context()
+        self.auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self.push = self.send_ctx.socket(zmq.PUSH)
+        self.pull = self.recv_ctx.socket(zmq.PULL)
         for sock in (self.push, self.pull):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            sender, receiver = curve
+            sender_public, sender_secret = sender.curve_keypair()
+            receiver_public, receiver_secret = receiver.curve_keypair()
+            self.auth = zmq.auth.thread.ThreadAuthenticator(self.recv_ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback("*", _Admit(z85.encode(sender_public)))
+            self.pull.curve_server = True
+            self.pull.curve_publickey, self.pull.curve_secretkey = (
+                z85.encode(receiver_public),
+                z85.encode(receiver_secret),
+            )
+            self.push.curve_serverkey = z85.encode(curve_public_key(receiver.peer_id))
+            self.push.curve_publickey, self.push.curve_secretkey = (
+                z85.encode(sender_public),
+                z85.encode(sender_secret),
+            )
         self.push.setsockopt(zmq.SNDTIMEO, RECV_TIMEOUT_MS)
         self.pull.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
-        port = self.push.bind_to_random_port("tcp://127.0.0.1")
-        self.pull.connect(f"tcp://127.0.0.1:{port}")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.results: queue.Queue[tuple[float, int, int] | str] = queue.Queue()
+        port = self.pull.bind_to_random_port("tcp://127.0.0.1")
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+        self.results: queue.Queue[tuple[float, int] | str] = queue.Queue()
         self.thread = threading.Thread(target=self._receive, args=(messages,), daemon=True)
         self.thread.start()
 
     def _receive(self, messages: int) -> None:
         for _ in range(messages):  # bounded: exactly the messages the main thread sends
             try:
-                frames = self.pull.recv_multipart(copy=False)
+                frame = self.pull.recv(copy=False)
             except zmq.ZMQError as exc:  # zmq.Again on RCVTIMEO
                 self.results.put(f"receive failed: {exc}")
                 return
             done = time.perf_counter()
-            self.results.put((done, sum(len(f) for f in frames), len(frames)))
+            more = self.pull.getsockopt(zmq.RCVMORE)
+            self.results.put((done, len(frame)) if not more else "a multipart message arrived")
 
-    def transfer(self, frames: Sequence[wire.Buffer]) -> tuple[float, int, int]:
-        """Send one multipart message; return (seconds, bytes received, frames received)."""
+    def transfer(self, message: wire.Buffer) -> tuple[float, int]:
+        """Send one single-frame message; return (seconds, bytes received)."""
         start = time.perf_counter()
-        self.push.send_multipart(frames, copy=False)
+        self.push.send(message, copy=False)
         got = self.results.get(timeout=RECV_TIMEOUT_MS / 1000 + 5)
         if isinstance(got, str):
             raise RuntimeError(got)
-        done, nbytes, nframes = got
-        return done - start, nbytes, nframes
+        done, nbytes = got
+        return done - start, nbytes
 
     def close(self) -> None:
         self.thread.join(timeout=RECV_TIMEOUT_MS / 1000 + 5)
         self.push.close(linger=0)
         self.pull.close(linger=0)
-        self.ctx.term()
+        if self.auth is not None:
+            self.auth.stop()
+        self.send_ctx.term()
+        self.recv_ctx.term()
 
 
 # --------------------------------------------------------- (c) small messages
@@ -245,7 +299,7 @@ def small_message_cost(identity: Identity, limits: wire.WireLimits, count: int) 
     t0 = time.perf_counter()
     outgoing = [wire.sign(encode(tensors, seq), identity) for seq in range(count)]
     t1 = time.perf_counter()
-    decoded = [wire.decode_update(wire.verify(frames, limits, known), limits) for frames in outgoing]
+    decoded = [wire.decode_update(wire.verify(m, limits, known), limits) for m in outgoing]
     t2 = time.perf_counter()
     if len(decoded) != count or not np.array_equal(decoded[-1].tensors["x"], tensors["x"]):
         raise RuntimeError("small-message round trip failed")
@@ -298,43 +352,53 @@ def best_of(fn: Callable[[], object], n: int = 3) -> float:
     return min(time_once(fn) for _ in range(n))
 
 
-def hash_context(frames: Sequence[wire.Buffer], identity: Identity) -> dict[str, Any]:
-    """Ed25519 over the raw payload vs BLAKE3, whole-buffer and as wire.sign feeds it."""
-    views = [memoryview(f).cast("B") for f in frames]
-    payload = b"".join(views[2:])  # concatenated tensor bytes, built outside the timings
+def hash_context(
+    message: bytes, tensors: dict[str, np.ndarray[Any, Any]], identity: Identity
+) -> dict[str, Any]:
+    """Ed25519 over the raw payload vs BLAKE3 (as decode_payload and encode_update run it), and the copy."""
+    limits = wire.WireLimits()
+    verified = wire.verify(message, limits)
+    header = wire.decode_header(verified, limits)
+    assert isinstance(header, wire.UpdateHeader)
+    chunks = [np.ascontiguousarray(t).reshape(-1).view(np.uint8).data for t in tensors.values()]
+    payload = bytes(verified.payload)  # the concatenated tensor bytes, built outside the timings
     n = len(payload)
     key = nacl.signing.SigningKey(identity.seed)  # the same key wire.sign uses
     signed: list[Any] = []
     sign_s = time_once(lambda: signed.append(key.sign(payload)))
     verify_s = time_once(lambda: key.verify_key.verify(signed[0]))
 
-    def b3_whole(threads: int) -> float:
-        return best_of(lambda: blake3.blake3(payload, max_threads=threads).digest())
+    def b3_whole(threads: int) -> bytes:
+        return blake3.blake3(payload, max_threads=threads).digest()
 
-    signed_prelude = bytes(views[0][: wire.PRELUDE_BYTES - len(signed[0].signature)])
-
-    def wire_stream(threads: int) -> bytes:
-        # The byte stream of wire._digest: prelude, frame count, then (u64 length, frame) per frame.
-        hasher = blake3.blake3(max_threads=threads)
-        hasher.update(signed_prelude)
-        hasher.update(struct.pack("<I", len(views) - 1))
-        for frame in views[1:]:
-            hasher.update(struct.pack("<Q", frame.nbytes))
-            hasher.update(frame)
+    def b3_per_tensor() -> bytes:  # encode_update's digest: one update per tensor, one thread
+        hasher = blake3.blake3(max_threads=1)
+        for chunk in chunks:
+            hasher.update(chunk)
         return hasher.digest()
 
+    reused = bytearray(n)  # written once below, so its pages are mapped before the timing
+
+    def copy_into_reused() -> None:
+        view, offset = memoryview(reused), 0
+        for chunk in chunks:
+            view[offset : offset + chunk.nbytes] = chunk
+            offset += chunk.nbytes
+
+    copy_into_reused()
     auto = blake3.blake3.AUTO
-    if not wire_stream(auto) == wire_stream(1) == wire._digest(signed_prelude, views[1:]):
-        raise RuntimeError("the replicated digest stream differs from wire._digest")
+    if not b3_whole(auto) == b3_whole(1) == b3_per_tensor() == header.payload_digest:
+        raise RuntimeError("the replicated digests differ from the header's payload digest")
     figures = {
         "ed25519_sign_s": sign_s,
         "ed25519_verify_s": verify_s,
-        "blake3_auto_whole_s": b3_whole(auto),
-        "blake3_1thread_whole_s": b3_whole(1),
-        "blake3_auto_wire_stream_s": best_of(lambda: wire_stream(auto)),
-        "blake3_1thread_wire_stream_s": best_of(lambda: wire_stream(1)),
+        "blake3_auto_whole_s": best_of(lambda: b3_whole(auto)),
+        "blake3_1thread_whole_s": best_of(lambda: b3_whole(1)),
+        "blake3_1thread_per_tensor_s": best_of(b3_per_tensor),
+        "join_copy_s": best_of(lambda: b"".join(chunks)),
+        "copy_reused_s": best_of(copy_into_reused),
     }
-    out: dict[str, Any] = {"payload_bytes": n, "frames": len(views) - 2, "frame_bytes": views[2].nbytes}
+    out: dict[str, Any] = {"payload_bytes": n, "tensors": len(chunks), "tensor_bytes": chunks[0].nbytes}
     for name, seconds in figures.items():
         out[name] = seconds
         out[name[:-2] + "_gbps"] = n / seconds / 1e9
@@ -352,34 +416,44 @@ def run(mib: int, repeats: int, small_messages: int) -> dict[str, Any]:
     started = time.perf_counter()
     layout = layout_for(mib)
     tensors = make_adapter(layout)
-    identity = Identity(bytes(32))
+    identity, receiver = Identity(bytes(32)), Identity(bytes([1]) * 32)
     limits = wire.WireLimits()
-    frames = wire.sign(encode(tensors, 0), identity)  # what ZeroMQ carries: the real signed frames
-    wire_bytes = wire.message_bytes(frames)
-    frame_sizes = [memoryview(f).nbytes for f in frames]
+    message = wire.sign(encode(tensors, 0), identity)  # what ZeroMQ carries: the real signed message
+    wire_bytes = wire.message_bytes(message)
+    header_bytes = wire.verify(message, limits).header.nbytes
 
     pipeline: list[PipelineRun] = []
-    transfers: list[float] = []
-    link = ZmqLoopback(messages=repeats + 1)
+    transfers: dict[str, list[float]] = {"zmq": [], "curve": []}
+    links = {"zmq": ZmqLoopback(repeats + 1), "curve": ZmqLoopback(repeats + 1, curve=(identity, receiver))}
+
+    def transfer(kind: str) -> float:
+        seconds, got_bytes = links[kind].transfer(message)
+        if got_bytes != wire_bytes:
+            raise RuntimeError(f"{kind}: delivered {got_bytes} of {wire_bytes} bytes")
+        return seconds
+
     try:
-        run_pipeline(tensors, identity, limits, seq=1)  # warm-ups, not recorded
-        _, got_bytes, got_frames = link.transfer(frames)
-        if (got_bytes, got_frames) != (wire_bytes, len(frames)):
-            raise RuntimeError(f"ZeroMQ delivered {got_frames} frames / {got_bytes} bytes")
-        for i in range(repeats):  # interleaved: a, b, a, b, ...
+        run_pipeline(tensors, identity, limits, seq=1)  # warm-ups (and CURVE handshake), not recorded
+        for kind in links:
+            transfer(kind)
+        for i in range(repeats):  # interleaved: a, b, b', a, b, b', ...
             pipeline.append(run_pipeline(tensors, identity, limits, seq=2 + i))
-            seconds, got_bytes, got_frames = link.transfer(frames)
-            if (got_bytes, got_frames) != (wire_bytes, len(frames)):
-                raise RuntimeError(f"ZeroMQ delivered {got_frames} frames / {got_bytes} bytes")
-            transfers.append(seconds)
+            for kind, times in transfers.items():
+                times.append(transfer(kind))
     finally:
-        link.close()
+        for link in links.values():
+            link.close()
 
     pipe_s = median([p.total_s for p in pipeline])
-    zmq_s = median(transfers)
     pipe_gbps = wire_bytes / pipe_s / 1e9
-    zmq_gbps = wire_bytes / zmq_s / 1e9
-    ratio = pipe_gbps / zmq_gbps
+    nets = {}
+    for kind, times in transfers.items():
+        seconds = median(times)
+        nets[kind] = {"s": seconds, "s_runs": times, "gbps": wire_bytes / seconds / 1e9}
+    nets["zmq"]["transport"] = "tcp://127.0.0.1 PUSH->PULL, plaintext"
+    nets["curve"]["transport"] = "tcp://127.0.0.1 PUSH->PULL, CURVE (X25519 keys of the Ed25519 identities)"
+    ratio = pipe_gbps / nets["zmq"]["gbps"]
+    ratio_curve = pipe_gbps / nets["curve"]["gbps"]
 
     small = small_message_cost(identity, limits, small_messages)
     sim = simulator_rate(max(1, min(repeats, 3)))
@@ -391,7 +465,7 @@ def run(mib: int, repeats: int, small_messages: int) -> dict[str, Any]:
     sim["signs"] = signs
     sim["wire_work_s"] = sim_wire_s
     sim["wire_work_fraction"] = sim_wire_s / sim["wall_s"]
-    context = hash_context(frames, identity)
+    context = hash_context(message, tensors, identity)
 
     return {
         "machine": {"python": sys.version.split()[0], "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__},
@@ -402,9 +476,10 @@ def run(mib: int, repeats: int, small_messages: int) -> dict[str, Any]:
             "tensor_bytes": layout.rank * layout.hidden * 4,
             "payload_bytes": mib * MIB,
             "wire_bytes": wire_bytes,
-            "frames": len(frames),
-            "prelude_bytes": frame_sizes[0],
-            "header_bytes": frame_sizes[1],
+            "wire_version": wire.WIRE_VERSION,
+            "frames": 1,
+            "prelude_bytes": wire.PRELUDE_BYTES,
+            "header_bytes": header_bytes,
         },
         "repeats": repeats,
         "pipeline": {
@@ -416,10 +491,13 @@ def run(mib: int, repeats: int, small_messages: int) -> dict[str, Any]:
             "total_s_runs": [p.total_s for p in pipeline],
             "gbps": pipe_gbps,
         },
-        "zmq": {"transport": "tcp://127.0.0.1 PUSH->PULL", "s": zmq_s, "s_runs": transfers, "gbps": zmq_gbps},
+        "zmq": nets["zmq"],
+        "curve": nets["curve"],
         "ratio": ratio,
+        "ratio_curve": ratio_curve,
         "target": TARGET_RATIO,
         "pass": ratio >= TARGET_RATIO,
+        "pass_curve": ratio_curve >= TARGET_RATIO,
         "small_message": small,
         "simulator": sim,
         "simulator_vs_crypto_bound": sim_ratio,
@@ -429,32 +507,42 @@ def run(mib: int, repeats: int, small_messages: int) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> str:
-    u, p, z, s, sim, c = (
-        r[k] for k in ("update", "pipeline", "zmq", "small_message", "simulator", "context")
+    u, p, z, cz, s, sim, c = (
+        r[k] for k in ("update", "pipeline", "zmq", "curve", "small_message", "simulator", "context")
     )
     ms = 1e3
 
-    def stage(name: str) -> str:
+    def stage(name: str, what: str) -> str:
         seconds = p[f"{name}_s"]
-        return f"    {name:<7}{seconds * ms:9.2f} ms  {seconds / p['total_s'] * 100:5.1f} %"
+        return f"    {name:<7}{seconds * ms:9.2f} ms  {seconds / p['total_s'] * 100:5.1f} %  {what}"
+
+    def verdict(ratio: float) -> str:
+        return "PASS" if ratio >= r["target"] else "FAIL"
+
+    def context(label: str, key: str) -> str:
+        return f"    {label:<42}{c[key + '_gbps']:6.2f} GB/s ({c[key + '_s'] * ms:8.1f} ms)"
 
     lines = [
         f"p2pfm wire benchmark  (python {r['machine']['python']}, libzmq {r['machine']['zmq']}, "
         f"pyzmq {r['machine']['pyzmq']}; medians of {r['repeats']} interleaved runs)",
         f"update: {u['mib']} MiB = {u['layout']}",
-        f"        {u['frames']} frames, {u['wire_bytes']} wire bytes "
-        f"(prelude {u['prelude_bytes']} B, header {u['header_bytes']} B, tensors {u['tensor_bytes']} B each)",
+        f"        wire v{u['wire_version']}: 1 frame of {u['wire_bytes']} bytes "
+        f"(prelude {u['prelude_bytes']} B, header {u['header_bytes']} B, payload {u['payload_bytes']} B)",
         "",
         "(a) pipeline  encode_update + sign + verify + decode_update",
-        stage("encode"),
-        stage("sign"),
-        stage("verify"),
-        stage("decode"),
+        stage("encode", "header + BLAKE3 of the payload"),
+        stage("sign", "Ed25519 of the head digest + one copy of the payload"),
+        stage("verify", "the head's signature"),
+        stage("decode", "BLAKE3 of the payload vs the signed digest + views"),
         f"    total  {p['total_s'] * ms:9.2f} ms  -> {p['gbps']:6.2f} GB/s",
         f"(b) ZeroMQ    {z['transport']}, copy=False, send -> whole message received",
         f"    total  {z['s'] * ms:9.2f} ms  -> {z['gbps']:6.2f} GB/s",
-        f"ratio pipeline/ZeroMQ throughput = {r['ratio']:.2f}  (target >= {r['target']:.1f}: "
-        f"encoding and signing never slow the network down) -> {'PASS' if r['pass'] else 'FAIL'}",
+        f"(b') CurveZMQ {cz['transport']}",
+        f"    total  {cz['s'] * ms:9.2f} ms  -> {cz['gbps']:6.2f} GB/s",
+        f"ratio pipeline/ZeroMQ throughput   = {r['ratio']:.2f}  (target >= {r['target']:.1f}: "
+        f"encoding and signing never slow the network down) -> {verdict(r['ratio'])}",
+        f"ratio pipeline/CurveZMQ throughput = {r['ratio_curve']:.2f}  (the encrypted links nodes run) "
+        f"-> {verdict(r['ratio_curve'])}",
         "",
         f"(c) small message ({SMALL_DIM} float32, {s['wire_bytes']} wire bytes, mean of {s['messages']})",
         f"    encode+sign   {s['encode_sign_us']:8.1f} us",
@@ -471,20 +559,15 @@ def report(r: dict[str, Any]) -> str:
         f"    that wire work costs {sim['wire_work_s'] * ms:.1f} ms = "
         f"{sim['wire_work_fraction'] * 100:.0f} % of the simulator's wall time",
         "",
-        f"(d) context: {c['payload_bytes']} payload bytes ({c['frames']} frames of {c['frame_bytes']} B); "
-        "Ed25519 once each, BLAKE3 best of 3",
-        f"    Ed25519 sign (SHA-512, whole payload)   {c['ed25519_sign_gbps']:6.2f} GB/s "
-        f"({c['ed25519_sign_s'] * ms:8.1f} ms)",
-        f"    Ed25519 verify (whole payload)          {c['ed25519_verify_gbps']:6.2f} GB/s "
-        f"({c['ed25519_verify_s'] * ms:8.1f} ms)",
-        f"    BLAKE3 AUTO threads, one buffer         {c['blake3_auto_whole_gbps']:6.2f} GB/s "
-        f"({c['blake3_auto_whole_s'] * ms:8.1f} ms)",
-        f"    BLAKE3 AUTO threads, wire stream        {c['blake3_auto_wire_stream_gbps']:6.2f} GB/s "
-        f"({c['blake3_auto_wire_stream_s'] * ms:8.1f} ms)",
-        f"    BLAKE3 1 thread, one buffer             {c['blake3_1thread_whole_gbps']:6.2f} GB/s "
-        f"({c['blake3_1thread_whole_s'] * ms:8.1f} ms)",
-        f"    BLAKE3 1 thread, wire stream (used)     {c['blake3_1thread_wire_stream_gbps']:6.2f} GB/s "
-        f"({c['blake3_1thread_wire_stream_s'] * ms:8.1f} ms)",
+        f"(d) context: {c['payload_bytes']} payload bytes ({c['tensors']} tensors of {c['tensor_bytes']} B); "
+        "Ed25519 once each, the rest best of 3",
+        context("Ed25519 sign (SHA-512, whole payload)", "ed25519_sign"),
+        context("Ed25519 verify (whole payload)", "ed25519_verify"),
+        context("BLAKE3 AUTO threads, one buffer", "blake3_auto_whole"),
+        context("BLAKE3 1 thread, one buffer (decode)", "blake3_1thread_whole"),
+        context("BLAKE3 1 thread, per tensor (encode)", "blake3_1thread_per_tensor"),
+        context("copy into a new buffer (sign's b''.join)", "join_copy"),
+        context("copy into a reused, mapped buffer", "copy_reused"),
         "",
         f"elapsed {r['elapsed_s']:.1f} s",
     ]
@@ -494,7 +577,7 @@ def report(r: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=64, help="adapter size in MiB (1..500, default 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="measured runs of (a) and (b) (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs of (a), (b), (b') (default 5)")
     parser.add_argument(
         "--small-messages", type=int, default=2000, help="messages averaged in (c) (default 2000)"
     )

@@ -146,6 +146,7 @@ class Node:
                 limits=limits,
                 schema=schema,
                 max_rounds_ahead=config.gossip.max_rounds_ahead,
+                members=None if config.roster is None else frozenset(config.roster.ids),
             ),
         )
         by_name = {peer.name: peer.id for peer in config.peers}

@@ -68,6 +68,10 @@ class ProtocolConfig:
     # Updates for rounds further ahead of ours than this are refused
     # (``future_round``); their round still counts as the sender's claim.
     max_rounds_ahead: int = 3
+    # Keys an equivocation proof may accuse (the roster's members); None:
+    # only our neighbours. A proof about anyone else is refused, so that a
+    # neighbour cannot grow our ban list with keys it made up.
+    members: frozenset[PeerId] | None = None
 
     def __post_init__(self) -> None:
         if self.max_messages_per_s <= 0 or self.message_burst < 1:
@@ -312,6 +316,9 @@ class GossipProtocol:
             return self._reject(
                 via, RejectReason.MALFORMED, "equivocation proof for another network or model"
             )
+        members = self.neighbours if self.config.members is None else self.config.members
+        if facts.accused not in members and facts.accused != self.identity.peer_id:
+            return self._reject(via, RejectReason.UNKNOWN_SENDER, "equivocation proof about a non-member")
         new = facts.accused not in self.banned and facts.accused != self.identity.peer_id
         if new:
             self.ban(facts.accused)

@@ -25,6 +25,11 @@ def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
     assert report["ratio"] > 0 and isinstance(report["pass"], bool)
     assert report["pass"] == (report["ratio"] >= report["target"])
     assert report["pipeline"]["gbps"] > 0 and report["zmq"]["gbps"] > 0
+    assert report["update"]["frames"] == 1 and report["update"]["wire_version"] == 2
+    # The CurveZMQ comparison (issue 13): the same loopback with CURVE on.
+    assert report["curve"]["gbps"] > 0 and report["ratio_curve"] > 0
+    assert report["pass_curve"] == (report["ratio_curve"] >= report["target"])
+    assert report["context"]["join_copy_gbps"] > 0  # the single-frame copy, measured
     assert report["simulator"]["messages"] > 0
 
 

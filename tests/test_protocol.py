@@ -158,7 +158,10 @@ def test_a_second_different_update_for_a_round_is_equivocation() -> None:
 
 
 def test_equivocation_proof_convinces_a_node_that_saw_one_version() -> None:
-    a, b, c = _line(3)
+    members = frozenset(ident.peer_id for ident in IDS[:3])  # the roster: c may hear of a, not its neighbour
+    a, b, c = _line(
+        3, ProtocolConfig(network="net", fingerprint=FP, round_timeout_s=5.0, schema=SPEC, members=members)
+    )
     for proto in (a, b, c):
         proto.start_round(1, 0.0)
     first, second = _send(a, 1.0), _send(a, 2.0)
@@ -189,6 +192,23 @@ def test_invalid_equivocation_proofs_are_refused_and_ban_nobody() -> None:
         event = c.receive(b.make_proof(evidence), 0.1)
         assert isinstance(event, Rejected) and event.reason is RejectReason.MALFORMED, evidence
     assert not c.banned
+
+
+def test_a_proof_about_a_non_member_is_refused() -> None:
+    """A neighbour must not grow our ban list (and evidence files) with keys it made up."""
+    _, b, c = _line(3)
+    stranger = GossipProtocol(MALLORY, [IDS[1].peer_id], CONFIG)
+    stranger.start_round(1, 0.0)
+    heads = (_head(_send(stranger, 1.0)), _head(_send(stranger, 2.0)))  # a valid proof, about an outsider
+    event = c.receive(b.make_proof(heads), 0.0, link=IDS[1].peer_id)
+    assert isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and not c.banned
+    roster = ProtocolConfig(
+        network="net", fingerprint=FP, round_timeout_s=5.0, schema=SPEC,
+        members=frozenset({IDS[0].peer_id, IDS[1].peer_id, IDS[2].peer_id, MALLORY.peer_id}),
+    )  # fmt: skip
+    member_aware = GossipProtocol(IDS[2], [IDS[1].peer_id], roster)
+    found = member_aware.receive(b.make_proof(heads), 0.0, link=IDS[1].peer_id)
+    assert isinstance(found, EquivocationFound) and found.accused == MALLORY.peer_id  # a roster member
 
 
 def test_round_state_is_preferred_over_a_newer_one() -> None:
