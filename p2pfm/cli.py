@@ -227,12 +227,14 @@ def _cmd_node(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
-        print(f"p2pfm: {signal.Signals(signum).name} received, stopping after this step", flush=True)
+        print(f"p2pfm: {signal.Signals(signum).name} received, stopping at the end of this round", flush=True)
         stop.set()
 
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
     result = Node(config, resume=args.resume, stop=stop, log=lambda line: print(line, flush=True)).run()
+    if not result.adapter_saved:
+        return EXIT_ERROR
     return 0 if not result.stopped else 130
 
 

@@ -81,6 +81,7 @@ class NodeResult:
     rounds_trained: int  # rounds it actually ran (trained, exchanged, mixed)
     final_eval: dict[str, float]
     stopped: bool  # True when a signal stopped the node before the last round
+    adapter_saved: bool = True  # False: the final adapter could not be written (the checkpoint holds it)
 
 
 class Node:
@@ -203,17 +204,29 @@ class Node:
             completed = next_round
             next_round = self._catch_up(next_round + 1)
         stopped = completed < gossip.rounds
-        if not stopped:
-            save_adapter(self.am, self.config.node.out / "adapter")
+        saved = stopped or self._save_adapter()
         self._write(
             "done", rounds_completed=completed, rounds_trained=self.rounds_trained, stopped=stopped,
-            **self._counters(),
+            adapter_saved=saved and not stopped, **self._counters(),
         )  # fmt: skip
         self.log(
             f"[{self.name}] {'stopped' if stopped else 'done'} after round {completed} "
             f"({self.rounds_trained} rounds trained)"
         )
-        return NodeResult(completed, self.rounds_trained, last_eval, stopped)
+        return NodeResult(completed, self.rounds_trained, last_eval, stopped, adapter_saved=saved)
+
+    def _save_adapter(self, attempts: int = 3) -> bool:
+        """Write the final adapter; a failing disk gets a few tries, a second apart."""
+        for attempt in range(attempts):
+            if self._guard("adapter", save_adapter, self.am, self.config.node.out / "adapter"):
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+        self.log(
+            f"[{self.name}] ERROR: could not write the final adapter to {self.config.node.out / 'adapter'}; "
+            f"the checkpoint in {self.config.checkpoint_dir} holds it"
+        )
+        return False
 
     def _start(self) -> int:
         checkpoint = load_checkpoint(self.config.checkpoint_dir) if self.resume else None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import resource
+import time
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +60,20 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
 }
-_MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 for _event in _HANDSHAKE_FAILURES:
     _MONITORED |= _event
+# On a PUSH socket: libzmq re-dials after a lost connection (CONNECT_RETRIED
+# follows DISCONNECTED at once) but *not* after a protocol error (a bad
+# greeting, an oversized frame): it ends the session for good. So anyone
+# who answers once at a neighbour's address while it is down could cut the
+# link until a restart. A DISCONNECTED not followed by a retry within
+# _RELINK_GRACE_S makes the transport build that socket anew.
+_PUSH_MONITORED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+_RELINK_GRACE_S = 1.0
+# CurveZMQ wraps a frame of n bytes into a MESSAGE command of n + 33 bytes
+# (name 8, nonce 8, MAC 16, flags 1), and libzmq bounds the wrapped size.
+CURVE_FRAME_OVERHEAD_BYTES = 33
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,9 @@ class TransportStats:
     dropped: Counter[str] = field(default_factory=Counter)  # by reason
     refused_connections: int = 0  # CurveZMQ handshakes from keys not allowed in
     connections_accepted: int = 0  # TCP connections accepted on the listen socket
+    connections_closed: int = 0  # ... and closed again (by the peer, or by us: oversized frame, timeout)
     handshakes_completed: int = 0
+    links_rebuilt: int = 0  # PUSH sockets built anew after libzmq gave up on them (protocol error)
     handshake_failures: Counter[str] = field(default_factory=Counter)  # by kind: no_detail/protocol/auth
 
 
@@ -188,9 +202,13 @@ class Transport:
         try:
             self._inbound = self._make_inbound(listen, own_keys)
             self._monitor = self._inbound.get_monitor_socket(_MONITORED)
-            self._outbound = {
-                peer: self._make_outbound(peer, address, own_keys) for peer, address in peers.items()
-            }
+            self._own_keys = own_keys
+            self._addresses = dict(peers)
+            self._outbound: dict[PeerId, zmq.Socket[bytes]] = {}
+            self._push_monitors: dict[PeerId, zmq.Socket[bytes]] = {}
+            self._lost_since: dict[PeerId, float] = {}  # disconnected, no retry seen yet (monotonic s)
+            for peer in peers:
+                self._open_outbound(peer)
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()
@@ -206,7 +224,8 @@ class Transport:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = own_keys
         sock.setsockopt(zmq.CONFLATE, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        overhead = 0 if own_keys is None else CURVE_FRAME_OVERHEAD_BYTES
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + overhead)
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -215,6 +234,20 @@ class Transport:
             sock.close(linger=0)
             raise ConfigError("node.listen", f"cannot listen on {listen}: {exc}") from None
         return sock
+
+    def _open_outbound(self, peer: PeerId) -> None:
+        sock = self._make_outbound(peer, self._addresses[peer], self._own_keys)
+        self._outbound[peer] = sock
+        self._push_monitors[peer] = sock.get_monitor_socket(_PUSH_MONITORED)
+        self._lost_since.pop(peer, None)
+
+    def _rebuild_outbound(self, peer: PeerId) -> None:
+        """Replace a PUSH socket libzmq stopped re-dialling (its queued messages are dropped)."""
+        self._outbound[peer].disable_monitor()
+        self._push_monitors.pop(peer).close(linger=0)
+        self._outbound.pop(peer).close(linger=0)
+        self._open_outbound(peer)
+        self.stats.links_rebuilt += 1
 
     def _make_outbound(
         self, peer: PeerId, address: str, own_keys: tuple[bytes, bytes] | None
@@ -244,6 +277,7 @@ class Transport:
         Never blocks. The message must not be modified afterwards: ZeroMQ
         sends it from the caller's memory.
         """
+        self._check_links()
         size = message_bytes(message)
         taken = 0
         for peer in self._outbound if peers is None else peers:
@@ -271,6 +305,7 @@ class Transport:
         out: list[Received] = []
         ready = self._poller.poll(max(0, int(timeout_s * 1000)))
         self._drain_monitor()
+        self._check_links()
         if not ready:
             return out
         while len(out) < max_messages:
@@ -301,10 +336,28 @@ class Transport:
             kind = event["event"]
             if kind == zmq.EVENT_ACCEPTED:
                 self.stats.connections_accepted += 1
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.stats.connections_closed += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.stats.handshakes_completed += 1
             elif kind in _HANDSHAKE_FAILURES:
                 self.stats.handshake_failures[_HANDSHAKE_FAILURES[kind]] += 1
+
+    def _check_links(self) -> None:
+        """Rebuild PUSH sockets that were disconnected and are not being re-dialled."""
+        now_s = time.monotonic()
+        for peer, monitor in self._push_monitors.items():
+            while True:
+                try:
+                    event = parse_monitor_message(monitor.recv_multipart(flags=zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._lost_since.setdefault(peer, now_s)
+                else:  # CONNECT_RETRIED or CONNECTED: libzmq is on it
+                    self._lost_since.pop(peer, None)
+        for peer in [p for p, since_s in self._lost_since.items() if now_s - since_s > _RELINK_GRACE_S]:
+            self._rebuild_outbound(peer)
 
     def close(self) -> None:
         """Flush for up to ``linger_ms`` and release every socket. Idempotent."""
@@ -313,6 +366,9 @@ class Transport:
         self.closed = True
         self._inbound.disable_monitor()
         self._monitor.close(linger=0)
+        for peer, monitor in self._push_monitors.items():
+            self._outbound[peer].disable_monitor()
+            monitor.close(linger=0)
         self._inbound.close(linger=0)
         for sock in self._outbound.values():
             sock.close()

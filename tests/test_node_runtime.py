@@ -90,6 +90,20 @@ def test_failing_checkpoint_and_metrics_writes_do_not_stop_training(
     assert (tmp_path / "out" / "adapter").is_dir()
 
 
+def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(node_module, "save_adapter", full_disk)
+    result = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None).run()
+    assert not result.adapter_saved and not result.stopped and result.rounds_trained == 1
+    done = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["event"] == "done"][-1]
+    assert done["adapter_saved"] is False and done["io_errors"]["adapter"] == 3
+    assert load_checkpoint(tmp_path / "out" / "checkpoint") is not None  # the adapter is still there
+
+
 def test_resume_after_a_crash_between_sending_and_checkpointing_starts_a_fresh_round(
     tmp_path: Path, tiny_bert_dir: Path
 ) -> None:

@@ -262,3 +262,28 @@ def test_plaintext_client_gets_no_connection_and_insecure_mode_works() -> None:
         sender.send(_frames(4.0))
         views = _receive_one(receiver)
         assert float(wire.open_update(views, wire.WireLimits()).tensors["x"][0]) == 4.0
+
+
+def test_a_bad_answer_at_a_down_neighbours_address_does_not_cut_the_link() -> None:
+    """libzmq never re-dials after a protocol error; the transport rebuilds the socket itself."""
+    port = _free_port()
+    impostor = socket.socket()
+    impostor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    impostor.bind(("127.0.0.1", port))
+    impostor.listen(4)
+    with _sender(f"tcp://127.0.0.1:{port}") as sender:
+        impostor.settimeout(5.0)
+        conn, _ = impostor.accept()
+        # A ZMTP 3.0 greeting with the NULL mechanism to a CURVE client: a protocol error.
+        conn.sendall(b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32))
+        time.sleep(0.5)
+        conn.close()
+        impostor.close()
+        with _receiver(f"tcp://127.0.0.1:{port}") as receiver:  # the real neighbour comes up
+            deadline = time.monotonic() + 10.0
+            got = []
+            while not got and time.monotonic() < deadline:
+                sender.send(_frames(8.0))
+                got = receiver.receive(0.2)
+            assert got, "the link stayed cut after one bad answer"
+            assert sender.stats.links_rebuilt >= 1
