@@ -47,7 +47,7 @@ from p2pfm.config import NodeConfig
 from p2pfm.consensus import metropolis_weights, robust_mix
 from p2pfm.errors import ConfigError
 from p2pfm.evidence import encode_evidence, evidence_file_name
-from p2pfm.identity import Identity, load_key_file
+from p2pfm.identity import Identity, PeerId, load_key_file
 from p2pfm.metrics import MetricsWriter
 from p2pfm.private_files import make_private_dir, write_private_file
 from p2pfm.protocol import EquivocationFound, GossipProtocol, ProtocolConfig, Rejected, RoundComplete
@@ -64,7 +64,7 @@ SENT_FILE = "sent.json"  # {"round": r, "seq": s} of the last update about to be
 @dataclass
 class _PendingProof:
     message: bytes
-    to: list[Any]  # peer ids
+    to: list[PeerId]
     sends_left: int = _PROOF_SENDS
 
 
@@ -265,7 +265,7 @@ class Node:
         # Listen up to one deadline: neighbours that moved on tell us their round.
         deadline = time.monotonic() + self.config.gossip.round_timeout_s
         majority = len(self.protocol.neighbours) // 2 + 1
-        while time.monotonic() < deadline and not self.stop.is_set():
+        while self.transport is not None and time.monotonic() < deadline and not self.stop.is_set():
             self._receive(_POLL_S)
             heard = self.protocol.heard_claims(time.monotonic())
             if len(heard) >= len(self.protocol.neighbours) or (
