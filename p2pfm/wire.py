@@ -33,6 +33,7 @@ only :func:`decode_payload` turns a checked header into arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import struct
@@ -181,18 +182,9 @@ class ProofHeader:
 
 
 @dataclass(frozen=True)
-class Update:
-    """A decoded, authenticated adapter update (not yet judged by the protocol)."""
+class Update(UpdateHeader):
+    """A decoded, authenticated adapter update: its header and its tensors (not yet judged)."""
 
-    sender: PeerId
-    network: str
-    round: int
-    seq: int
-    ts_ms: int
-    fingerprint: bytes
-    degree: int
-    samples: int
-    specs: tuple[TensorSpec, ...]
     tensors: dict[str, np.ndarray[Any, Any]]  # read-only views into the message
     wire_bytes: int
 
@@ -541,19 +533,8 @@ def decode_update(message: Verified, limits: WireLimits) -> Update:
 
 
 def update_of(header: UpdateHeader, tensors: dict[str, np.ndarray[Any, Any]], wire_bytes: int) -> Update:
-    return Update(
-        sender=header.sender,
-        network=header.network,
-        round=header.round,
-        seq=header.seq,
-        ts_ms=header.ts_ms,
-        fingerprint=header.fingerprint,
-        degree=header.degree,
-        samples=header.samples,
-        specs=header.specs,
-        tensors=tensors,
-        wire_bytes=wire_bytes,
-    )
+    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(header)}
+    return Update(**fields, tensors=tensors, wire_bytes=wire_bytes)
 
 
 def open_update(

@@ -125,3 +125,27 @@ def write_jsonl(path: pathlib.Path, examples: list[Ex]) -> pathlib.Path:
     rows = ({"text": e.text} if e.label is None else {"text": e.text, "label": e.label} for e in examples)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def tiny_classifier_toml(model_dir: pathlib.Path, data: pathlib.Path, partition: str = "iid") -> str:
+    """The [model], [lora] and [data] sections of a scenario on the tiny BERT classifier.
+
+    ``partition`` is the scheme, optionally followed by more [data] lines:
+    ``"iid"``, or ``"dirichlet\\nalpha = 0.5"``.
+    """
+    scheme, _, rest = partition.partition("\n")
+    return f"""
+[model]
+path = "{model_dir}"
+task = "classification"
+num_labels = 2
+
+[lora]
+rank = 4
+target_modules = ["query", "value"]
+
+[data]
+source = "{data}"
+partition = "{scheme}"
+{rest}
+"""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from p2pfm.scenario import run_scenario
-from tests.conftest import topic_examples, write_jsonl
+from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,7 @@ name = "attack"
 topology = "{topology}"
 timeout_s = 400
 
-[model]
-path = "{model}"
-task = "classification"
-num_labels = 2
-
-[lora]
-rank = 4
-target_modules = ["query", "value"]
-
-[data]
-source = "{data}"
-partition = "iid"
+{tiny_classifier_toml(model, data, "iid")}
 
 [train]
 local_steps = {steps}

@@ -27,9 +27,10 @@ from p2pfm.consensus import flatten
 from p2pfm.identity import Identity, PeerId, curve_public_key, load_key_file
 from p2pfm.metrics import read_metrics
 from p2pfm.scenario import run_scenario
-from tests.conftest import lm_examples, topic_examples, write_jsonl
+from tests.conftest import lm_examples, tiny_classifier_toml, topic_examples, write_jsonl
 
 ROUNDS = 10
+DIRICHLET = "dirichlet\nalpha = 0.5"
 
 
 def _scenario(tmp_path: Path, model_dir: Path, extra: str, **gossip: Any) -> Path:
@@ -42,19 +43,7 @@ name = "e2e"
 topology = "ring:4"
 {extra}
 
-[model]
-path = "{model_dir}"
-task = "classification"
-num_labels = 2
-
-[lora]
-rank = 4
-target_modules = ["query", "value"]
-
-[data]
-source = "{data}"
-partition = "dirichlet"
-alpha = 0.5
+{tiny_classifier_toml(model_dir, data, DIRICHLET)}
 
 [train]
 batch_size = 8

@@ -18,7 +18,7 @@ from p2pfm.evidence import check_evidence_file, encode_evidence
 from p2pfm.identity import PeerId
 from p2pfm.metrics import read_metrics
 from p2pfm.scenario import run_scenario
-from tests.conftest import topic_examples, write_jsonl
+from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -33,18 +33,7 @@ name = "hardening"
 topology = "{topology}"
 timeout_s = 300
 
-[model]
-path = "{model}"
-task = "classification"
-num_labels = 2
-
-[lora]
-rank = 4
-target_modules = ["query", "value"]
-
-[data]
-source = "{data}"
-partition = "iid"
+{tiny_classifier_toml(model, data, "iid")}
 
 [train]
 local_steps = 2
