@@ -46,6 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from p2pfm.errors import ConfigError, LocalProtocolError
 from p2pfm.fingerprint import fingerprint, schema_document
+from p2pfm.private_files import PRIVATE_FILE_MODE, make_private_dir
 from p2pfm.wire import TensorSpec
 
 Task = Literal["classification", "causal-lm"]
@@ -394,5 +395,8 @@ def save_adapter(am: AdapterModel, out_dir: pathlib.Path) -> None:
     ``PeftModel.from_pretrained(base, out_dir)`` loads it unchanged, so the
     trained adapter is usable without p2pfm.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out_dir)
     cast(PeftModel, am.model).save_pretrained(str(out_dir))
+    for path in out_dir.iterdir():  # peft writes with the umask's modes; the folder is private anyway
+        if path.is_file() and not path.is_symlink():
+            path.chmod(PRIVATE_FILE_MODE)

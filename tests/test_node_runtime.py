@@ -128,5 +128,12 @@ def test_out_folder_is_private(tmp_path: Path, tiny_bert_dir: Path) -> None:
     node.run()
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o700
-    for path in (out / SENT_FILE, out / "metrics.jsonl", out / "checkpoint" / "meta.json"):
+    assert (out / "adapter").stat().st_mode & 0o777 == 0o700
+    files = [
+        out / SENT_FILE,
+        out / "metrics.jsonl",
+        *(out / "checkpoint").iterdir(),
+        *(out / "adapter").iterdir(),
+    ]
+    for path in files:
         assert path.stat().st_mode & 0o777 == 0o600, path
