@@ -71,6 +71,16 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="seed for start vectors and losses")
     sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
     sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="wire dtype")
+    sim.add_argument(
+        "--rule", choices=["mean", "trimmed-mean", "median", "clip"], default="mean",
+        help="mixing rule, as gossip.rule (default mean)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--trim", type=int, default=1, help="trimmed-mean: values dropped at each end (default 1)"
+    )
+    sim.add_argument(
+        "--byzantine-weight", type=float, default=0.25, help="clip: weight share clipped (default 0.25)"
+    )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(run=_cmd_simulate)
     return parser
@@ -285,7 +295,10 @@ def _num(value: object) -> str:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from p2pfm.sim import SimConfig, fit_decay_rate, float_floor, simulate
 
-    config = SimConfig(args.spec, args.rounds, args.dim, args.seed, args.drop, args.dtype)
+    config = SimConfig(
+        args.spec, args.rounds, args.dim, args.seed, args.drop, args.dtype,
+        rule=args.rule, trim=args.trim, byzantine_weight=args.byzantine_weight,
+    )  # fmt: skip
     result = simulate(config)
     if args.json:
         print(json.dumps(result.as_json()))

@@ -44,13 +44,19 @@ from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_ada
 from p2pfm.attacks import Attacker
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
-from p2pfm.consensus import metropolis_weights, robust_mix
 from p2pfm.errors import ConfigError
 from p2pfm.evidence import encode_evidence, evidence_file_name
 from p2pfm.identity import Identity, PeerId, load_key_file
 from p2pfm.metrics import MetricsWriter
 from p2pfm.private_files import make_private_dir, write_private_file
-from p2pfm.protocol import EquivocationFound, GossipProtocol, ProtocolConfig, Rejected, RoundComplete
+from p2pfm.protocol import (
+    EquivocationFound,
+    GossipProtocol,
+    MixSettings,
+    ProtocolConfig,
+    Rejected,
+    RoundComplete,
+)
 from p2pfm.train import Trainer
 from p2pfm.transport import Transport, raise_open_files_limit
 from p2pfm.wire import limits_for_schema
@@ -149,6 +155,9 @@ class Node:
                 max_rounds_ahead=config.gossip.max_rounds_ahead,
                 members=None if config.roster is None else frozenset(config.roster.ids),
             ),
+        )
+        self.mix_settings = MixSettings(
+            config.gossip.rule, trim=config.gossip.trim, byzantine_weight=config.gossip.byzantine_weight
         )
         by_name = {peer.name: peer.id for peer in config.peers}
         self.transport: Transport | None = None
@@ -309,17 +318,7 @@ class Node:
             waited = time.monotonic()
             done = self._collect()
             wait_s = time.monotonic() - waited
-            weights = metropolis_weights(
-                len(self.protocol.neighbours), {p: u.degree for p, u in done.updates.items()}
-            )
-            mixed = robust_mix(
-                gossip.rule,
-                state,
-                {p: u.tensors for p, u in done.updates.items()},
-                weights,
-                trim=gossip.trim,
-                byzantine_weight=gossip.byzantine_weight,
-            )
+            mixed = done.mix(state, self.mix_settings)
             set_state(self.am, mixed)
             self._send_proofs()
             heard = sorted(self.peer_names[p] for p in done.updates)

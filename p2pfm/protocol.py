@@ -38,6 +38,7 @@ from typing import Any, Union
 import numpy as np
 
 from p2pfm import wire
+from p2pfm.consensus import MIX_RULES, MixRule, metropolis_weights, robust_mix
 from p2pfm.errors import LocalProtocolError, RejectReason, RemoteProtocolError
 from p2pfm.identity import Identity, PeerId
 from p2pfm.wire import Buffer, ProofHeader, TensorSpec, Update, UpdateHeader, WireLimits
@@ -116,11 +117,49 @@ class EquivocationFound:
 
 
 @dataclass(frozen=True)
+class MixSettings:
+    """How a node combines a round: ``gossip.rule`` and its parameters (docs/robust.md)."""
+
+    rule: MixRule = "mean"
+    trim: int = 1  # trimmed-mean: values dropped at each end per coordinate
+    byzantine_weight: float = 0.25  # clip: weight share whose farthest holders get clipped
+
+    def __post_init__(self) -> None:
+        if self.rule not in MIX_RULES:
+            raise LocalProtocolError(
+                f"unknown mixing rule {self.rule!r}; expected one of {', '.join(MIX_RULES)}"
+            )
+
+
+@dataclass(frozen=True)
 class RoundComplete:
+    """A finished round: what arrived in time, and this node's row of the mixing matrix."""
+
     round: int
     updates: Mapping[PeerId, Update]  # newest update of each neighbour that is at round >= round
     missing: frozenset[PeerId]  # neighbours not heard in time: their weight stays with us
     timed_out: bool
+    # Metropolis weight W_ij of each neighbour in ``updates``, from the degrees
+    # the messages carry; W_ii = 1 - sum is the node's own (missing ones' included).
+    weights: Mapping[PeerId, float]
+
+    def mix(
+        self, own: Mapping[str, np.ndarray[Any, Any]], settings: MixSettings
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """The node's next state: its own combined with what arrived, under ``settings.rule``.
+
+        The one place a round is combined: the networked node, the simulator and
+        the tests all call this.
+        """
+        received = {peer: update.tensors for peer, update in self.updates.items()}
+        return robust_mix(
+            settings.rule,
+            own,
+            received,
+            self.weights,
+            trim=settings.trim,
+            byzantine_weight=settings.byzantine_weight,
+        )
 
 
 ReceiveEvent = Union[Accepted, Rejected, EquivocationFound]
@@ -390,7 +429,8 @@ class GossipProtocol:
         self.phase = Phase.COMPLETE
         missing = self.neighbours - fresh.keys()
         self.absent = set(missing)
-        return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for))
+        weights = metropolis_weights(len(self.neighbours), {p: u.degree for p, u in fresh.items()})
+        return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for), weights)
 
     def heard_claims(self, now_s: float) -> dict[PeerId, int]:
         """Each neighbour's highest claimed round, for those heard within two deadlines."""

@@ -21,11 +21,11 @@ import blake3
 import numpy as np
 
 from p2pfm import wire
-from p2pfm.consensus import consensus_distance, metropolis_weights, mix
+from p2pfm.consensus import MixRule, consensus_distance
 from p2pfm.errors import LocalProtocolError
 from p2pfm.fingerprint import fingerprint, schema_document
 from p2pfm.identity import Identity
-from p2pfm.protocol import Accepted, GossipProtocol, ProtocolConfig, RoundComplete
+from p2pfm.protocol import Accepted, GossipProtocol, MixSettings, ProtocolConfig, RoundComplete
 from p2pfm.topology import parse_topology, spectral_stats
 
 _SIM_NETWORK = "p2pfm-sim"
@@ -41,6 +41,9 @@ class SimConfig:
     seed: int = 0
     drop_prob: float = 0.0
     dtype: str = "float32"
+    rule: MixRule = "mean"  # gossip.rule: the same combination a node runs (docs/robust.md)
+    trim: int = 1
+    byzantine_weight: float = 0.25
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -51,6 +54,7 @@ class SimConfig:
             raise LocalProtocolError(f"drop probability must be in [0, 1], got {self.drop_prob}")
         if self.dtype not in _DTYPES:
             raise LocalProtocolError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        MixSettings(self.rule, trim=self.trim, byzantine_weight=self.byzantine_weight)  # validates
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ def simulate(config: SimConfig) -> SimResult:
                     continue
                 if isinstance(protocols[j].receive(outgoing[i], clock_s), Accepted):
                     delivered += 1
-        states = [_complete_round(proto, states[i], clock_s) for i, proto in enumerate(protocols)]
+        settings = MixSettings(config.rule, trim=config.trim, byzantine_weight=config.byzantine_weight)
+        states = [_complete_round(proto, states[i], clock_s, settings) for i, proto in enumerate(protocols)]
         clock_s += _ROUND_TIMEOUT_S
         history.append(RoundStats(round_, consensus_distance(states), messages, sent_bytes, delivered))
     return SimResult(
@@ -139,14 +144,15 @@ def simulate(config: SimConfig) -> SimResult:
     )
 
 
-def _complete_round(proto: GossipProtocol, state: dict[str, Any], clock_s: float) -> dict[str, Any]:
+def _complete_round(
+    proto: GossipProtocol, state: dict[str, Any], clock_s: float, settings: MixSettings
+) -> dict[str, Any]:
     # Everything that will arrive has arrived: either all neighbours were
     # heard (complete now) or the rest were lost (complete at the deadline).
     event = proto.poll(clock_s) or proto.poll(proto.deadline_s)
     if not isinstance(event, RoundComplete):  # pragma: no cover - poll at the deadline always completes
         raise LocalProtocolError("round did not complete at its deadline")
-    weights = metropolis_weights(len(proto.neighbours), {p: u.degree for p, u in event.updates.items()})
-    return mix(state, {p: u.tensors for p, u in event.updates.items()}, weights)
+    return event.mix(state, settings)
 
 
 def fit_decay_rate(distances: Sequence[float], *, upper: float = 1e-3, floor: float = 1e-20) -> float:

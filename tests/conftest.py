@@ -14,15 +14,9 @@ import random
 from dataclasses import dataclass
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+
+# torch, tokenizers and transformers are imported inside the builders: most
+# tests need no model, and importing torch costs seconds per process.
 
 WORDS = [f"w{i}" for i in range(90)] + ["apple", "banana", "cherry", "river", "stone"]
 
@@ -37,6 +31,9 @@ class Ex:
 
 def _save_tokenizer(out: pathlib.Path, *, with_pad: bool) -> int:
     """Save a whitespace word-level tokenizer to ``out``; returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
     specials = ["[PAD]", "[UNK]", "[EOS]"] if with_pad else ["[UNK]", "[EOS]"]
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -49,6 +46,9 @@ def _save_tokenizer(out: pathlib.Path, *, with_pad: bool) -> int:
 
 def make_tiny_bert(out: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """A 2-layer BertModel checkpoint (no classifier head, like the packaged MiniLM)."""
+    import torch  # noqa: PLC0415
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
     vocab_size = _save_tokenizer(out, with_pad=True)
     torch.manual_seed(seed)
     config = BertConfig(
@@ -66,6 +66,9 @@ def make_tiny_bert(out: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
 
 def make_tiny_llama(out: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """A 2-layer LlamaForCausalLM checkpoint whose tokenizer has no pad token (pad := eos)."""
+    import torch  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
     vocab_size = _save_tokenizer(out, with_pad=False)
     torch.manual_seed(seed)
     config = LlamaConfig(

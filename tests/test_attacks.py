@@ -14,6 +14,8 @@ import pytest
 from p2pfm.scenario import run_scenario
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
+pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
+
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
     assert report["simulator"]["messages"] > 0
 
 
+@pytest.mark.slow
 def test_consensus_benchmark_runs_on_a_tiny_model(tiny_bert_dir: Path) -> None:
     args = ["--topology", "ring:4", "--rounds", "12", "--model", str(tiny_bert_dir), "--num-labels", "5"]
     args.append("--json")

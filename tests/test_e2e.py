@@ -29,6 +29,8 @@ from p2pfm.metrics import read_metrics
 from p2pfm.scenario import run_scenario
 from tests.conftest import lm_examples, tiny_classifier_toml, topic_examples, write_jsonl
 
+pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
+
 ROUNDS = 10
 DIRICHLET = "dirichlet\nalpha = 0.5"
 

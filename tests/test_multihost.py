@@ -24,6 +24,8 @@ from p2pfm.identity import Identity, write_key_file
 from p2pfm.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
 
+pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
+
 HOSTS = 3
 TAG = f"p2pfm{os.getpid() % 100000}"
 HUB = f"{TAG}-hub"

@@ -15,6 +15,7 @@ from p2pfm.protocol import (
     Accepted,
     EquivocationFound,
     GossipProtocol,
+    MixSettings,
     Phase,
     ProtocolConfig,
     Rejected,
@@ -379,10 +380,16 @@ def test_four_nodes_average_to_the_mean_over_rounds() -> None:
         for proto, state in zip(protos, states, strict=True):
             done = proto.poll(float(round_))
             assert isinstance(done, RoundComplete) and not done.missing
+            # The round carries this node's Metropolis row; mixing it is the plain mean.
             weights = metropolis_weights(
                 len(proto.neighbours), {p: u.degree for p, u in done.updates.items()}
             )
-            new_states.append(mix(state, {p: u.tensors for p, u in done.updates.items()}, weights))
+            assert done.weights == weights
+            mixed = done.mix(state, MixSettings())
+            np.testing.assert_array_equal(
+                mixed["x"], mix(state, {p: u.tensors for p, u in done.updates.items()}, weights)["x"]
+            )
+            new_states.append(mixed)
         states = new_states
     for state in states:
         np.testing.assert_allclose(state["x"], 6.0, rtol=1e-5)
@@ -415,3 +422,18 @@ def test_clock_skew_non_finite_and_rate_gates() -> None:
     # ... and the bucket refills with time.
     assert isinstance(b.receive(update(_state(3.0)), 1.0 + 10.0), Accepted)
     assert b.rejections[RejectReason.RATE_LIMITED] == len(limited)
+
+
+def test_round_mix_follows_the_rule_and_bad_rules_are_refused() -> None:
+    a, b, c = _line(3)
+    for proto in (a, b, c):
+        proto.start_round(1, 0.0)
+    b.receive(_send(a, 0.0), 0.0)
+    b.receive(_send(c, 9.0), 0.0)
+    done = b.poll(0.0)
+    assert isinstance(done, RoundComplete)
+    assert done.weights == {IDS[0].peer_id: pytest.approx(1 / 3), IDS[2].peer_id: pytest.approx(1 / 3)}
+    np.testing.assert_allclose(done.mix(_state(3.0), MixSettings())["x"], 4.0)  # (0 + 3 + 9) / 3
+    np.testing.assert_allclose(done.mix(_state(3.0), MixSettings("median"))["x"], 3.0)
+    with pytest.raises(LocalProtocolError, match="unknown mixing rule"):
+        MixSettings("krum")  # type: ignore[arg-type]

@@ -66,3 +66,14 @@ def test_bad_settings_and_short_fits() -> None:
         SimConfig("ring:4", rounds=1, dtype="int8")
     with pytest.raises(LocalProtocolError):
         fit_decay_rate([1.0, 0.5])
+
+
+@pytest.mark.parametrize("rule", ["trimmed-mean", "median", "clip"])
+def test_robust_rules_run_in_the_simulator_and_still_reach_consensus(rule: str) -> None:
+    mean = simulate(SimConfig("exp:8", rounds=15, dim=16, seed=4))
+    robust = simulate(SimConfig("exp:8", rounds=15, dim=16, seed=4, rule=rule))  # type: ignore[arg-type]
+    assert robust.rejected == 0
+    assert robust.rounds[-1].consensus_distance < 1e-2 * robust.rounds[0].consensus_distance
+    assert [r.consensus_distance for r in robust.rounds] != [r.consensus_distance for r in mean.rounds]
+    with pytest.raises(LocalProtocolError):
+        SimConfig("ring:4", rounds=1, rule="krum")  # type: ignore[arg-type]
