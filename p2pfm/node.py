@@ -47,6 +47,7 @@ from p2pfm.config import NodeConfig
 from p2pfm.errors import ConfigError
 from p2pfm.evidence import encode_evidence, evidence_file_name
 from p2pfm.identity import Identity, PeerId, load_key_file
+from p2pfm.link import Transport
 from p2pfm.metrics import MetricsWriter
 from p2pfm.private_files import make_private_dir, write_private_file
 from p2pfm.protocol import (
@@ -58,7 +59,7 @@ from p2pfm.protocol import (
     RoundComplete,
 )
 from p2pfm.train import Trainer
-from p2pfm.transport import Transport, raise_open_files_limit
+from p2pfm.transport import ZmqTransport, raise_open_files_limit
 from p2pfm.wire import limits_for_schema
 
 _POLL_S = 0.05  # receive granularity while waiting for neighbours
@@ -101,7 +102,11 @@ class Node:
         nodes_on_machine: int = 1,
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport`` replaces the ZeroMQ one built from the config (e.g. a
+        ``p2pfm.memory.MemoryTransport`` to run the node in-process); the node
+        closes it when it finishes."""
         self.config = config
         self.resume = resume
         self.stop = stop or threading.Event()
@@ -160,14 +165,14 @@ class Node:
             config.gossip.rule, trim=config.gossip.trim, byzantine_weight=config.gossip.byzantine_weight
         )
         by_name = {peer.name: peer.id for peer in config.peers}
-        self.transport: Transport | None = None
-        if config.gossip.mix:
+        self.transport: Transport | None = transport if config.gossip.mix else None
+        if config.gossip.mix and transport is None:
             if config.transport.insecure:
                 self.log(
                     f"[{self.name}] WARNING: transport.insecure = true: links are PLAINTEXT and "
                     "unauthenticated; anyone on the path can read them. Debugging only."
                 )
-            self.transport = Transport(
+            self.transport = ZmqTransport(
                 config.node.listen,
                 peers,
                 config.transport,

@@ -37,7 +37,8 @@ def _node_summary(folder: Path, metric: str) -> dict[str, Any]:
     records = list(read_metrics(folder / "metrics.jsonl"))
     rounds = [r for r in records if r.get("event") == "round"]
     evaluated = [r for r in rounds if r.get("eval")]
-    last = records[-1] if records else {}
+    # Counters ride on round and done records (resume / caught_up carry none).
+    last: dict[str, Any] = next((r for r in reversed(records) if "bytes_sent" in r), {})
     final = evaluated[-1]["eval"] if evaluated else {}
     peer = next((r.get("peer") for r in records if r.get("peer")), None)
     return {

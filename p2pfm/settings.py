@@ -38,6 +38,10 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(what, f"cannot read {path} ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(what, f"{path} is not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            what, f"{path} is not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
+        ) from None
 
 
 def build(cls: type[T], table: object, section: str) -> T:

@@ -1,4 +1,4 @@
-"""ZeroMQ transport: the only module that imports zmq.
+"""ZeroMQ transport (``link.Transport`` over TCP): the only module that imports zmq.
 
 Socket pattern (why, in docs/architecture.md): every node **binds one PULL**
 socket at its listen address and **connects one PUSH socket to each
@@ -37,9 +37,8 @@ from __future__ import annotations
 import random
 import resource
 import time
-from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 import zmq.auth.thread
@@ -48,10 +47,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from p2pfm.errors import ConfigError
 from p2pfm.identity import Identity, PeerId, curve_public_key
+from p2pfm.link import DROP_FAULT, DROP_QUEUE_FULL, Received, TransportStats
 from p2pfm.wire import Buffer, WireLimits, message_bytes
 
-DROP_QUEUE_FULL = "send_queue_full"  # neighbour down or not keeping up
-DROP_FAULT = "fault_injected"  # scenario `drop` fault
 # A PUSH socket only ever receives CurveZMQ handshake commands (WELCOME,
 # READY: a few hundred bytes); anything larger is an attack on our memory.
 PUSH_MAX_INBOUND_BYTES = 64 * 2**10
@@ -89,29 +87,6 @@ class TransportSettings:
         for name in ("send_queue_messages", "handshake_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transport.{name}", "must be >= 1")
-
-
-@dataclass
-class TransportStats:
-    messages_sent: int = 0
-    bytes_sent: int = 0
-    messages_received: int = 0
-    bytes_received: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)  # by reason
-    refused_connections: int = 0  # CurveZMQ handshakes from keys not allowed in
-    connections_accepted: int = 0  # TCP connections accepted on the listen socket
-    connections_closed: int = 0  # ... and closed again (by the peer, or by us: oversized frame, timeout)
-    handshakes_completed: int = 0
-    links_rebuilt: int = 0  # PUSH sockets built anew after libzmq gave up on them (protocol error)
-    handshake_failures: Counter[str] = field(default_factory=Counter)  # by kind: no_detail/protocol/auth
-
-
-@dataclass(frozen=True)
-class Received:
-    """One message and the peer authenticated on the connection it came on (None: insecure)."""
-
-    link: PeerId | None
-    message: memoryview
 
 
 class _Admission:
@@ -160,8 +135,8 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
-class Transport:
-    """One conflating PULL in, one PUSH per neighbour out (see module docstring)."""
+class ZmqTransport:
+    """ZeroMQ's ``link.Transport``: one conflating PULL in, one PUSH per neighbour out (module docstring)."""
 
     def __init__(
         self,
@@ -376,8 +351,11 @@ class Transport:
             self._auth.stop()
         self._context.term()
 
-    def __enter__(self) -> Transport:
+    def __enter__(self) -> ZmqTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["DROP_FAULT", "DROP_QUEUE_FULL", "Received", "TransportSettings", "TransportStats", "ZmqTransport"]

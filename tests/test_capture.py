@@ -18,7 +18,7 @@ import pytest
 
 from p2pfm import wire
 from p2pfm.identity import Identity
-from p2pfm.transport import Transport, TransportSettings
+from p2pfm.transport import TransportSettings, ZmqTransport
 
 A, B = Identity(b"\x0a" * 32), Identity(b"\x0b" * 32)
 # A tensor whose bytes are easy to find: the ASCII of a marker, repeated.
@@ -63,8 +63,10 @@ def _captured_traffic(insecure: bool) -> bytes:
     time.sleep(0.2)
     try:
         with (
-            Transport(f"tcp://127.0.0.1:{port}", {}, settings, identity=B, allowed=[A.peer_id]) as receiver,
-            Transport(
+            ZmqTransport(
+                f"tcp://127.0.0.1:{port}", {}, settings, identity=B, allowed=[A.peer_id]
+            ) as receiver,
+            ZmqTransport(
                 f"tcp://127.0.0.1:{_free_port()}",
                 {B.peer_id: f"tcp://127.0.0.1:{port}"},
                 settings,

@@ -1,4 +1,4 @@
-"""Transport on loopback: real ZeroMQ sockets, bounded waits."""
+"""ZmqTransport on loopback: real ZeroMQ sockets, bounded waits."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from p2pfm.identity import Identity
 from p2pfm.transport import (
     DROP_FAULT,
     DROP_QUEUE_FULL,
-    Transport,
     TransportSettings,
+    ZmqTransport,
     check_address,
     raise_open_files_limit,
 )
@@ -38,17 +38,17 @@ def _frames(value: float, size: int = 1000, signer: Identity = A) -> bytes:
     return wire.sign(body, signer)
 
 
-def _receiver(address: str, **kw: object) -> Transport:
+def _receiver(address: str, **kw: object) -> ZmqTransport:
     """B listening, admitting A."""
-    return Transport(address, {}, identity=B, allowed=[A.peer_id], **kw)  # type: ignore[arg-type]
+    return ZmqTransport(address, {}, identity=B, allowed=[A.peer_id], **kw)  # type: ignore[arg-type]
 
 
-def _sender(to: str, **kw: object) -> Transport:
+def _sender(to: str, **kw: object) -> ZmqTransport:
     """A with B as its one neighbour."""
-    return Transport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: to}, identity=A, **kw)  # type: ignore[arg-type]
+    return ZmqTransport(f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: to}, identity=A, **kw)  # type: ignore[arg-type]
 
 
-def _receive_one(transport: Transport, timeout_s: float = 5.0) -> memoryview:
+def _receive_one(transport: ZmqTransport, timeout_s: float = 5.0) -> memoryview:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = transport.receive(0.1, max_messages=1)
@@ -132,11 +132,11 @@ def test_inbound_keeps_only_the_newest_message_per_link_and_names_the_link() -> 
     port = _free_port()
     c = Identity(b"\3" * 32)
     with (
-        Transport(
+        ZmqTransport(
             f"tcp://127.0.0.1:{port}", {}, identity=B, allowed=[A.peer_id, c.peer_id], max_message_bytes=2**20
         ) as receiver,
         _sender(f"tcp://127.0.0.1:{port}", settings=TransportSettings(send_queue_messages=100)) as sender_a,
-        Transport(
+        ZmqTransport(
             f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, identity=c
         ) as sender_c,
     ):
@@ -164,7 +164,7 @@ def test_message_above_the_bound_never_arrives() -> None:
     port = _free_port()
     small = 2000 * 4 + 4096
     with (
-        Transport(
+        ZmqTransport(
             f"tcp://127.0.0.1:{port}", {}, identity=B, allowed=[A.peer_id], max_message_bytes=small
         ) as receiver,
         _sender(f"tcp://127.0.0.1:{port}") as sender,
@@ -214,7 +214,7 @@ def test_bind_conflict_and_bad_addresses_are_config_errors() -> None:
     with _receiver(f"tcp://127.0.0.1:{port}"), pytest.raises(ConfigError, match=r"node\.listen"):
         _receiver(f"tcp://127.0.0.1:{port}")
     with pytest.raises(ConfigError, match=r"transport\.insecure"):
-        Transport(f"tcp://127.0.0.1:{_free_port()}", {})
+        ZmqTransport(f"tcp://127.0.0.1:{_free_port()}", {})
     for bad in ("127.0.0.1:5000", "tcp://:5000", "tcp://host:port", "tcp://h:70000"):
         with pytest.raises(ConfigError):
             check_address("node.listen", bad)
@@ -226,7 +226,7 @@ def test_unknown_curve_key_gets_no_connection() -> None:
     mallory = Identity(b"\x66" * 32)
     with (
         _receiver(f"tcp://127.0.0.1:{port}") as receiver,
-        Transport(
+        ZmqTransport(
             f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, identity=mallory
         ) as outsider,
     ):
@@ -242,7 +242,7 @@ def test_plaintext_client_gets_no_connection_and_insecure_mode_works() -> None:
     port = _free_port()
     with (
         _receiver(f"tcp://127.0.0.1:{port}") as receiver,
-        Transport(
+        ZmqTransport(
             f"tcp://127.0.0.1:{_free_port()}",
             {B.peer_id: f"tcp://127.0.0.1:{port}"},
             TransportSettings(insecure=True),
@@ -254,8 +254,8 @@ def test_plaintext_client_gets_no_connection_and_insecure_mode_works() -> None:
     port = _free_port()
     insecure = TransportSettings(insecure=True)
     with (
-        Transport(f"tcp://127.0.0.1:{port}", {}, insecure) as receiver,
-        Transport(
+        ZmqTransport(f"tcp://127.0.0.1:{port}", {}, insecure) as receiver,
+        ZmqTransport(
             f"tcp://127.0.0.1:{_free_port()}", {B.peer_id: f"tcp://127.0.0.1:{port}"}, insecure
         ) as sender,
     ):

@@ -1,0 +1,133 @@
+"""The in-memory transport: the ZeroMQ transport's behaviour without sockets, and a node loop over it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+
+from p2pfm import wire
+from p2pfm.config import load_node_config
+from p2pfm.errors import LocalProtocolError
+from p2pfm.identity import Identity, write_key_file
+from p2pfm.link import DROP_FAULT, Transport
+from p2pfm.memory import LinkFaults, MemoryNetwork, MemoryTransport, memory_transports
+from p2pfm.metrics import read_metrics
+from p2pfm.node import Node
+from tests.conftest import topic_examples, write_jsonl
+
+A, B, C = (Identity(bytes([i]) * 32) for i in (1, 2, 3))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _message(value: float, size: int = 4) -> bytes:
+    body = wire.encode_update(
+        network="n", round=1, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=1,
+        tensors={"x": np.full(size, value, dtype=np.float32)},
+    )  # fmt: skip
+    return wire.sign(body, A)
+
+
+def _value(item: Any) -> float:
+    return float(wire.open_update(item.message, wire.WireLimits()).tensors["x"][0])
+
+
+def test_delivers_with_the_sending_link_and_keeps_the_newest_per_link() -> None:
+    clock = Clock()
+    _, nodes = memory_transports(
+        {A.peer_id: [B.peer_id], C.peer_id: [B.peer_id], B.peer_id: [A.peer_id, C.peer_id]}, clock=clock
+    )
+    transport: Transport = nodes[A.peer_id]  # satisfies the interface the node is written against
+    for value in (1.0, 2.0, 3.0):
+        assert transport.send(_message(value)) == 1
+    nodes[C.peer_id].send(_message(9.0))
+    got = nodes[B.peer_id].receive(0.0)
+    assert {item.link: _value(item) for item in got} == {A.peer_id: 3.0, C.peer_id: 9.0}  # conflated
+    assert nodes[B.peer_id].receive(0.0) == []
+    assert nodes[A.peer_id].stats.messages_sent == 3 and nodes[B.peer_id].stats.messages_received == 2
+    assert nodes[A.peer_id].send(_message(1.0), [C.peer_id]) == 0  # not a neighbour: no link
+
+
+def test_loss_delay_and_bandwidth_per_link() -> None:
+    clock = Clock()
+    network = MemoryNetwork(clock=clock, seed=1)
+    a, b = network.attach(A.peer_id, [B.peer_id]), network.attach(B.peer_id, [A.peer_id])
+    network.set_faults(A.peer_id, B.peer_id, LinkFaults(loss=0.5))
+    taken = sum(a.send(_message(float(i))) for i in range(200))
+    assert 60 < taken < 140 and a.stats.dropped[DROP_FAULT] == 200 - taken
+    b.receive(0.0)
+    size = len(_message(1.0))
+    network.set_faults(A.peer_id, B.peer_id, LinkFaults(delay_s=0.5, bytes_per_s=size / 2.0))
+    a.send(_message(5.0))  # 0.5 s of delay + 2 s on the wire
+    clock.now_s = 2.4
+    assert b.receive(0.0) == []
+    clock.now_s = 2.5
+    assert [_value(item) for item in b.receive(0.0)] == [5.0]
+    with pytest.raises(LocalProtocolError):
+        LinkFaults(loss=1.5)
+    with pytest.raises(LocalProtocolError):
+        network.attach(A.peer_id, [])
+
+
+def test_receive_waits_on_the_real_clock() -> None:
+    _, nodes = memory_transports({A.peer_id: [B.peer_id], B.peer_id: [A.peer_id]})
+    threading.Timer(0.1, lambda: nodes[A.peer_id].send(_message(7.0))).start()
+    got = nodes[B.peer_id].receive(2.0)
+    assert [_value(item) for item in got] == [7.0]
+
+
+def _node_config(tmp_path: Path, model_dir: Path, me: Identity, peer: Identity, rounds: int) -> Path:
+    folder = tmp_path / me.peer_id.short
+    folder.mkdir()
+    write_key_file(me, folder / "node.key")
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(40, seed=0))
+    doc = {
+        "node": {"key": "node.key", "listen": "tcp://127.0.0.1:1", "network": "n", "out": "out"},
+        "peers": [{"id": peer.peer_id.hex, "address": "tcp://127.0.0.1:1", "name": peer.peer_id.short}],
+        "model": {"path": str(model_dir), "task": "classification", "num_labels": 2},
+        "lora": {"rank": 2, "target_modules": ["query", "value"]},
+        "data": {"source": str(data), "partition": "iid", "shards": 2, "shard": 0 if me is A else 1},
+        "train": {"local_steps": 1, "batch_size": 4, "max_length": 16, "threads": 1},
+        "gossip": {"rounds": rounds, "round_timeout_s": 5.0, "eval_every": 100},
+    }
+    (folder / "node.toml").write_text(tomli_w.dumps(doc))
+    return folder / "node.toml"
+
+
+def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """The node loop does not know which transport it runs on: here no socket is opened."""
+    _, transports = memory_transports({A.peer_id: [B.peer_id], B.peer_id: [A.peer_id]})
+    nodes = {
+        me.peer_id: Node(
+            load_node_config(_node_config(tmp_path, tiny_bert_dir, me, peer, rounds=3)),
+            transport=transports[me.peer_id],
+            log=lambda _: None,
+        )
+        for me, peer in ((A, B), (B, A))
+    }
+    results: dict[Any, Any] = {}
+    threads = [threading.Thread(target=lambda p=p: results.update({p: nodes[p].run()})) for p in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(r.rounds_trained == 3 and not r.stopped for r in results.values())
+    for me in (A, B):
+        rounds = [
+            r
+            for r in read_metrics(tmp_path / me.peer_id.short / "out" / "metrics.jsonl")
+            if r["event"] == "round"
+        ]
+        assert [len(r["heard"]) for r in rounds] == [1, 1, 1] and not any(r["timed_out"] for r in rounds)
+    assert isinstance(transports[A.peer_id], MemoryTransport) and transports[A.peer_id].closed
