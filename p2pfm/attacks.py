@@ -24,7 +24,7 @@ see docs/security.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import blake3
 import numpy as np
@@ -33,7 +33,10 @@ from p2pfm import wire
 from p2pfm.identity import Identity
 from p2pfm.protocol import GossipProtocol
 
-ATTACKS = ("scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future")
+AttackKind = Literal[
+    "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"
+]
+ATTACKS: tuple[str, ...] = get_args(AttackKind)  # defined once, in AttackKind
 DEFAULT_FACTOR = {"scale": 10.0, "noise": 1.0, "signflip": 1.0, "equivocate": 10.0}  # others: 1.0
 
 Array = np.ndarray[Any, Any]

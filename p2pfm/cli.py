@@ -72,8 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
     sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="wire dtype")
     sim.add_argument(
-        "--rule", choices=["mean", "trimmed-mean", "median", "clip"], default="mean",
-        help="mixing rule, as gossip.rule (default mean)",
+        "--rule", default="mean",
+        help="mixing rule, as gossip.rule: mean, trimmed-mean, median or clip (default mean)",
     )  # fmt: skip
     sim.add_argument(
         "--trim", type=int, default=1, help="trimmed-mean: values dropped at each end (default 1)"

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from p2pfm.adapter import LoraSettings, ModelSettings
+from p2pfm.attacks import AttackKind
+from p2pfm.consensus import MixRule
 from p2pfm.data import DataConfig
 from p2pfm.errors import ConfigError, TopologyError
 from p2pfm.identity import PeerId
@@ -77,7 +79,7 @@ class GossipSettings:
     seed: int = 0  # adapter initialisation seed; the same on every node
     snapshot_every: int = 0  # keep the mixed adapter every N rounds (consensus analysis); 0 = never
     eval_every: int = 1  # evaluate every N rounds (and after the last); 1 also evaluates before training
-    rule: Literal["mean", "trimmed-mean", "median", "clip"] = "mean"  # mixing rule (docs/robust.md)
+    rule: MixRule = "mean"  # mixing rule (docs/robust.md)
     trim: int = 1  # trimmed-mean: values dropped at each end per coordinate
     byzantine_weight: float = 0.25  # clip: neighbour weight share whose farthest holders get clipped
     max_rounds_ahead: int = 3  # updates further ahead than this are refused (future_round)
@@ -108,9 +110,7 @@ class FaultSettings:
     slow_factor: float = 1.0  # training takes this many times longer
     drop: dict[str, float] = field(default_factory=dict)  # neighbour name -> loss probability
     # Misbehave (attack experiments, p2pfm/attacks.py): "" = honest.
-    attack: Literal[
-        "", "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"
-    ] = ""
+    attack: AttackKind | Literal[""] = ""
     attack_factor: float | None = None  # default per attack (scale 10, noise 1, signflip 1)
 
     def __post_init__(self) -> None:

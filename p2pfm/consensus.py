@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
@@ -26,7 +26,7 @@ Array = np.ndarray[Any, Any]
 State = Mapping[str, Array]
 
 MixRule = Literal["mean", "trimmed-mean", "median", "clip"]
-MIX_RULES: tuple[str, ...] = ("mean", "trimmed-mean", "median", "clip")
+MIX_RULES: tuple[str, ...] = get_args(MixRule)  # defined once, in MixRule
 
 _WEIGHT_SLACK = 1e-9  # float error allowed when weights sum to exactly one
 # Coordinates sorted per block: a (n, 65536) float64 block is ~4.7 MB for n = 9,
