@@ -40,13 +40,13 @@ from typing import Any
 
 import safetensors.numpy
 
-from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
 from p2pfm.attacks import Attacker
 from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.config import NodeConfig
 from p2pfm.errors import ConfigError
 from p2pfm.evidence import encode_evidence, evidence_file_name
 from p2pfm.identity import Identity, PeerId, load_key_file
+from p2pfm.learner import Learner
 from p2pfm.link import Transport
 from p2pfm.metrics import MetricsWriter
 from p2pfm.private_files import make_private_dir, write_private_file
@@ -58,7 +58,6 @@ from p2pfm.protocol import (
     Rejected,
     RoundComplete,
 )
-from p2pfm.train import Trainer
 from p2pfm.transport import ZmqTransport, raise_open_files_limit
 from p2pfm.wire import limits_for_schema
 
@@ -103,10 +102,13 @@ class Node:
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
         transport: Transport | None = None,
+        learner: Learner | None = None,
     ) -> None:
         """``transport`` replaces the ZeroMQ one built from the config (e.g. a
         ``p2pfm.memory.MemoryTransport`` to run the node in-process); the node
-        closes it when it finishes."""
+        closes it when it finishes. ``learner`` replaces the model the config
+        describes (e.g. a ``p2pfm.learner.QuadraticLearner`` to simulate
+        without one)."""
         self.config = config
         self.resume = resume
         self.stop = stop or threading.Event()
@@ -118,32 +120,20 @@ class Node:
         self.name = config.node.name or self.identity.peer_id.short
         make_private_dir(config.node.out)
         self.open_files_limit = raise_open_files_limit()[0]
-        self.am: AdapterModel = build_adapter_model(config.model, config.lora, seed=config.gossip.seed)
-        test, shards = config.data.node_shards(config.shard.shards)
-        labels = test.label_names
-        if config.model.task == "classification" and config.model.num_labels != len(labels):
-            raise ConfigError(
-                "model.num_labels",
-                f"the data has {len(labels)} labels ({', '.join(labels)}); set num_labels = {len(labels)}",
-            )
-        self.test = test.examples
-        self.shard = shards[config.shard.shard]
-        self.trainer = Trainer(
-            self.am,
-            self.shard.examples,
-            config.train,
-            seed=config.gossip.seed * 100_003 + config.shard.shard,
-            nodes_on_machine=nodes_on_machine,
-        )
+        if learner is None:
+            from p2pfm.adapter_learner import AdapterLearner  # noqa: PLC0415  torch only when a model runs
+
+            learner = AdapterLearner(config, nodes_on_machine=nodes_on_machine)
+        self.learner: Learner = learner
         wire_dtype = config.gossip.wire_dtype
-        self.wire_dtypes = {spec.name: wire_dtype for spec in self.am.schema}
-        schema = tuple(dataclasses.replace(spec, dtype=wire_dtype) for spec in self.am.schema)
+        self.wire_dtypes = {spec.name: wire_dtype for spec in learner.schema}
+        schema = tuple(dataclasses.replace(spec, dtype=wire_dtype) for spec in learner.schema)
         # Bounds from the largest legitimate message of this schema: nobody
         # makes us buffer more than that per connection (docs/security.md).
         # The float32 schema's bound too: a node with another wire dtype is
         # then refused as schema_mismatch (counted), not cut off by size.
         limits = max(
-            (limits_for_schema(specs, network=config.node.network) for specs in (schema, self.am.schema)),
+            (limits_for_schema(specs, network=config.node.network) for specs in (schema, learner.schema)),
             key=lambda lim: lim.max_message_bytes,
         )
         peers = {peer.id: peer.address for peer in config.peers}
@@ -153,7 +143,7 @@ class Node:
             peers,
             ProtocolConfig(
                 network=config.node.network,
-                fingerprint=self.am.fingerprint,
+                fingerprint=learner.fingerprint,
                 round_timeout_s=config.gossip.round_timeout_s,
                 limits=limits,
                 schema=schema,
@@ -232,7 +222,7 @@ class Node:
     def _save_adapter(self, attempts: int = 3) -> bool:
         """Write the final adapter; a failing disk gets a few tries, a second apart."""
         for attempt in range(attempts):
-            if self._guard("adapter", save_adapter, self.am, self.config.node.out / "adapter"):
+            if self._guard("adapter", self.learner.save, self.config.node.out / "adapter"):
                 return True
             if attempt + 1 < attempts:
                 time.sleep(1.0)
@@ -245,12 +235,9 @@ class Node:
     def _start(self) -> int:
         checkpoint = load_checkpoint(self.config.checkpoint_dir) if self.resume else None
         common = {
-            "shard_examples": len(self.shard),
-            "test_examples": len(self.test),
-            "device": str(self.trainer.device),
-            "autocast": str(self.trainer.autocast_dtype or "fp32"),
+            **self.learner.describe(),
             "neighbours": sorted(self.peer_names.values()),
-            "adapter_bytes": sum(spec.nbytes for spec in self.am.schema),
+            "adapter_bytes": sum(spec.nbytes for spec in self.learner.schema),
             "max_message_bytes": self.protocol.config.limits.max_message_bytes,
             "open_files_limit": self.open_files_limit,
             "insecure": self.config.transport.insecure,
@@ -260,14 +247,14 @@ class Node:
         if checkpoint is None and sent is None:
             self._write("start", **common)
             if self.config.gossip.eval_every == 1:
-                evaluation = self.trainer.evaluate(self.test)
+                evaluation = self.learner.evaluate()
                 self._write("round", round=0, eval=evaluation, train_loss=None, **self._counters())
                 self.log(f"[{self.name}] round 0 (before training): {_fmt(evaluation)}")
             return 1
         last_round, last_seq = (checkpoint.round, checkpoint.seq) if checkpoint else (0, 0)
         if checkpoint is not None:
-            set_state(self.am, checkpoint.adapter)
-            self.trainer.load_state_dict(checkpoint.trainer)
+            self.learner.set_state(checkpoint.adapter)
+            self.learner.load_state_dict(checkpoint.trainer)
             self.rounds_trained = checkpoint.rounds_trained
         if sent is not None and sent > (last_round, last_seq):
             # We sent round sent[0] and crashed before its checkpoint: that
@@ -306,7 +293,7 @@ class Node:
     def _round(self, round_: int) -> dict[str, float]:
         gossip, train = self.config.gossip, self.config.train
         started = time.monotonic()
-        loss = self.trainer.train_steps(train.local_steps) if train.local_steps else None
+        loss = self.learner.train_steps(train.local_steps)
         train_s = time.monotonic() - started
         if self.config.faults.slow_factor > 1.0:
             self.stop.wait((self.config.faults.slow_factor - 1.0) * train_s)
@@ -318,21 +305,21 @@ class Node:
         if gossip.mix:
             self._receive(0.0)  # judge what arrived while we trained
             self.protocol.start_round(round_, time.monotonic())
-            state = get_state(self.am)
+            state = self.learner.get_state()
             self._publish(state)
             waited = time.monotonic()
             done = self._collect()
             wait_s = time.monotonic() - waited
             mixed = done.mix(state, self.mix_settings)
-            set_state(self.am, mixed)
+            self.learner.set_state(mixed)
             self._send_proofs()
             heard = sorted(self.peer_names[p] for p in done.updates)
             missing = sorted(self.peer_names[p] for p in done.missing)
             timed_out = done.timed_out
         evaluation: dict[str, float] = {}
         if round_ % gossip.eval_every == 0 or round_ == gossip.rounds:
-            evaluation = self.trainer.evaluate(self.test)
-        adapter = get_state(self.am)  # after mixing: what the checkpoint and snapshot keep
+            evaluation = self.learner.evaluate()
+        adapter = self.learner.get_state()  # after mixing: what the checkpoint and snapshot keep
         self._save(round_, adapter)
         round_s = time.monotonic() - started
         counters = self._counters()
@@ -376,7 +363,7 @@ class Node:
 
     def _save(self, round_: int, adapter: dict[str, Any]) -> None:
         checkpoint = Checkpoint(
-            round_, self.protocol.seq, adapter, self.trainer.state_dict(), rounds_trained=self.rounds_trained
+            round_, self.protocol.seq, adapter, self.learner.state_dict(), rounds_trained=self.rounds_trained
         )
         self._guard("checkpoint", save_checkpoint, self.config.checkpoint_dir, checkpoint)
         every = self.config.gossip.snapshot_every

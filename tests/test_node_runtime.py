@@ -96,8 +96,9 @@ def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
     def full_disk(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "simulated")
 
-    monkeypatch.setattr(node_module, "save_adapter", full_disk)
-    result = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None).run()
+    node = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
+    monkeypatch.setattr(node.learner, "save", full_disk)
+    result = node.run()
     assert not result.adapter_saved and not result.stopped and result.rounds_trained == 1
     done = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["event"] == "done"][-1]
     assert done["adapter_saved"] is False and done["io_errors"]["adapter"] == 3

@@ -1,0 +1,139 @@
+"""What a node trains: the ``Learner`` interface, and a model-free one for simulations.
+
+The node loop (p2pfm/node.py) trains, exchanges and mixes whatever a Learner
+holds: a dict of named float arrays (the adapter), trained a few local steps
+at a time, evaluated, checkpointed. Two implementations:
+
+- ``p2pfm.adapter_learner.AdapterLearner``: LoRA adapters on a transformers
+  model, trained on the node's data shard (torch lives there);
+- :class:`QuadraticLearner` here: a numpy objective, so that topologies,
+  rules, faults and attacks can be simulated with the real node loop and no
+  model. Node i minimises ``f_i(x) = ||x - c_i||^2 / 2`` with its own centre
+  ``c_i``; the network's optimum is the mean of the centres, so how far each
+  node ends from it measures what gossip achieved.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import safetensors.numpy
+
+from p2pfm.errors import LocalProtocolError
+from p2pfm.fingerprint import fingerprint, schema_document
+from p2pfm.private_files import make_private_dir, write_private_file
+from p2pfm.wire import TensorSpec
+
+Array = np.ndarray[Any, Any]
+
+
+class Learner(Protocol):
+    """A node's trainable state (float32 tensors) and how to train and evaluate it."""
+
+    schema: tuple[TensorSpec, ...]  # the tensors' names, float32 dtype and shapes
+    fingerprint: bytes  # what neighbours must share to average (docs/protocol.md section 7)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the node's ``start`` event (shard and test sizes, device, ...)."""
+        ...
+
+    def train_steps(self, steps: int) -> float | None:
+        """Run ``steps`` local steps; the mean training loss (None for 0 steps)."""
+        ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def get_state(self) -> dict[str, Array]: ...
+
+    def set_state(self, state: Mapping[str, Array]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the state needed to resume exactly (optimizer, RNGs)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save(self, folder: Path) -> None:
+        """Write the final state where users expect it (e.g. the PEFT adapter layout)."""
+        ...
+
+
+class QuadraticLearner:
+    """Gradient descent on ``||x - centre||^2 / 2`` plus Gaussian gradient noise (module docstring)."""
+
+    def __init__(
+        self,
+        centre: Array,
+        optimum: Array,
+        *,
+        lr: float = 0.1,
+        noise: float = 0.0,
+        start: Array | None = None,
+        seed: int = 0,
+    ) -> None:
+        if centre.shape != optimum.shape or centre.ndim != 1:
+            raise LocalProtocolError("centre and optimum must be vectors of one length")
+        if not 0.0 < lr <= 1.0 or not noise >= 0.0:
+            raise LocalProtocolError(f"lr must be in (0, 1] and noise >= 0, got {lr} and {noise}")
+        self.centre = np.asarray(centre, np.float32)
+        self.optimum = np.asarray(optimum, np.float32)
+        self.lr, self.noise = lr, noise
+        self._rng = np.random.default_rng(seed)
+        self._x = np.array(self.centre if start is None else start, dtype=np.float32)
+        self.schema = (TensorSpec("x", "float32", self._x.shape),)
+        self.fingerprint = fingerprint({"quadratic": schema_document(list(self.schema))})
+
+    def describe(self) -> dict[str, Any]:
+        return {"learner": "quadratic", "dim": int(self._x.size), "device": "cpu", "autocast": "fp32"}
+
+    def train_steps(self, steps: int) -> float | None:
+        losses = []
+        for _ in range(steps):
+            gradient = self._x - self.centre
+            losses.append(0.5 * float(np.dot(gradient, gradient)))
+            if self.noise:
+                gradient = gradient + self._rng.normal(0.0, self.noise, gradient.shape).astype(np.float32)
+            self._x -= self.lr * gradient
+        return float(np.mean(losses)) if losses else None
+
+    def evaluate(self) -> dict[str, float]:
+        """``distance``: ||x - optimum|| relative to ||optimum|| (0 = the pooled solution)."""
+        scale = float(np.linalg.norm(self.optimum)) or 1.0
+        return {"distance": float(np.linalg.norm(self._x - self.optimum)) / scale}
+
+    def get_state(self) -> dict[str, Array]:
+        return {"x": self._x.copy()}
+
+    def set_state(self, state: Mapping[str, Array]) -> None:
+        x = np.asarray(state["x"], np.float32)
+        if x.shape != self._x.shape or not np.isfinite(x).all():
+            raise LocalProtocolError("state must be a finite vector of the learner's length")
+        self._x = x.copy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"numpy_rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["numpy_rng"]
+
+    def save(self, folder: Path) -> None:
+        make_private_dir(folder)
+        write_private_file(folder / "state.safetensors", safetensors.numpy.save(self.get_state()))
+
+
+def quadratic_problem(
+    nodes: int, dim: int, *, seed: int = 0, spread: float = 1.0
+) -> tuple[list[Array], Array]:
+    """Per-node centres (heterogeneous: each node's data points elsewhere) and their mean, the optimum."""
+    if nodes < 1 or dim < 1 or not math.isfinite(spread):
+        raise LocalProtocolError("need nodes >= 1, dim >= 1 and a finite spread")
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(dim)
+    centres = [(shared + spread * rng.standard_normal(dim)).astype(np.float32) for _ in range(nodes)]
+    return centres, np.mean(centres, axis=0).astype(np.float32)
