@@ -348,27 +348,9 @@ def limits_for_schema(
     header_bound = 2 * (len(widest) + sum(9 * len(s.shape) for s in specs)) + 1024
     header_bound = min(header_bound, base.max_header_bytes)
     payload = sum(s.nbytes for s in specs)
-    limits = WireLimits(
-        max_message_bytes=base.max_message_bytes,
-        max_header_bytes=header_bound,
-        max_tensors=base.max_tensors,
-        max_tensor_elements=base.max_tensor_elements,
-        max_ndim=base.max_ndim,
-        max_name_bytes=base.max_name_bytes,
-        max_network_id_bytes=base.max_network_id_bytes,
-        dtypes=base.dtypes,
-    )
+    limits = dataclasses.replace(base, max_header_bytes=header_bound)
     biggest = HEAD_OVERHEAD_BYTES + max(header_bound + payload, limits.max_proof_header_bytes)
-    return WireLimits(
-        max_message_bytes=min(biggest, base.max_message_bytes),
-        max_header_bytes=header_bound,
-        max_tensors=base.max_tensors,
-        max_tensor_elements=base.max_tensor_elements,
-        max_ndim=base.max_ndim,
-        max_name_bytes=base.max_name_bytes,
-        max_network_id_bytes=base.max_network_id_bytes,
-        dtypes=base.dtypes,
-    )
+    return dataclasses.replace(limits, max_message_bytes=min(biggest, base.max_message_bytes))
 
 
 # --------------------------------------------------------------------- verify
