@@ -9,6 +9,7 @@ field (``train.lr``) and says what is expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -85,15 +86,18 @@ def coerce(value: object, annotation: Any, field: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, option, field)
             except ConfigError as exc:
-                errors.append(exc.problem)
-        raise ConfigError(field, errors[0] if len(errors) == 1 else "; ".join(errors))
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]  # keeps the nested field name (e.g. a table inside an optional one)
+        raise ConfigError(field, "; ".join(exc.problem for exc in errors))
     if origin is typing.Literal:
-        if value not in args:
+        # Compare by type too: True == 1 and 1.0 == 1 must not pass for Literal[1].
+        if not any(type(value) is type(a) and value == a for a in args):
             raise ConfigError(field, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
         return value
     if origin is tuple:
@@ -117,7 +121,10 @@ def coerce(value: object, annotation: Any, field: str) -> Any:
     if annotation is float:
         if type(value) not in (int, float):
             raise ConfigError(field, f"must be a number, got {_kind(value)}")
-        return float(typing.cast(float, value))
+        number = float(typing.cast(float, value))
+        if not math.isfinite(number):  # TOML has inf and nan; no setting means either
+            raise ConfigError(field, f"must be a finite number, got {number}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(field, f"must be a string, got {_kind(value)}")
