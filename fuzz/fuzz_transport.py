@@ -34,7 +34,6 @@ import json
 import os
 import random
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +56,7 @@ import zmtp  # noqa: E402  (fuzz/ is not a package)
 
 from p2pfm.identity import load_key_file  # noqa: E402
 from p2pfm.metrics import read_metrics  # noqa: E402
-from p2pfm.scenario import load_scenario, write_node_configs  # noqa: E402
+from p2pfm.scenario import load_scenario, stop_processes, write_node_configs  # noqa: E402
 from p2pfm.settings import read_toml  # noqa: E402
 
 MiB = 2**20
@@ -165,7 +164,7 @@ class LiveNetwork:
         self.started_at = 0.0
 
     def _scenario(self) -> Path:
-        from tests.conftest import topic_examples, write_jsonl  # noqa: PLC0415  (imports torch)
+        from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl  # noqa: PLC0415
 
         data = write_jsonl(self.workdir / "data.jsonl", topic_examples(self.examples, seed=5))
         path = self.workdir / "scenario.toml"
@@ -173,19 +172,7 @@ class LiveNetwork:
             f"""
 name = "outsider"
 topology = "complete:{self.n}"
-
-[model]
-path = "{self.model_dir}"
-task = "classification"
-num_labels = 2
-
-[lora]
-rank = 4
-target_modules = ["query", "value"]
-
-[data]
-source = "{data}"
-partition = "iid"
+{tiny_classifier_toml(self.model_dir, data)}
 
 [train]
 batch_size = 8
@@ -296,17 +283,7 @@ snapshot_every = 0
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, every node still running (by pid); close our listeners."""
-        running = [n.popen for n in self.running if n.popen is not None and n.popen.poll() is None]
-        for popen in running:
-            with contextlib.suppress(ProcessLookupError):
-                popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        for popen in running:
-            try:
-                popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(timeout=10.0)
+        stop_processes([n.popen for n in self.running if n.popen is not None])
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()

@@ -290,6 +290,43 @@ def bare_connects(
     return result
 
 
+def _send_variants(
+    result: AttackResult,
+    address: Address,
+    variants: list[tuple[str, Callable[[], bytes]]],
+    *,
+    count: int,
+    wait_s: float,
+    started: float,
+    prefix: bytes = b"",
+) -> AttackResult:
+    """One connection per payload (cycling through ``variants``): send ``prefix + payload``,
+    wait up to ``wait_s`` for the node to close it, count which kinds it closed."""
+    kinds: dict[str, int] = {}
+    for i in range(count):
+        name, make = variants[i % len(variants)]
+        try:
+            sock = _connect(address)
+        except OSError:
+            result.connect_failures += 1
+            continue
+        result.connections += 1
+        try:
+            payload = prefix + make()
+            sock.sendall(payload)
+            result.bytes_sent += len(payload)
+            if _wait_closed(sock, wait_s):
+                result.closed_by_peer += 1
+                kinds[name] = kinds.get(name, 0) + 1
+        except OSError:
+            result.closed_by_peer += 1
+        finally:
+            _abort(sock)
+    result.notes["closed_by_kind"] = kinds
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def bad_greetings(
     address: Address, rng: random.Random, *, count: int = 24, wait_s: float = 1.0
 ) -> AttackResult:
@@ -312,29 +349,7 @@ def bad_greetings(
         ("bad_signature", lambda: bytes([0xFE]) + good[1:]),
         ("zmtp1_huge_identity", lambda: b"\xff" + struct.pack(">Q", 2**40) + b"\x7f" + bytes(54)),
     ]
-    kinds: dict[str, int] = {}
-    for i in range(count):
-        name, make = variants[i % len(variants)]
-        try:
-            sock = _connect(address)
-        except OSError:
-            result.connect_failures += 1
-            continue
-        result.connections += 1
-        try:
-            payload = make()
-            sock.sendall(payload)
-            result.bytes_sent += len(payload)
-            if _wait_closed(sock, wait_s):
-                result.closed_by_peer += 1
-                kinds[name] = kinds.get(name, 0) + 1
-        except OSError:
-            result.closed_by_peer += 1
-        finally:
-            _abort(sock)
-    result.notes["closed_by_kind"] = kinds
-    result.seconds = time.monotonic() - started
-    return result
+    return _send_variants(result, address, variants, count=count, wait_s=wait_s, started=started)
 
 
 def partial_frame(
@@ -439,29 +454,9 @@ def handshake_garbage(
         ("message_first", lambda: frame(rng.randbytes(100))),
         ("empty_command", lambda: frame(b"", command=True)),
     ]
-    kinds: dict[str, int] = {}
-    for i in range(count):
-        name, make = variants[i % len(variants)]
-        try:
-            sock = _connect(address)
-        except OSError:
-            result.connect_failures += 1
-            continue
-        result.connections += 1
-        try:
-            payload = greeting() + make()
-            sock.sendall(payload)
-            result.bytes_sent += len(payload)
-            if _wait_closed(sock, wait_s):
-                result.closed_by_peer += 1
-                kinds[name] = kinds.get(name, 0) + 1
-        except OSError:
-            result.closed_by_peer += 1
-        finally:
-            _abort(sock)
-    result.notes["closed_by_kind"] = kinds
-    result.seconds = time.monotonic() - started
-    return result
+    return _send_variants(
+        result, address, variants, count=count, wait_s=wait_s, started=started, prefix=greeting()
+    )
 
 
 def multipart_bomb(

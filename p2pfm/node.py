@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +72,6 @@ class _PendingProof:
     message: bytes
     to: list[PeerId]
     sends_left: int = _PROOF_SENDS
-
-
-@dataclass
-class _IOFaults:
-    """The node's own failed writes, by what was written; each is retried next round."""
-
-    counts: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -177,7 +170,7 @@ class Node:
         )
         self._logged_rejections: set[tuple[str, str]] = set()
         self._internal_errors = 0  # messages whose handling raised (a bug, counted, never fatal)
-        self._io = _IOFaults()
+        self._io_errors: Counter[str] = Counter()  # our own failed writes, by what; each retried
         self._proofs: list[_PendingProof] = []
         self._unwritten: list[tuple[str, dict[str, Any]]] = []  # metrics records not yet on disk
         self.rounds_trained = 0
@@ -376,14 +369,19 @@ class Node:
         try:
             write(*args)
         except OSError as exc:
-            self._io.counts[what] += 1
-            if self._io.counts[what] in (1, 10, 100) or self._io.counts[what] % 1000 == 0:
-                self.log(
-                    f"[{self.name}] ERROR: {what} write failed ({exc}); "
-                    f"{self._io.counts[what]} so far, retried next round, training goes on"
-                )
+            self._io_failed(what, exc)
             return False
         return True
+
+    def _io_failed(self, what: str, exc: OSError) -> None:
+        """Count a failed write; log the 1st, 10th, 100th and every 1000th (no log floods)."""
+        self._io_errors[what] += 1
+        count = self._io_errors[what]
+        if count in (1, 10, 100) or count % 1000 == 0:
+            self.log(
+                f"[{self.name}] ERROR: {what} write failed ({exc}); "
+                f"{count} so far, retried later, training goes on"
+            )
 
     def _write(self, event: str, **fields: Any) -> None:
         """Append a metrics record; records that fail to write are kept (bounded) and retried first."""
@@ -393,11 +391,7 @@ class Node:
             try:
                 self.metrics.write(pending_event, **pending_fields)
             except OSError as exc:
-                self._io.counts["metrics"] += 1
-                if self._io.counts["metrics"] in (1, 10, 100) or self._io.counts["metrics"] % 1000 == 0:
-                    self.log(
-                        f"[{self.name}] ERROR: metrics write failed ({exc}); retried later, training goes on"
-                    )
+                self._io_failed("metrics", exc)
                 del self._unwritten[:-_MAX_UNWRITTEN_RECORDS]  # keep the newest
                 return
             self._unwritten.pop(0)
@@ -478,7 +472,7 @@ class Node:
             "rejected": {reason.value: n for reason, n in self.protocol.rejections.items()},
             "banned": sorted(self.peer_names.get(p, p.short) for p in self.protocol.banned),
             "internal_errors": self._internal_errors,
-            "io_errors": dict(self._io.counts),
+            "io_errors": dict(self._io_errors),
         }
 
 

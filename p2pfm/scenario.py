@@ -10,13 +10,14 @@ pid before it returns, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,11 +255,16 @@ def _rounds_done(proc: _Proc) -> int:
 
 
 def _stop_all(procs: list[_Proc]) -> None:
-    """Terminate, then kill, every process still running (by pid)."""
-    running = [p.popen for p in procs if p.popen is not None and p.popen.poll() is None]
+    stop_processes([p.popen for p in procs if p.popen is not None])
+
+
+def stop_processes(popens: Sequence[subprocess.Popen[Any]], grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running (by pid), wait up to ``grace_s``, then SIGKILL."""
+    running = [popen for popen in popens if popen.poll() is None]
     for popen in running:
-        popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10.0
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
     for popen in running:
         try:
             popen.wait(timeout=max(0.1, deadline - time.monotonic()))

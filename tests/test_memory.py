@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from p2pfm import wire
 from p2pfm.config import load_node_config
 from p2pfm.errors import LocalProtocolError
 from p2pfm.identity import Identity, write_key_file
+from p2pfm.learner import QuadraticLearner
 from p2pfm.link import DROP_FAULT, Transport
 from p2pfm.memory import LinkFaults, MemoryNetwork, MemoryTransport, memory_transports
 from p2pfm.metrics import read_metrics
@@ -87,22 +89,43 @@ def test_receive_waits_on_the_real_clock() -> None:
     assert [_value(item) for item in got] == [7.0]
 
 
-def _node_config(tmp_path: Path, model_dir: Path, me: Identity, peer: Identity, rounds: int) -> Path:
-    folder = tmp_path / me.peer_id.short
-    folder.mkdir()
+def _write_config(folder: Path, me: Identity, peers: dict[str, Identity], **sections: Any) -> Path:
+    """A node config (and key file) in ``folder``; the listen/peer addresses are never dialled."""
+    folder.mkdir(parents=True)
     write_key_file(me, folder / "node.key")
-    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(40, seed=0))
     doc = {
         "node": {"key": "node.key", "listen": "tcp://127.0.0.1:1", "network": "n", "out": "out"},
-        "peers": [{"id": peer.peer_id.hex, "address": "tcp://127.0.0.1:1", "name": peer.peer_id.short}],
-        "model": {"path": str(model_dir), "task": "classification", "num_labels": 2},
-        "lora": {"rank": 2, "target_modules": ["query", "value"]},
-        "data": {"source": str(data), "partition": "iid", "shards": 2, "shard": 0 if me is A else 1},
-        "train": {"local_steps": 1, "batch_size": 4, "max_length": 16, "threads": 1},
-        "gossip": {"rounds": rounds, "round_timeout_s": 5.0, "eval_every": 100},
+        "peers": [
+            {"id": p.peer_id.hex, "address": "tcp://127.0.0.1:1", "name": name} for name, p in peers.items()
+        ],
+        **sections,
     }
     (folder / "node.toml").write_text(tomli_w.dumps(doc))
     return folder / "node.toml"
+
+
+def _run_all(nodes: dict[Any, Node]) -> dict[Any, Any]:
+    """Run every node loop in its own thread; their results once all have finished (bounded wait)."""
+    results: dict[Any, Any] = {}
+    threads = [threading.Thread(target=lambda k=k: results.update({k: nodes[k].run()})) for k in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == len(nodes), "a node loop did not finish"
+    return results
+
+
+def _tiny_model_config(tmp_path: Path, model_dir: Path, me: Identity, peer: Identity, rounds: int) -> Path:
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(40, seed=0))
+    return _write_config(
+        tmp_path / me.peer_id.short, me, {peer.peer_id.short: peer},
+        model={"path": str(model_dir), "task": "classification", "num_labels": 2},
+        lora={"rank": 2, "target_modules": ["query", "value"]},
+        data={"source": str(data), "partition": "iid", "shards": 2, "shard": 0 if me is A else 1},
+        train={"local_steps": 1, "batch_size": 4, "max_length": 16, "threads": 1},
+        gossip={"rounds": rounds, "round_timeout_s": 5.0, "eval_every": 100},
+    )  # fmt: skip
 
 
 def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: Path) -> None:
@@ -110,18 +133,13 @@ def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: P
     _, transports = memory_transports({A.peer_id: [B.peer_id], B.peer_id: [A.peer_id]})
     nodes = {
         me.peer_id: Node(
-            load_node_config(_node_config(tmp_path, tiny_bert_dir, me, peer, rounds=3)),
+            load_node_config(_tiny_model_config(tmp_path, tiny_bert_dir, me, peer, rounds=3)),
             transport=transports[me.peer_id],
             log=lambda _: None,
         )
         for me, peer in ((A, B), (B, A))
     }
-    results: dict[Any, Any] = {}
-    threads = [threading.Thread(target=lambda p=p: results.update({p: nodes[p].run()})) for p in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    results = _run_all(nodes)
     assert all(r.rounds_trained == 3 and not r.stopped for r in results.values())
     for me in (A, B):
         rounds = [
@@ -133,9 +151,23 @@ def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: P
     assert isinstance(transports[A.peer_id], MemoryTransport) and transports[A.peer_id].closed
 
 
+class _Computing(QuadraticLearner):
+    """A quadratic learner whose local steps take some time, as real training does.
+
+    Training in microseconds, a fast neighbour could finish its next round and
+    replace its previous update in a slow thread's inbox (which conflates, as the
+    ZeroMQ one does) before that thread read it: the round would then mix with
+    the newer state and the result would depend on thread scheduling.
+    """
+
+    def train_steps(self, steps: int) -> float | None:
+        time.sleep(0.05)
+        return super().train_steps(steps)
+
+
 def _quadratic_network(tmp_path: Path, spec: str, rounds: int, *, mix: bool = True) -> dict[int, Any]:
     """One real Node loop per vertex, in threads, on quadratic learners and the memory transport."""
-    from p2pfm.learner import QuadraticLearner, quadratic_problem  # noqa: PLC0415
+    from p2pfm.learner import quadratic_problem  # noqa: PLC0415
     from p2pfm.topology import parse_topology  # noqa: PLC0415
 
     topology = parse_topology(spec)
@@ -147,34 +179,21 @@ def _quadratic_network(tmp_path: Path, spec: str, rounds: int, *, mix: bool = Tr
     )
     nodes = {}
     for i in range(n):
-        folder = tmp_path / f"n{i}"
-        folder.mkdir(parents=True)
-        write_key_file(ids[i], folder / "node.key")
-        doc = {
-            "node": {"key": "node.key", "listen": "tcp://127.0.0.1:1", "network": "q", "out": "out"},
-            "peers": [
-                {"id": ids[j].peer_id.hex, "address": "tcp://127.0.0.1:1", "name": f"n{j}"}
-                for j in topology.neighbours(i)
-            ],
-            "model": {"path": "minilm", "num_labels": 5},  # described, never loaded: the learner replaces it
-            "train": {"local_steps": 2},
-            "gossip": {"rounds": rounds, "round_timeout_s": 10.0, "mix": mix},
-        }
-        (folder / "node.toml").write_text(tomli_w.dumps(doc))
-        learner = QuadraticLearner(centres[i], optimum, lr=0.3, seed=i)
+        config = _write_config(
+            tmp_path / f"n{i}", ids[i], {f"n{j}": ids[j] for j in topology.neighbours(i)},
+            model={"path": "minilm", "num_labels": 5},  # described, never loaded: the learner replaces it
+            train={"local_steps": 2},
+            gossip={"rounds": rounds, "round_timeout_s": 10.0, "mix": mix},
+        )  # fmt: skip
+        learner = _Computing(centres[i], optimum, lr=0.3, seed=i)
         nodes[i] = Node(
-            load_node_config(folder / "node.toml"),
+            load_node_config(config),
             transport=transports[ids[i].peer_id],
             learner=learner,
             log=lambda _: None,
         )
-    results: dict[int, Any] = {}
-    threads = [threading.Thread(target=lambda i=i: results.update({i: nodes[i].run()})) for i in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert len(results) == n and all(r.rounds_trained == rounds for r in results.values())
+    results = _run_all(nodes)
+    assert all(r.rounds_trained == rounds for r in results.values())
     return {i: nodes[i].learner.evaluate()["distance"] for i in nodes}
 
 
@@ -184,6 +203,6 @@ def test_node_loops_on_a_model_free_learner_reach_the_network_optimum(tmp_path: 
     alone = _quadratic_network(tmp_path / "alone", "ring:6", rounds=25, mix=False)
     # Alone, each node converges to its own centre, far from the network's optimum;
     # gossiping, every node ends much nearer to it (not at it: with a constant step
-    # and different centres, D-PSGD keeps a bias: client drift).
+    # and different centres, D-PSGD keeps a bias, client drift).
     assert min(alone.values()) > 0.3, alone
-    assert max(gossip.values()) < 0.5 * min(alone.values()), (gossip, alone)
+    assert max(gossip.values()) < 0.6 * min(alone.values()), (gossip, alone)
