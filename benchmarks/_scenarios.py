@@ -9,8 +9,8 @@ from typing import Any
 
 import tomli_w
 
-from p2pfm.metrics import read_metrics
-from p2pfm.scenario import run_scenario
+from p2pfm.lab.scenario import run_scenario
+from p2pfm.node.metrics import read_metrics
 
 
 def run(doc: dict[str, Any], out: Path | None = None) -> tuple[dict[str, Any], Path]:

@@ -9,7 +9,7 @@ starting from its own adapter (distinct seeds) and doing no training
 (``local_steps = 0``): every round is pure gossip mixing over ZeroMQ. From
 the nodes' per-round adapter snapshots it computes the consensus distance
 (the simulator's definition), fits its per-round decay over the rounds where
-it lies between 1e-3 and the float32 floor (``p2pfm.sim.fit_decay_rate``),
+it lies between 1e-3 and the float32 floor (``p2pfm.lab.sim.fit_decay_rate``),
 and compares that with the simulator's fitted decay on the same graph, run
 in the same process, and with lambda2^2 from the mixing matrix.
 """
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _scenarios import run
 
-from p2pfm.sim import SimConfig, fit_decay_rate, float_floor, simulate
-from p2pfm.topology import parse_topology, spectral_stats
+from p2pfm.core.topology import parse_topology, spectral_stats
+from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate
 
 
 def main() -> int:

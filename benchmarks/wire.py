@@ -27,7 +27,7 @@ frame, prelude | u32le header length | msgpack header | payload):
     background thread; the time runs from the send to the receiver holding
     the whole message.
 
-(b') **CurveZMQ** -- (b) with CURVE on, keyed as p2pfm/transport.py keys
+(b') **CurveZMQ** -- (b) with CURVE on, keyed as p2pfm/net/zmq_transport.py keys
     its sockets: X25519 keys from ``Identity.curve_keypair`` /
     ``curve_public_key``, the PULL socket the CURVE server, and a ZAP
     handler that admits the sender's key. This is what a node's links run
@@ -87,9 +87,9 @@ import zmq
 import zmq.auth.thread
 from zmq.utils import z85
 
-from p2pfm import wire
-from p2pfm.identity import Identity, curve_public_key
-from p2pfm.sim import SimConfig, simulate
+from p2pfm.core import wire
+from p2pfm.core.identity import Identity, curve_public_key
+from p2pfm.lab.sim import SimConfig, simulate
 
 MIB = 2**20
 HIDDEN = 4096
@@ -204,7 +204,7 @@ def run_pipeline(
 
 
 class _Admit:
-    """ZAP credentials provider admitting one CurveZMQ client key (p2pfm.transport admits its peers')."""
+    """ZAP credentials provider admitting one CurveZMQ client key (the node transport admits its peers')."""
 
     def __init__(self, key: bytes) -> None:
         self.key = key
@@ -216,7 +216,7 @@ class _Admit:
 class ZmqLoopback:
     """PUSH -> PULL over tcp://127.0.0.1, one context per side, receiver in a background thread.
 
-    With ``curve`` (sender, receiver) identities, CURVE is on as p2pfm.transport
+    With ``curve`` (sender, receiver) identities, CURVE is on as p2pfm.net.zmq_transport
     sets it up: the PULL socket is the CURVE server with the receiver's keys,
     the PUSH socket knows the server's public key, a ZAP handler admits the
     sender's key.

@@ -61,11 +61,11 @@ from typing import Any
 import blake3
 import msgpack
 
-from p2pfm import wire
-from p2pfm.errors import RemoteProtocolError
-from p2pfm.identity import Identity, PeerId
-from p2pfm.protocol import Accepted, EquivocationFound, GossipProtocol, ProtocolConfig, Rejected
-from p2pfm.wire import Buffer, TensorSpec, Unsigned, WireLimits
+from p2pfm.core import wire
+from p2pfm.core.errors import RemoteProtocolError
+from p2pfm.core.identity import Identity, PeerId
+from p2pfm.core.protocol import Accepted, EquivocationFound, GossipProtocol, ProtocolConfig, Rejected
+from p2pfm.core.wire import Buffer, TensorSpec, Unsigned, WireLimits
 
 
 def _identity(label: str) -> Identity:

@@ -54,10 +54,10 @@ for _path in (str(_HERE), str(_ROOT)):
 
 import zmtp  # noqa: E402  (fuzz/ is not a package)
 
-from p2pfm.identity import load_key_file  # noqa: E402
-from p2pfm.metrics import read_metrics  # noqa: E402
-from p2pfm.scenario import load_scenario, stop_processes, write_node_configs  # noqa: E402
-from p2pfm.settings import read_toml  # noqa: E402
+from p2pfm.config.toml import read_toml  # noqa: E402
+from p2pfm.core.identity import load_key_file  # noqa: E402
+from p2pfm.lab.scenario import load_scenario, stop_processes, write_node_configs  # noqa: E402
+from p2pfm.node.metrics import read_metrics  # noqa: E402
 
 MiB = 2**20
 
@@ -360,7 +360,7 @@ def insider_bomb(
     from zmq.utils import z85  # noqa: PLC0415
     from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
 
-    from p2pfm.identity import curve_public_key  # noqa: PLC0415
+    from p2pfm.core.identity import curve_public_key  # noqa: PLC0415
 
     me = load_key_file(network.node(sender).key)
     server = load_key_file(network.node(target).key).peer_id

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfm import __version__
-from p2pfm.errors import LocalProtocolError, UserInputError
+from p2pfm.core.errors import LocalProtocolError, UserInputError
 
 EXIT_ERROR = 1
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from p2pfm.identity import Identity, write_key_file
+    from p2pfm.core.identity import Identity, write_key_file
 
     identity = Identity.generate()
     write_key_file(identity, args.out, force=args.force)
@@ -139,14 +139,14 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_peer_id(args: argparse.Namespace) -> int:
-    from p2pfm.identity import load_key_file
+    from p2pfm.core.identity import load_key_file
 
     print(load_key_file(args.key).peer_id.hex)
     return 0
 
 
 def _cmd_evidence_check(args: argparse.Namespace) -> int:
-    from p2pfm.evidence import check_evidence_file
+    from p2pfm.core.evidence import check_evidence_file
 
     for path in args.file:
         facts = check_evidence_file(path)
@@ -158,8 +158,8 @@ def _cmd_evidence_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_roster_init(args: argparse.Namespace) -> int:
-    from p2pfm.errors import ConfigError
-    from p2pfm.roster import Roster, save_roster
+    from p2pfm.config.roster import Roster, save_roster
+    from p2pfm.core.errors import ConfigError
 
     if args.file.exists() and not args.force:
         raise ConfigError("roster", f"{args.file} already exists; pass --force to overwrite it")
@@ -169,10 +169,10 @@ def _cmd_roster_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_roster_add(args: argparse.Namespace) -> int:
-    from p2pfm.errors import ConfigError
-    from p2pfm.identity import PeerId, load_key_file
-    from p2pfm.roster import Member, load_roster, save_roster
-    from p2pfm.transport import check_address
+    from p2pfm.config.roster import Member, load_roster, save_roster
+    from p2pfm.core.errors import ConfigError
+    from p2pfm.core.identity import PeerId, load_key_file
+    from p2pfm.net.zmq_transport import check_address
 
     roster = load_roster(args.file)
     if args.key is not None:
@@ -189,7 +189,7 @@ def _cmd_roster_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_roster_remove(args: argparse.Namespace) -> int:
-    from p2pfm.roster import load_roster, save_roster
+    from p2pfm.config.roster import load_roster, save_roster
 
     save_roster(load_roster(args.file).without(args.name), args.file)
     print(f"removed {args.name} from {args.file}")
@@ -197,7 +197,7 @@ def _cmd_roster_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_roster_check(args: argparse.Namespace) -> int:
-    from p2pfm.roster import load_roster
+    from p2pfm.config.roster import load_roster
 
     roster = load_roster(args.file)
     print(f"{args.file}: network {roster.network!r}, {len(roster.members)} members, valid")
@@ -208,7 +208,7 @@ def _cmd_roster_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_topology_show(args: argparse.Namespace) -> int:
-    from p2pfm.topology import draw_png, parse_topology, spectral_stats
+    from p2pfm.core.topology import draw_png, parse_topology, spectral_stats
 
     topology = parse_topology(args.spec)
     stats = spectral_stats(topology)
@@ -230,8 +230,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from p2pfm.config import load_node_config
-    from p2pfm.node import Node
+    from p2pfm.config.node_config import load_node_config
+    from p2pfm.node.loop import Node
 
     config = load_node_config(args.config)
     stop = threading.Event()
@@ -249,7 +249,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from p2pfm.scenario import run_scenario
+    from p2pfm.lab.scenario import run_scenario
 
     summary = run_scenario(args.scenario, args.out, log=lambda line: print(line, flush=True))
     _print_summary(summary)
@@ -257,7 +257,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from p2pfm.scenario import QUICKSTART
+    from p2pfm.lab.scenario import QUICKSTART
 
     args.scenario = QUICKSTART
     return _cmd_run(args)
@@ -293,7 +293,7 @@ def _num(value: object) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from p2pfm.sim import SimConfig, fit_decay_rate, float_floor, simulate
+    from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate
 
     config = SimConfig(
         args.spec, args.rounds, args.dim, args.seed, args.drop, args.dtype,

@@ -23,7 +23,7 @@ WORDS = [f"w{i}" for i in range(90)] + ["apple", "banana", "cherry", "river", "s
 
 @dataclass(frozen=True)
 class Ex:
-    """Stand-in for p2pfm.data.Example (text + optional label)."""
+    """Stand-in for p2pfm.learn.data.Example (text + optional label)."""
 
     text: str
     label: int | None

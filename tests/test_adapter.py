@@ -12,7 +12,8 @@ from conftest import make_tiny_bert
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from p2pfm.adapter import (
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.learn.adapter import (
     AdapterModel,
     LoraSettings,
     ModelSettings,
@@ -23,7 +24,6 @@ from p2pfm.adapter import (
     save_adapter,
     set_state,
 )
-from p2pfm.errors import ConfigError, LocalProtocolError
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 LLAMA_LORA = LoraSettings(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from p2pfm.scenario import run_scenario
+from p2pfm.lab.scenario import run_scenario
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)

@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from p2pfm import wire
-from p2pfm.identity import Identity
-from p2pfm.transport import TransportSettings, ZmqTransport
+from p2pfm.core import wire
+from p2pfm.core.identity import Identity
+from p2pfm.net.zmq_transport import TransportSettings, ZmqTransport
 
 A, B = Identity(b"\x0a" * 32), Identity(b"\x0b" * 32)
 # A tensor whose bytes are easy to find: the ASCII of a marker, repeated.

@@ -1,4 +1,4 @@
-"""Checkpoints: exact round trip without pickle, private modes, crash recovery; and p2pfm.private_files."""
+"""Checkpoints: exact round trip without pickle, private modes, crash recovery; p2pfm.core.private_files."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import safetensors.numpy
 import torch
 from conftest import topic_examples
 
-from p2pfm.adapter import LoraSettings, ModelSettings, build_adapter_model, get_state, set_state
-from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from p2pfm.errors import ConfigError, UnsafePathError
-from p2pfm.private_files import make_private_dir, write_private_file
-from p2pfm.train import Trainer, TrainSettings
+from p2pfm.core.errors import ConfigError, UnsafePathError
+from p2pfm.core.private_files import make_private_dir, write_private_file
+from p2pfm.learn.adapter import LoraSettings, ModelSettings, build_adapter_model, get_state, set_state
+from p2pfm.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfm.learn.train import Trainer, TrainSettings
 
 ADAPTER = {"layer.lora_A": np.arange(6, dtype=np.float32).reshape(2, 3)}
 

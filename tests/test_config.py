@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from p2pfm.config import load_node_config
-from p2pfm.errors import ConfigError
-from p2pfm.identity import Identity
+from p2pfm.config.node_config import load_node_config
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity
 
 PEER = Identity(b"\7" * 32).peer_id.hex
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfm.consensus import (
+from p2pfm.core.consensus import (
     MIX_RULES,
     clipping_radius,
     consensus_distance,
@@ -21,8 +21,8 @@ from p2pfm.consensus import (
     self_centered_clip,
     trimmed_mean,
 )
-from p2pfm.errors import LocalProtocolError
-from p2pfm.topology import mixing_matrix, parse_topology
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.topology import mixing_matrix, parse_topology
 
 
 def _s(*values: float) -> dict[str, np.ndarray[Any, Any]]:

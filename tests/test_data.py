@@ -1,4 +1,4 @@
-"""Tests of p2pfm.data: loaders, the global test split, partitions and DataConfig.
+"""Tests of p2pfm.learn.data: loaders, the global test split, partitions and DataConfig.
 
 Files are written to tmp_path by the tests; the only corpus read is the
 installed BBC News package.
@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfm import data
-from p2pfm.data import (
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.learn import data
+from p2pfm.learn.data import (
     BBC_NEWS,
     DataConfig,
     Dataset,
@@ -31,7 +32,6 @@ from p2pfm.data import (
     partition,
     split_test,
 )
-from p2pfm.errors import ConfigError, LocalProtocolError
 
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 BBC_COUNTS = [503, 369, 403, 505, 347]

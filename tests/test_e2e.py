@@ -23,10 +23,10 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 from zmq.utils import z85
 
-from p2pfm.consensus import flatten
-from p2pfm.identity import Identity, PeerId, curve_public_key, load_key_file
-from p2pfm.metrics import read_metrics
-from p2pfm.scenario import run_scenario
+from p2pfm.core.consensus import flatten
+from p2pfm.core.identity import Identity, PeerId, curve_public_key, load_key_file
+from p2pfm.lab.scenario import run_scenario
+from p2pfm.node.metrics import read_metrics
 from tests.conftest import lm_examples, tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from p2pfm import wire
+from p2pfm.core import wire
 
 FUZZER = Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_messages.py"
 MESSAGES = 3000

@@ -13,11 +13,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from p2pfm import cli, wire
-from p2pfm.evidence import check_evidence_file, encode_evidence
-from p2pfm.identity import PeerId
-from p2pfm.metrics import read_metrics
-from p2pfm.scenario import run_scenario
+from p2pfm import cli
+from p2pfm.core import wire
+from p2pfm.core.evidence import check_evidence_file, encode_evidence
+from p2pfm.core.identity import PeerId
+from p2pfm.lab.scenario import run_scenario
+from p2pfm.node.metrics import read_metrics
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from p2pfm import cli
-from p2pfm.errors import KeyFileError
-from p2pfm.identity import Identity, PeerId, load_key_file, write_key_file
+from p2pfm.core.errors import KeyFileError
+from p2pfm.core.identity import Identity, PeerId, load_key_file, write_key_file
 
 
 def test_write_then_load_round_trips_with_mode_0600(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from p2pfm.errors import LocalProtocolError
-from p2pfm.learner import Learner, QuadraticLearner, quadratic_problem
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.learn.learner import Learner, QuadraticLearner, quadratic_problem
 
 
 def test_quadratic_learner_descends_to_its_centre_and_resumes_exactly(tmp_path: Path) -> None:

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import tomli_w
 
-from p2pfm import wire
-from p2pfm.config import load_node_config
-from p2pfm.errors import LocalProtocolError
-from p2pfm.identity import Identity, write_key_file
-from p2pfm.learner import QuadraticLearner
-from p2pfm.link import DROP_FAULT, Transport
-from p2pfm.memory import LinkFaults, MemoryNetwork, MemoryTransport, memory_transports
-from p2pfm.metrics import read_metrics
-from p2pfm.node import Node
+from p2pfm.config.node_config import load_node_config
+from p2pfm.core import wire
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.learn.learner import QuadraticLearner
+from p2pfm.net.link import DROP_FAULT, Transport
+from p2pfm.net.memory import LinkFaults, MemoryNetwork, MemoryTransport, memory_transports
+from p2pfm.node.loop import Node
+from p2pfm.node.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
 
 A, B, C = (Identity(bytes([i]) * 32) for i in (1, 2, 3))
@@ -167,8 +167,8 @@ class _Computing(QuadraticLearner):
 
 def _quadratic_network(tmp_path: Path, spec: str, rounds: int, *, mix: bool = True) -> dict[int, Any]:
     """One real Node loop per vertex, in threads, on quadratic learners and the memory transport."""
-    from p2pfm.learner import quadratic_problem  # noqa: PLC0415
-    from p2pfm.topology import parse_topology  # noqa: PLC0415
+    from p2pfm.core.topology import parse_topology  # noqa: PLC0415
+    from p2pfm.learn.learner import quadratic_problem  # noqa: PLC0415
 
     topology = parse_topology(spec)
     n = topology.n_nodes

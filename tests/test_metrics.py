@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pfm.errors import UnsafePathError
-from p2pfm.metrics import MetricsWriter, read_metrics
+from p2pfm.core.errors import UnsafePathError
+from p2pfm.node.metrics import MetricsWriter, read_metrics
 
 
 def _mode(path: Path) -> int:

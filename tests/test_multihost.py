@@ -19,9 +19,9 @@ import pytest
 import safetensors.numpy
 import tomli_w
 
-from p2pfm.consensus import consensus_distance
-from p2pfm.identity import Identity, write_key_file
-from p2pfm.metrics import read_metrics
+from p2pfm.core.consensus import consensus_distance
+from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.node.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import tomli_w
 
-from p2pfm import node as node_module
-from p2pfm.checkpoint import load_checkpoint
-from p2pfm.config import load_node_config
-from p2pfm.identity import Identity, write_key_file
-from p2pfm.metrics import read_metrics
-from p2pfm.node import SENT_FILE, Node
+from p2pfm.config.node_config import load_node_config
+from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.learn.checkpoint import load_checkpoint
+from p2pfm.node.loop import SENT_FILE, Node
+from p2pfm.node import loop as node_module
+from p2pfm.node.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
 
 

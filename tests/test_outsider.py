@@ -1,6 +1,6 @@
 """Outsiders (and one insider) against a live node's transport: memory and descriptors stay bounded.
 
-Regression tests for the transport rewrite (p2pfm/transport.py): each one
+Regression tests for the transport rewrite (p2pfm/net/zmq_transport.py): each one
 fails on the previous transport, which let libzmq buffer any frame up to
 512 MiB (before the CurveZMQ handshake, too), gave PUSH sockets no frame
 bound, kept whole multipart messages and never raised the open-files limit.

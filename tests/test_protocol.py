@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pfm import wire
-from p2pfm.consensus import metropolis_weights, mix
-from p2pfm.errors import LocalProtocolError, RejectReason
-from p2pfm.identity import Identity
-from p2pfm.protocol import (
+from p2pfm.core import wire
+from p2pfm.core.consensus import metropolis_weights, mix
+from p2pfm.core.errors import LocalProtocolError, RejectReason
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import (
     Accepted,
     EquivocationFound,
     GossipProtocol,

@@ -15,10 +15,10 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from p2pfm import wire
-from p2pfm.errors import RejectReason
-from p2pfm.identity import Identity
-from p2pfm.protocol import ProtocolConfig
+from p2pfm.core import wire
+from p2pfm.core.errors import RejectReason
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import ProtocolConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 PARTS = ("prelude", "header_length", "header", "payload")

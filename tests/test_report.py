@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from p2pfm.consensus import consensus_distance
-from p2pfm.metrics import MetricsWriter
-from p2pfm.report import _node_summary, consensus_per_round, write_report
-from p2pfm.scenario import Attack, Crash, Drop, Faults, Scenario, ScenarioHeader, Slow
-from p2pfm.topology import parse_topology
+from p2pfm.core.consensus import consensus_distance
+from p2pfm.core.topology import parse_topology
+from p2pfm.lab.report import _node_summary, consensus_per_round, write_report
+from p2pfm.lab.scenario import Attack, Crash, Drop, Faults, Scenario, ScenarioHeader, Slow
+from p2pfm.node.metrics import MetricsWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

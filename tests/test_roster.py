@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from p2pfm.config import load_node_config
-from p2pfm.errors import ConfigError
-from p2pfm.identity import Identity, write_key_file
-from p2pfm.roster import load_roster
+from p2pfm.config.node_config import load_node_config
+from p2pfm.config.roster import load_roster
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity, write_key_file
 
 
 def _p2pfm(*args: str) -> subprocess.CompletedProcess[str]:

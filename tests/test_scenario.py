@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfm.config import load_node_config
-from p2pfm.errors import ConfigError
-from p2pfm.scenario import QUICKSTART, load_scenario, write_baseline_configs, write_node_configs
+from p2pfm.config.node_config import load_node_config
+from p2pfm.core.errors import ConfigError
+from p2pfm.lab.scenario import QUICKSTART, load_scenario, write_baseline_configs, write_node_configs
 
 BASE = """
 name = "t"

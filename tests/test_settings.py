@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import pytest
 
-from p2pfm.config import GossipSettings
-from p2pfm.errors import ConfigError, UserInputError
-from p2pfm.scenario import Faults
-from p2pfm.settings import build, coerce, read_toml
+from p2pfm.config.node_config import GossipSettings
+from p2pfm.config.toml import build, coerce, read_toml
+from p2pfm.core.errors import ConfigError, UserInputError
+from p2pfm.lab.scenario import Faults
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pfm.errors import LocalProtocolError
-from p2pfm.sim import SimConfig, fit_decay_rate, float_floor, simulate
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate
 
 
 @pytest.mark.parametrize(("spec", "rounds"), [("ring:16", 300), ("torus:4x4", 60), ("exp:16", 40)])

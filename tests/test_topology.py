@@ -1,4 +1,4 @@
-"""Tests of p2pfm.topology: generators, files, errors and the mixing spectrum."""
+"""Tests of p2pfm.core.topology: generators, files, errors and the mixing spectrum."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from p2pfm.errors import TopologyError, UserInputError
-from p2pfm.topology import (
+from p2pfm.core.errors import TopologyError, UserInputError
+from p2pfm.core.topology import (
     SpectralStats,
     Topology,
     draw_png,

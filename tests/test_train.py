@@ -8,9 +8,16 @@ import pytest
 import torch
 from conftest import Ex, lm_examples, topic_examples
 
-from p2pfm.adapter import AdapterModel, LoraSettings, ModelSettings, build_adapter_model, get_state, set_state
-from p2pfm.errors import ConfigError, LocalProtocolError
-from p2pfm.train import Trainer, TrainSettings, pick_device, threads_for
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.learn.adapter import (
+    AdapterModel,
+    LoraSettings,
+    ModelSettings,
+    build_adapter_model,
+    get_state,
+    set_state,
+)
+from p2pfm.learn.train import Trainer, TrainSettings, pick_device, threads_for
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 FAST = TrainSettings(batch_size=16, lr=3e-2, max_length=32, device="cpu", threads=1)

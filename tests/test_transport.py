@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from p2pfm import wire
-from p2pfm.errors import ConfigError
-from p2pfm.identity import Identity
-from p2pfm.transport import (
+from p2pfm.core import wire
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity
+from p2pfm.net.zmq_transport import (
     DROP_FAULT,
     DROP_QUEUE_FULL,
     TransportSettings,

@@ -1,4 +1,4 @@
-"""p2pfm.wire, version 2: one signed buffer per message (docs/protocol.md sections 1-6)."""
+"""p2pfm.core.wire, version 2: one signed buffer per message (docs/protocol.md sections 1-6)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from p2pfm import wire
-from p2pfm.errors import (
+from p2pfm.core import wire
+from p2pfm.core.errors import (
     BadSignature,
     LocalProtocolError,
     MalformedMessage,
@@ -27,8 +27,8 @@ from p2pfm.errors import (
     UnknownSender,
     UnsupportedVersion,
 )
-from p2pfm.identity import Identity
-from p2pfm.wire import ProofHeader, TensorSpec, Unsigned, UpdateHeader, WireLimits
+from p2pfm.core.identity import Identity
+from p2pfm.core.wire import ProofHeader, TensorSpec, Unsigned, UpdateHeader, WireLimits
 
 ALICE = Identity(bytes([1]) * 32)
 BOB = Identity(bytes([2]) * 32)

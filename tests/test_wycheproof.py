@@ -4,7 +4,7 @@ The vectors and their provenance are in tests/data/wycheproof/ (see its README.m
 which also lists the pinned outcomes this file asserts):
 
 * Ed25519: ``nacl.signing.VerifyKey(pk).verify(msg, sig)``, the call behind
-  ``p2pfm.wire.verify`` (``_verify_key``), refusals being exactly the exceptions
+  ``p2pfm.core.wire.verify`` (``_verify_key``), refusals being exactly the exceptions
   wire.py turns into ``BadSignature``.
 * X25519: ``nacl.bindings.crypto_scalarmult``, libsodium's key agreement as used by
   CurveZMQ, with its refusal of an all-zero shared secret.
@@ -26,11 +26,11 @@ import nacl.exceptions
 import nacl.signing
 import pytest
 
-from p2pfm.identity import Identity, PeerId, curve_public_key
+from p2pfm.core.identity import Identity, PeerId, curve_public_key
 
 DATA = Path(__file__).parent / "data" / "wycheproof"
 
-# What p2pfm.wire.verify catches and turns into BadSignature; anything else would escape it.
+# What p2pfm.core.wire.verify catches and turns into BadSignature; anything else would escape it.
 P2PFM_REFUSALS = (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError)
 
 
@@ -99,7 +99,7 @@ def test_every_vector_is_loaded() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Ed25519 verification, as p2pfm.wire.verify does it.
+# Ed25519 verification, as p2pfm.core.wire.verify does it.
 
 
 def _ed25519_accepts(public: bytes, message: bytes, signature: bytes) -> bool:
@@ -171,7 +171,7 @@ def test_readme_documents_the_pinned_outcomes() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Ed25519 -> X25519 conversion (p2pfm.identity), with an independent reference.
+# Ed25519 -> X25519 conversion (p2pfm.core.identity), with an independent reference.
 
 P = 2**255 - 19
 D = -121665 * pow(121666, -1, P) % P

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import safetensors.numpy
 
-from p2pfm.consensus import consensus_distance
-from p2pfm.metrics import read_metrics
+from p2pfm.core.consensus import consensus_distance
+from p2pfm.node.metrics import read_metrics
 
 if TYPE_CHECKING:
-    from p2pfm.scenario import Scenario
+    from p2pfm.lab.scenario import Scenario
 
 
 def _node_dirs(folder: Path) -> list[Path]:

@@ -38,8 +38,8 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from p2pfm.errors import ConfigError, LocalProtocolError
-from p2pfm.private_files import make_private_dir, write_private_file
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.core.private_files import make_private_dir, write_private_file
 
 CHECKPOINT_FORMAT = "p2pfm-checkpoint-v2"
 ADAPTER_FILE = "adapter.safetensors"

@@ -1,7 +1,7 @@
 """What a node needs from whatever moves its messages: the ``Transport`` interface.
 
-Two implementations: ``p2pfm.transport.ZmqTransport`` (ZeroMQ over TCP,
-CurveZMQ, the real network) and ``p2pfm.memory.MemoryTransport`` (in one
+Two implementations: ``p2pfm.net.zmq_transport.ZmqTransport`` (ZeroMQ over TCP,
+CurveZMQ, the real network) and ``p2pfm.net.memory.MemoryTransport`` (in one
 process, with per-link loss, delay and rate limits, for the simulator and
 tests). The node is written against this interface only, as httpcore's
 clients are against its network backend, so what runs in memory is what runs
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from p2pfm.identity import PeerId
-from p2pfm.wire import Buffer
+from p2pfm.core.identity import PeerId
+from p2pfm.core.wire import Buffer
 
 DROP_QUEUE_FULL = "send_queue_full"  # neighbour down or not keeping up
 DROP_FAULT = "fault_injected"  # scenario `drop` fault, or the in-memory link's loss

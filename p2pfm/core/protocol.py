@@ -37,11 +37,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from p2pfm import wire
-from p2pfm.consensus import MIX_RULES, MixRule, metropolis_weights, robust_mix
-from p2pfm.errors import LocalProtocolError, RejectReason, RemoteProtocolError
-from p2pfm.identity import Identity, PeerId
-from p2pfm.wire import Buffer, ProofHeader, TensorSpec, Update, UpdateHeader, WireLimits
+from p2pfm.core import wire
+from p2pfm.core.consensus import MIX_RULES, MixRule, metropolis_weights, robust_mix
+from p2pfm.core.errors import LocalProtocolError, RejectReason, RemoteProtocolError
+from p2pfm.core.identity import Identity, PeerId
+from p2pfm.core.wire import Buffer, ProofHeader, TensorSpec, Update, UpdateHeader, WireLimits
 
 # How long a neighbour's round claim counts as "heard recently", in deadlines.
 _CLAIM_FRESH_DEADLINES = 2.0

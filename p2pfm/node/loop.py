@@ -40,17 +40,12 @@ from typing import Any
 
 import safetensors.numpy
 
-from p2pfm.attacks import Attacker
-from p2pfm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from p2pfm.config import NodeConfig
-from p2pfm.errors import ConfigError
-from p2pfm.evidence import encode_evidence, evidence_file_name
-from p2pfm.identity import Identity, PeerId, load_key_file
-from p2pfm.learner import Learner
-from p2pfm.link import Transport
-from p2pfm.metrics import MetricsWriter
-from p2pfm.private_files import make_private_dir, write_private_file
-from p2pfm.protocol import (
+from p2pfm.config.node_config import NodeConfig
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.evidence import encode_evidence, evidence_file_name
+from p2pfm.core.identity import Identity, PeerId, load_key_file
+from p2pfm.core.private_files import make_private_dir, write_private_file
+from p2pfm.core.protocol import (
     EquivocationFound,
     GossipProtocol,
     MixSettings,
@@ -58,8 +53,13 @@ from p2pfm.protocol import (
     Rejected,
     RoundComplete,
 )
-from p2pfm.transport import ZmqTransport, raise_open_files_limit
-from p2pfm.wire import limits_for_schema
+from p2pfm.core.wire import limits_for_schema
+from p2pfm.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfm.learn.learner import Learner
+from p2pfm.net.link import Transport
+from p2pfm.net.zmq_transport import ZmqTransport, raise_open_files_limit
+from p2pfm.node.attacks import Attacker
+from p2pfm.node.metrics import MetricsWriter
 
 _POLL_S = 0.05  # receive granularity while waiting for neighbours
 _PROOF_SENDS = 3  # rounds an equivocation proof is sent in (the receiver's inbox keeps only the newest)
@@ -98,9 +98,9 @@ class Node:
         learner: Learner | None = None,
     ) -> None:
         """``transport`` replaces the ZeroMQ one built from the config (e.g. a
-        ``p2pfm.memory.MemoryTransport`` to run the node in-process); the node
+        ``p2pfm.net.memory.MemoryTransport`` to run the node in-process); the node
         closes it when it finishes. ``learner`` replaces the model the config
-        describes (e.g. a ``p2pfm.learner.QuadraticLearner`` to simulate
+        describes (e.g. a ``p2pfm.learn.learner.QuadraticLearner`` to simulate
         without one)."""
         self.config = config
         self.resume = resume
@@ -114,7 +114,7 @@ class Node:
         make_private_dir(config.node.out)
         self.open_files_limit = raise_open_files_limit()[0]
         if learner is None:
-            from p2pfm.adapter_learner import AdapterLearner  # noqa: PLC0415  torch only when a model runs
+            from p2pfm.learn.adapter_learner import AdapterLearner  # noqa: PLC0415  torch only when a model runs
 
             learner = AdapterLearner(config, nodes_on_machine=nodes_on_machine)
         self.learner: Learner = learner

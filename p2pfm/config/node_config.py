@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from p2pfm.adapter import LoraSettings, ModelSettings
-from p2pfm.attacks import AttackKind
-from p2pfm.consensus import MixRule
-from p2pfm.data import DataConfig
-from p2pfm.errors import ConfigError, TopologyError
-from p2pfm.identity import PeerId
-from p2pfm.roster import Roster, load_roster
-from p2pfm.settings import build, coerce, read_toml
-from p2pfm.topology import parse_topology
-from p2pfm.train import TrainSettings
-from p2pfm.transport import TransportSettings, check_address
+from p2pfm.config.roster import Roster, load_roster
+from p2pfm.config.toml import build, coerce, read_toml
+from p2pfm.core.consensus import MixRule
+from p2pfm.core.errors import ConfigError, TopologyError
+from p2pfm.core.identity import PeerId
+from p2pfm.core.topology import parse_topology
+from p2pfm.learn.adapter import LoraSettings, ModelSettings
+from p2pfm.learn.data import DataConfig
+from p2pfm.learn.train import TrainSettings
+from p2pfm.net.zmq_transport import TransportSettings, check_address
+from p2pfm.node.attacks import AttackKind
 
 _SECTIONS = {"node", "peers", "topology", "model", "lora", "data", "train", "gossip", "faults", "transport"}
 
@@ -109,7 +109,7 @@ class FaultSettings:
 
     slow_factor: float = 1.0  # training takes this many times longer
     drop: dict[str, float] = field(default_factory=dict)  # neighbour name -> loss probability
-    # Misbehave (attack experiments, p2pfm/attacks.py): "" = honest.
+    # Misbehave (attack experiments, p2pfm/node/attacks.py): "" = honest.
     attack: AttackKind | Literal[""] = ""
     attack_factor: float | None = None  # default per attack (scale 10, noise 1, signflip 1)
 

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from p2pfm.errors import LocalProtocolError
-from p2pfm.identity import PeerId
-from p2pfm.link import DROP_FAULT, Received, TransportStats
-from p2pfm.wire import Buffer, message_bytes
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.identity import PeerId
+from p2pfm.core.wire import Buffer, message_bytes
+from p2pfm.net.link import DROP_FAULT, Received, TransportStats
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from typing import Any
 
 import tomli_w
 
-from p2pfm.errors import ConfigError
-from p2pfm.identity import PeerId
-from p2pfm.settings import coerce, read_toml
-from p2pfm.transport import check_address
+from p2pfm.config.toml import coerce, read_toml
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import PeerId
+from p2pfm.net.zmq_transport import check_address
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import msgpack
 
-from p2pfm import wire
-from p2pfm.errors import RemoteProtocolError, UserInputError
+from p2pfm.core import wire
+from p2pfm.core.errors import RemoteProtocolError, UserInputError
 
 EVIDENCE_FORMAT = "p2pfm-equivocation-v1"
 _MAX_FILE_BYTES = 2 * wire.WireLimits().max_head_bytes + 4096

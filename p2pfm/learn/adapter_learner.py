@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from p2pfm.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
-from p2pfm.config import NodeConfig
-from p2pfm.errors import ConfigError
-from p2pfm.train import Trainer
+from p2pfm.config.node_config import NodeConfig
+from p2pfm.core.errors import ConfigError
+from p2pfm.learn.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
+from p2pfm.learn.train import Trainer
 
 
 class AdapterLearner:

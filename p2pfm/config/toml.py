@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from p2pfm.errors import ConfigError
+from p2pfm.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

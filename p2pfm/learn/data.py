@@ -27,7 +27,7 @@ from typing import Literal, NoReturn, get_args
 import numpy as np
 import numpy.typing as npt
 
-from p2pfm.errors import ConfigError, LocalProtocolError
+from p2pfm.core.errors import ConfigError, LocalProtocolError
 
 Task = Literal["classification", "causal-lm"]
 PartitionScheme = Literal["iid", "dirichlet", "labels"]

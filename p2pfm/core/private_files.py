@@ -18,7 +18,7 @@ import os
 import secrets
 from pathlib import Path
 
-from p2pfm.errors import UnsafePathError
+from p2pfm.core.errors import UnsafePathError
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600

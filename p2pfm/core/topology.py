@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import networkx as nx
 import numpy as np
 
-from p2pfm.errors import TopologyError
+from p2pfm.core.errors import TopologyError
 
 #: Larger graphs are refused: the dense N x N mixing matrix (8 * N**2 bytes,
 #: 800 MB at this bound) and its O(N**3) eigen-decomposition stop being usable.

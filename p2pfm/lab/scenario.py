@@ -24,15 +24,15 @@ from typing import Any
 
 import tomli_w
 
-from p2pfm.attacks import ATTACKS
-from p2pfm.errors import ConfigError
-from p2pfm.identity import Identity, write_key_file
-from p2pfm.metrics import read_metrics
-from p2pfm.roster import Member, Roster, save_roster
-from p2pfm.settings import build, read_toml
-from p2pfm.topology import Topology, parse_topology
+from p2pfm.config.roster import Member, Roster, save_roster
+from p2pfm.config.toml import build, read_toml
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.core.topology import Topology, parse_topology
+from p2pfm.node.attacks import ATTACKS
+from p2pfm.node.metrics import read_metrics
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml"
 _TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport")
 _BASELINES = ("local", "pooled")
 _TICK_S = 0.2
@@ -60,7 +60,7 @@ class Drop:
 @dataclass(frozen=True)
 class Attack:
     node: int
-    kind: str  # one of p2pfm.attacks.ATTACKS
+    kind: str  # one of p2pfm.node.attacks.ATTACKS
     factor: float | None = None
 
 
@@ -334,7 +334,7 @@ def run_processes(
 
 def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Run a scenario end to end and write its report; returns summary.json's content."""
-    from p2pfm.report import write_report  # noqa: PLC0415  (matplotlib only when reporting)
+    from p2pfm.lab.report import write_report  # noqa: PLC0415  (matplotlib only when reporting)
 
     scenario = load_scenario(path)
     if out is None:

@@ -23,8 +23,8 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
-from p2pfm.errors import KeyFileError, LocalProtocolError
-from p2pfm.private_files import write_private_file
+from p2pfm.core.errors import KeyFileError, LocalProtocolError
+from p2pfm.core.private_files import write_private_file
 
 KEY_FILE_FORMAT = "p2pfm-ed25519-v1"
 SEED_BYTES = 32

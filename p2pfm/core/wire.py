@@ -47,7 +47,7 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 
-from p2pfm.errors import (
+from p2pfm.core.errors import (
     BadSignature,
     LocalProtocolError,
     MalformedMessage,
@@ -55,7 +55,7 @@ from p2pfm.errors import (
     UnknownSender,
     UnsupportedVersion,
 )
-from p2pfm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId
+from p2pfm.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId
 
 MAGIC = b"P2FM"
 WIRE_VERSION = 2

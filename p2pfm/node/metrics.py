@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from p2pfm.errors import UnsafePathError
-from p2pfm.private_files import PRIVATE_FILE_MODE, make_private_dir
+from p2pfm.core.errors import UnsafePathError
+from p2pfm.core.private_files import PRIVATE_FILE_MODE, make_private_dir
 
 
 class MetricsWriter:

@@ -20,13 +20,13 @@ from typing import Any
 import blake3
 import numpy as np
 
-from p2pfm import wire
-from p2pfm.consensus import MixRule, consensus_distance
-from p2pfm.errors import LocalProtocolError
-from p2pfm.fingerprint import fingerprint, schema_document
-from p2pfm.identity import Identity
-from p2pfm.protocol import Accepted, GossipProtocol, MixSettings, ProtocolConfig, RoundComplete
-from p2pfm.topology import parse_topology, spectral_stats
+from p2pfm.core import wire
+from p2pfm.core.consensus import MixRule, consensus_distance
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.fingerprint import fingerprint, schema_document
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import Accepted, GossipProtocol, MixSettings, ProtocolConfig, RoundComplete
+from p2pfm.core.topology import parse_topology, spectral_stats
 
 _SIM_NETWORK = "p2pfm-sim"
 _ROUND_TIMEOUT_S = 1.0  # simulated seconds; only the ordering matters

@@ -16,7 +16,7 @@ from typing import Any
 
 import blake3
 
-from p2pfm.wire import TensorSpec
+from p2pfm.core.wire import TensorSpec
 
 
 def fingerprint(document: Mapping[str, Any]) -> bytes:

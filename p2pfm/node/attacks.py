@@ -29,9 +29,9 @@ from typing import Any, Literal, get_args
 import blake3
 import numpy as np
 
-from p2pfm import wire
-from p2pfm.identity import Identity
-from p2pfm.protocol import GossipProtocol
+from p2pfm.core import wire
+from p2pfm.core.identity import Identity
+from p2pfm.core.protocol import GossipProtocol
 
 AttackKind = Literal[
     "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"

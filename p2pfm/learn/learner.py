@@ -1,10 +1,10 @@
 """What a node trains: the ``Learner`` interface, and a model-free one for simulations.
 
-The node loop (p2pfm/node.py) trains, exchanges and mixes whatever a Learner
+The node loop (p2pfm/node/loop.py) trains, exchanges and mixes whatever a Learner
 holds: a dict of named float arrays (the adapter), trained a few local steps
 at a time, evaluated, checkpointed. Two implementations:
 
-- ``p2pfm.adapter_learner.AdapterLearner``: LoRA adapters on a transformers
+- ``p2pfm.learn.adapter_learner.AdapterLearner``: LoRA adapters on a transformers
   model, trained on the node's data shard (torch lives there);
 - :class:`QuadraticLearner` here: a numpy objective, so that topologies,
   rules, faults and attacks can be simulated with the real node loop and no
@@ -25,10 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 import safetensors.numpy
 
-from p2pfm.errors import LocalProtocolError
-from p2pfm.fingerprint import fingerprint, schema_document
-from p2pfm.private_files import make_private_dir, write_private_file
-from p2pfm.wire import TensorSpec
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.fingerprint import fingerprint, schema_document
+from p2pfm.core.private_files import make_private_dir, write_private_file
+from p2pfm.core.wire import TensorSpec
 
 Array = np.ndarray[Any, Any]
 

@@ -44,10 +44,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from p2pfm.errors import ConfigError, LocalProtocolError
-from p2pfm.fingerprint import fingerprint, schema_document
-from p2pfm.private_files import PRIVATE_FILE_MODE, make_private_dir
-from p2pfm.wire import TensorSpec
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.core.fingerprint import fingerprint, schema_document
+from p2pfm.core.private_files import PRIVATE_FILE_MODE, make_private_dir
+from p2pfm.core.wire import TensorSpec
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[Task, ...] = ("classification", "causal-lm")

@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
-from p2pfm.errors import LocalProtocolError
-from p2pfm.topology import metropolis_weight
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.topology import metropolis_weight
 
 K = TypeVar("K", bound=Hashable)
 Array = np.ndarray[Any, Any]

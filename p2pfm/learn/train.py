@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2pfm.adapter import AdapterModel
-from p2pfm.errors import ConfigError, LocalProtocolError
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.learn.adapter import AdapterModel
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _STATE_VERSION = 1
 
 
 class ExampleLike(Protocol):
-    """What training reads from an example (``p2pfm.data.Example`` satisfies it)."""
+    """What training reads from an example (``p2pfm.learn.data.Example`` satisfies it)."""
 
     @property
     def text(self) -> str: ...

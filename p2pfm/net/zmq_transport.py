@@ -45,10 +45,10 @@ import zmq.auth.thread
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from p2pfm.errors import ConfigError
-from p2pfm.identity import Identity, PeerId, curve_public_key
-from p2pfm.link import DROP_FAULT, DROP_QUEUE_FULL, Received, TransportStats
-from p2pfm.wire import Buffer, WireLimits, message_bytes
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity, PeerId, curve_public_key
+from p2pfm.core.wire import Buffer, WireLimits, message_bytes
+from p2pfm.net.link import DROP_FAULT, DROP_QUEUE_FULL, Received, TransportStats
 
 # A PUSH socket only ever receives CurveZMQ handshake commands (WELCOME,
 # READY: a few hundred bytes); anything larger is an attack on our memory.

@@ -1,0 +1,1 @@
+"""Configuration: TOML files validated into frozen settings (torch-free and zmq-free)."""

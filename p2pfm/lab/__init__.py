@@ -1,0 +1,1 @@
+"""Many nodes at once: the simulator, local scenarios and their reports."""

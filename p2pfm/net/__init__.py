@@ -1,0 +1,1 @@
+"""Transports: the ``Transport`` interface, ZeroMQ + CurveZMQ, and an in-memory network (zmq lives here)."""
