@@ -10,18 +10,20 @@ from typing import Any
 import tomli_w
 
 from p2pfm.lab.scenario import run_scenario
+from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 
 
-def run(doc: dict[str, Any], out: Path | None = None) -> tuple[dict[str, Any], Path]:
+def run(doc: dict[str, Any], out: Path | None = None) -> tuple[Summary, Path]:
     """Write ``doc`` as a scenario file, run it quietly, return (summary, output folder)."""
     folder = Path(tempfile.mkdtemp(prefix=f"p2pfm-bench-{doc['name']}-")) if out is None else out
     path = folder / "scenario.toml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc))
     summary = run_scenario(path, folder / "run", log=lambda _line: None)
-    if not summary["ok"]:
-        raise SystemExit(f"scenario {doc['name']} failed; see {folder / 'run'}: {json.dumps(summary)[:500]}")
+    if not summary.ok:
+        brief = json.dumps(summary.to_json())[:500]
+        raise SystemExit(f"scenario {doc['name']} failed; see {folder / 'run'}: {brief}")
     return summary, folder / "run"
 
 

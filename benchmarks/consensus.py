@@ -54,7 +54,7 @@ def main() -> int:
         }
     )
     network_s = time.monotonic() - started
-    network = [c["consensus_distance"] for c in summary["consensus_distance"]]
+    network = [c.consensus_distance for c in summary.consensus]
     sim = simulate(SimConfig(args.topology, rounds=args.rounds, dim=1000, seed=0, dtype="float32"))
     simulated = [r.consensus_distance for r in sim.rounds[1:]]  # rounds 1.., like the snapshots
     floor = float_floor("float32")
@@ -63,7 +63,7 @@ def main() -> int:
     ratio = network_rate / sim_rate
     result = {
         "topology": args.topology,
-        "nodes": len(summary["nodes"]),
+        "nodes": len(summary.nodes),
         "rounds": args.rounds,
         "model": args.model,
         "lambda2_squared": lambda2**2,

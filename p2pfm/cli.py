@@ -13,12 +13,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from p2pfm import __version__
+from p2pfm import __version__, cli_simulate
 from p2pfm.core.errors import LocalProtocolError, UserInputError
+
+if TYPE_CHECKING:
+    from p2pfm.lab.summary import Summary
 
 EXIT_ERROR = 1
 
@@ -64,25 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="output folder (default runs/quickstart-TIMESTAMP)")
     demo.set_defaults(run=_cmd_demo)
 
-    sim = commands.add_parser("simulate", help="gossip-average random vectors in-process on a topology")
-    sim.add_argument("spec", help="topology spec or file")
-    sim.add_argument("--rounds", type=int, required=True, help="gossip rounds to run")
-    sim.add_argument("--dim", type=int, default=1000, help="vector length per node (default 1000)")
-    sim.add_argument("--seed", type=int, default=0, help="seed for start vectors and losses")
-    sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
-    sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="wire dtype")
-    sim.add_argument(
-        "--rule", default="mean",
-        help="mixing rule, as gossip.rule: mean, trimmed-mean, median or clip (default mean)",
-    )  # fmt: skip
-    sim.add_argument(
-        "--trim", type=int, default=1, help="trimmed-mean: values dropped at each end (default 1)"
-    )
-    sim.add_argument(
-        "--byzantine-weight", type=float, default=0.25, help="clip: weight share clipped (default 0.25)"
-    )
-    sim.add_argument("--json", action="store_true", help="print one JSON object")
-    sim.set_defaults(run=_cmd_simulate)
+    report = commands.add_parser("report", help="print a run's results, redraw report.md from summary.json")
+    report.add_argument("folder", type=Path, metavar="RUN", help="output folder of `p2pfm run` / `demo`")
+    report.set_defaults(run=_cmd_report)
+
+    cli_simulate.add_parser(commands)
     return parser
 
 
@@ -170,9 +160,9 @@ def _cmd_roster_init(args: argparse.Namespace) -> int:
 
 def _cmd_roster_add(args: argparse.Namespace) -> int:
     from p2pfm.config.roster import Member, load_roster, save_roster
+    from p2pfm.config.schema import check_address
     from p2pfm.core.errors import ConfigError
     from p2pfm.core.identity import PeerId, load_key_file
-    from p2pfm.net.zmq_transport import check_address
 
     roster = load_roster(args.file)
     if args.key is not None:
@@ -208,7 +198,8 @@ def _cmd_roster_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_topology_show(args: argparse.Namespace) -> int:
-    from p2pfm.core.topology import draw_png, parse_topology, spectral_stats
+    from p2pfm.core.topology import parse_topology, spectral_stats
+    from p2pfm.lab.plots import draw_png
 
     topology = parse_topology(args.spec)
     stats = spectral_stats(topology)
@@ -231,7 +222,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import threading
 
     from p2pfm.config.node_config import load_node_config
-    from p2pfm.node.loop import Node
+    from p2pfm.node.factory import build_node
 
     config = load_node_config(args.config)
     stop = threading.Event()
@@ -242,7 +233,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
-    result = Node(config, resume=args.resume, stop=stop, log=lambda line: print(line, flush=True)).run()
+    node = build_node(config, resume=args.resume, stop=stop, log=lambda line: print(line, flush=True))
+    result = node.run()
     if not result.adapter_saved:
         return EXIT_ERROR
     return 0 if not result.stopped else 130
@@ -253,7 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     summary = run_scenario(args.scenario, args.out, log=lambda line: print(line, flush=True))
     _print_summary(summary)
-    return 0 if summary["ok"] else EXIT_ERROR
+    return 0 if summary.ok else EXIT_ERROR
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -263,73 +255,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_run(args)
 
 
-def _print_summary(summary: dict[str, object]) -> None:
-    metric = str(summary["metric"])
-    table = Table(title=f"scenario {summary['scenario']}: final {metric}")
+def _cmd_report(args: argparse.Namespace) -> int:
+    from p2pfm.lab.report import write_report
+    from p2pfm.lab.summary import read_summary
+
+    summary = read_summary(args.folder / "summary.json")
+    write_report(args.folder, summary)
+    _print_summary(summary)
+    print(f"report: {args.folder / 'report.md'}")
+    return 0
+
+
+def _print_summary(summary: Summary) -> None:
+    metric = summary.metric
+    table = Table(title=f"scenario {summary.scenario}: final {metric}")
     table.add_column("node")
     table.add_column(f"gossip {metric}", justify="right")
-    baselines = summary.get("baselines") or {}
-    assert isinstance(baselines, dict)
-    local = baselines.get("local_per_node") or {}
+    local = (summary.baselines.local_per_node if summary.baselines else None) or {}
     if local:
         table.add_column(f"local-only {metric}", justify="right")
-    nodes = summary["nodes"]
-    assert isinstance(nodes, list)
-    for node in nodes:
-        row = [node["name"], _num(node.get(f"final_{metric}"))]
+    for node in summary.nodes:
+        row = [node.name, _num(node.final)]
         if local:
-            row.append(_num(local.get(node["name"])))
+            row.append(_num(local.get(node.name)))
         table.add_row(*row)
     console = Console()
     console.print(table)
-    console.print(f"mean gossip {metric}: {_num(summary.get(f'mean_final_{metric}'))}")
-    for key in ("local", "pooled"):
-        if baselines.get(key) is not None:
-            console.print(f"{key} baseline: {_num(baselines[key])}")
+    console.print(f"mean gossip {metric}: {_num(summary.mean_final)}")
+    if summary.baselines is not None:
+        for name, value in (("local", summary.baselines.local), ("pooled", summary.baselines.pooled)):
+            if value is not None:
+                console.print(f"{name} baseline: {_num(value)}")
 
 
 def _num(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "n/a"
-
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate
-
-    config = SimConfig(
-        args.spec, args.rounds, args.dim, args.seed, args.drop, args.dtype,
-        rule=args.rule, trim=args.trim, byzantine_weight=args.byzantine_weight,
-    )  # fmt: skip
-    result = simulate(config)
-    if args.json:
-        print(json.dumps(result.as_json()))
-        return 0
-    table = Table(title=f"gossip averaging on {result.topology} ({result.nodes} nodes)")
-    for column in ("round", "consensus distance", "messages", "delivered", "bytes"):
-        table.add_column(column, justify="right")
-    for row in result.rounds:
-        table.add_row(
-            str(row.round),
-            f"{row.consensus_distance:.3e}",
-            str(row.messages),
-            str(row.delivered),
-            str(row.bytes),
-        )
-    console = Console()
-    console.print(table)
-    predicted = result.lambda2**2
-    console.print(f"lambda2 = {result.lambda2:.6f}; predicted decay per round lambda2^2 = {predicted:.6f}")
-    distances = [r.consensus_distance for r in result.rounds]
-    try:
-        measured = fit_decay_rate(distances, floor=float_floor(config.dtype))
-    except LocalProtocolError as exc:
-        console.print(f"measured decay: not enough rounds to fit ({exc})")
-    else:
-        console.print(
-            f"measured decay per round = {measured:.6f} (ratio to predicted {measured / predicted:.4f})"
-        )
-    if result.rejected:
-        console.print(f"[bold red]{result.rejected} messages were rejected[/]")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -220,45 +220,6 @@ def test_unknown_target_modules(tiny_bert_dir: pathlib.Path) -> None:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"rank": 0}, "lora.rank"),
-        ({"rank": 2.0}, "lora.rank"),
-        ({"alpha": -1.0}, "lora.alpha"),
-        ({"dropout": 1.0}, "lora.dropout"),
-        ({"target_modules": ()}, "lora.target_modules"),
-        ({"target_modules": "query"}, "lora.target_modules"),
-        ({"target_modules": ("query", "query")}, "lora.target_modules"),
-    ],
-)
-def test_lora_settings_validation(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        LoraSettings(**kwargs)  # type: ignore[arg-type]
-    assert info.value.field == field
-
-
-def test_lora_settings_accepts_list_targets() -> None:
-    assert LoraSettings(target_modules=["q_proj", "v_proj"]).target_modules == ("q_proj", "v_proj")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"path": "x"}, "model.num_labels"),
-        ({"path": "x", "num_labels": 1}, "model.num_labels"),
-        ({"path": "x", "task": "causal-lm", "num_labels": 3}, "model.num_labels"),
-        ({"path": "x", "task": "regression", "num_labels": 3}, "model.task"),
-        ({"path": "", "num_labels": 3}, "model.path"),
-        ({"path": "x", "num_labels": 3, "gguf_file": "model.bin"}, "model.gguf_file"),
-    ],
-)
-def test_model_settings_validation(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        ModelSettings(**kwargs)  # type: ignore[arg-type]
-    assert info.value.field == field
-
-
 def test_packaged_minilm_classifier() -> None:
     start = time.perf_counter()
     am = build_adapter_model(ModelSettings("minilm", num_labels=5), LoraSettings(), seed=0)

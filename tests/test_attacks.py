@@ -7,11 +7,11 @@ seconds; the packaged-model version of these runs is in docs/security.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from p2pfm.lab.scenario import run_scenario
+from p2pfm.lab.summary import Summary
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
@@ -24,7 +24,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(
     tmp_path: Path, model: Path, data: Path, *, topology: str, rule: str, faults: str, steps: int = 10
-) -> dict[str, Any]:
+) -> Summary:
     tmp_path.mkdir(parents=True, exist_ok=True)
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(
@@ -62,11 +62,11 @@ def test_scale_attacker_breaks_the_mean_and_not_a_robust_rule(
     plain = _run(tmp_path / "mean", tiny_bert_dir, data_file, topology="ring:8", rule="mean", faults=attack)
     robust = _run(tmp_path / "clip", tiny_bert_dir, data_file, topology="ring:8", rule="clip", faults=attack)
     for summary in (clean, plain, robust):
-        assert summary["ok"]
-    assert plain["attackers"] == robust["attackers"] == ["node3"]
+        assert summary.ok
+    assert plain.attackers == robust.attackers == ("node3",)
     runs = {"clean": clean, "mean": plain, "clip": robust}
-    final = {name: s["consensus_distance"][-1]["consensus_distance"] for name, s in runs.items()}
-    accuracy = {name: s["mean_final_accuracy"] for name, s in runs.items()}
+    final = {name: s.consensus[-1].consensus_distance for name, s in runs.items()}
+    accuracy = {name: s.mean_final for name, s in runs.items()}
     print("final honest consensus distance", final, "accuracy", accuracy)
     # With the plain mean the honest nodes' models are blown apart (a distance
     # near 1 means they disagree by as much as their own size) ...
@@ -86,8 +86,8 @@ def test_replay_forge_and_wrong_model_are_refused_and_counted(
         for node, kind in ((1, "replay"), (3, "forge"), (5, "wrong-model"))
     )
     summary = _run(tmp_path, tiny_bert_dir, data_file, topology="ring:8", rule="mean", faults=faults, steps=2)
-    assert summary["ok"] and summary["attackers"] == ["node1", "node3", "node5"]
-    rejected = {n["name"]: n["rejected"] for n in summary["nodes"]}
+    assert summary.ok and summary.attackers == ("node1", "node3", "node5")
+    rejected = {n.name: n.rejected for n in summary.nodes}
     # Each attacker's two ring neighbours refused what it sent, by the right
     # reason. (How many depends on timing: an attacker whose updates are all
     # refused is soon absent, so its neighbours stop waiting and may finish

@@ -52,3 +52,21 @@ def test_consensus_benchmark_runs_on_a_tiny_model(tiny_bert_dir: Path) -> None:
     # ring:4: lambda2^2 = 1/9 exactly; the real network must follow it.
     assert abs(report["lambda2_squared"] - 1 / 9) < 1e-9
     assert abs(report["network_decay_per_round"] / report["lambda2_squared"] - 1) < 0.1
+
+
+@pytest.mark.slow
+def test_simulator_benchmark_runs_quick() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "simulator.py"), "--quick", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    gossip, training = report["gossip"], report["training"]
+    assert gossip["identical_results"] is True and gossip["rejected"] == 0
+    assert gossip["messages"] == 6 * 64 * 11  # exp:64 has degree 11: every node sends every round
+    assert gossip["one_worker_s"] > 0 and gossip["many_workers_s"] > 0
+    assert training["nodes"] == 16 and training["mean_distance"] < 1.0

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from p2pfm.lab.summary import Baselines, NodeSummary, Summary, write_summary
+
 
 def _p2pfm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -108,3 +110,43 @@ def test_simulate_table_and_bad_numbers() -> None:
     _assert_one_line_error(_p2pfm("simulate", "ring:4", "--rounds", "2", "--drop", "2"), "drop")
     usage = _p2pfm("simulate", "ring:4")
     assert usage.returncode == 2 and "--rounds" in usage.stderr
+
+
+def test_report_prints_a_run_and_redraws_it_from_summary_json(tmp_path: Path) -> None:
+    summary = Summary(
+        scenario="finished",
+        topology="ring:3",
+        model="minilm",
+        task="classification",
+        ok=True,
+        wall_s=30.0,
+        nodes=tuple(
+            NodeSummary(f"node{i}", None, final, ((0, 0.1), (4, final)), rounds_completed=4)
+            for i, final in enumerate((0.8125, 0.6875, 0.75))
+        ),
+        baselines=Baselines({"node0": 0.5, "node1": 0.375, "node2": None}, pooled=0.875),
+    )
+    write_summary(tmp_path / "summary.json", summary)
+
+    result = _p2pfm("report", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert "scenario finished: final accuracy" in result.stdout
+    lines = result.stdout.splitlines()
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert rows == [["node0", "0.812", "0.500"], ["node1", "0.688", "0.375"], ["node2", "0.750", "n/a"]]
+    assert "mean gossip accuracy: 0.750" in result.stdout
+    assert "local baseline: 0.438" in result.stdout and "pooled baseline: 0.875" in result.stdout
+    assert "| node1 | 0.688 | 0.375 | 0.00 MB | 0.00 MB |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_a_bad_or_missing_summary_is_a_one_line_error(tmp_path: Path) -> None:
+    _assert_one_line_error(_p2pfm("report", str(tmp_path / "nowhere")), "summary.json", "does not exist")
+    doc = json.loads(json.dumps(Summary("s", "ring:2", "m", "classification", True, 1.0, ()).to_json()))
+    del doc["wall_s"]
+    (tmp_path / "summary.json").write_text(json.dumps(doc))
+    _assert_one_line_error(
+        _p2pfm("report", str(tmp_path)), str(tmp_path / "summary.json"), "'wall_s' is missing"
+    )
+    assert not (tmp_path / "report.md").exists()

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import tomli_w
 
-from p2pfm.config.node_config import load_node_config
+from p2pfm.config.node_config import DataConfig, NodeDocument, Peer, load_node_config
+from p2pfm.config.schema import decode
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 PEER = Identity(b"\7" * 32).peer_id.hex
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write(tmp_path: Path, doc: dict[str, object]) -> Path:
@@ -94,3 +104,22 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[node\nkey = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_node_config(bad)
+
+
+def test_the_documented_config_is_valid() -> None:
+    """docs/node.md's example file: every section decodes as written (its peer id is elided)."""
+    text = (ROOT / "docs" / "node.md").read_text()
+    example = tomllib.loads(text.split("## Config file", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0])
+    sections = {f.name: f.type for f in msgspec.structs.fields(NodeDocument)}
+    assert set(example) <= set(sections)
+    for name, table in example.items():
+        if name == "peers":
+            assert all(set(peer) <= {f.name for f in msgspec.structs.fields(Peer)} for peer in table)
+        else:
+            decode(sections[name], table, name)
+
+
+def test_the_data_reference_lists_every_data_field() -> None:
+    text = (ROOT / "docs" / "data.md").read_text()
+    documented = set(re.findall(r"^\| `data\.(\w+)` \|", text, flags=re.M))
+    assert documented == {f.name for f in msgspec.structs.fields(DataConfig)}

@@ -29,6 +29,7 @@ from p2pfm.learn.data import (
     load_bbc_news,
     load_dataset,
     load_file,
+    node_shards,
     partition,
     split_test,
 )
@@ -465,50 +466,20 @@ def test_dataset_refuses_inconsistent_labels_and_bad_indices() -> None:
 
 
 def test_node_shards_on_bbc(bbc: Dataset) -> None:
-    test, shards = DataConfig().node_shards(4)
+    test, shards = node_shards(DataConfig(), 4)
     assert len(test) == 426
     assert [len(s) for s in shards] == [371, 156, 279, 895]
     seen = [positions(bbc, test)] + [positions(bbc, s) for s in shards]
     flat = [i for ids in seen for i in ids]
     assert sorted(flat) == list(range(len(bbc)))  # test and silos are disjoint and cover everything
-    again_test, again = DataConfig().node_shards(4)
+    again_test, again = node_shards(DataConfig(), 4)
     assert positions(bbc, again_test) == seen[0] and [s.examples for s in again] == [
         s.examples for s in shards
     ]
 
-    capped_test, capped = DataConfig(max_test_examples=100, max_train_examples=300).node_shards(4)
+    capped_test, capped = node_shards(DataConfig(max_test_examples=100, max_train_examples=300), 4)
     assert len(capped_test) == 100
     assert set(positions(bbc, capped_test)) <= set(seen[0])
     assert [len(s) for s in capped] == [300, 156, 279, 300]
     for shard, full in zip(capped, shards, strict=True):
         assert set(positions(bbc, shard)) <= set(positions(bbc, full))
-
-
-def test_node_shards_with_labels_scheme_and_list_config() -> None:
-    config = DataConfig(partition="labels", labels=[["sports"], ["tech", "politics"]])  # type: ignore[arg-type]
-    assert config.labels == (("sports",), ("tech", "politics"))
-    _, shards = config.node_shards(2)
-    assert [s.label_counts() for s in shards] == [[0, 0, 0, 404, 0], [0, 0, 322, 0, 278]]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"source": ""}, "data.source"),
-        ({"task": "translate"}, "data.task"),
-        ({"test_fraction": 1.0}, "data.test_fraction"),
-        ({"partition": "random"}, "data.partition"),
-        ({"alpha": 0.0}, "data.alpha"),
-        ({"labels": "sports"}, "data.labels"),
-        ({"labels": ["sports"]}, "data.labels"),
-        ({"partition": "labels"}, "data.labels"),
-        ({"seed": -3}, "data.seed"),
-        ({"max_train_examples": 0}, "data.max_train_examples"),
-        ({"max_test_examples": 2.5}, "data.max_test_examples"),
-    ],
-)
-def test_data_config_validates_each_field(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        DataConfig(**kwargs)  # type: ignore[arg-type]
-    assert info.value.field == field
-    assert str(info.value).startswith(f"config field {field!r}: ")

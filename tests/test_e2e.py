@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from zmq.utils import z85
 from p2pfm.core.consensus import flatten
 from p2pfm.core.identity import Identity, PeerId, curve_public_key, load_key_file
 from p2pfm.lab.scenario import run_scenario
+from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 from tests.conftest import lm_examples, tiny_classifier_toml, topic_examples, write_jsonl
 
@@ -101,8 +103,8 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     [train_line] = [line for line in scenario.read_text().splitlines() if line == "[train]"]
     scenario.write_text(scenario.read_text().replace(train_line, "[train]\nlocal_steps = 40"))
     out = tmp_path / "run"
-    result: dict[str, Any] = {}
-    runner = threading.Thread(target=lambda: result.update(run_scenario(scenario, out, log=print)))
+    result: dict[str, Summary] = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run_scenario(scenario, out, log=print)))
     runner.start()
     # Find node0's address once its config exists, then send it garbage while it runs.
     start, stop = threading.Event(), threading.Event()
@@ -127,10 +129,11 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     outsider.join(timeout=10)
     assert not runner.is_alive()
 
-    assert result["ok"], result
-    nodes = {n["name"]: n for n in result["nodes"]}
-    assert all(n["finished"] and n["rounds_completed"] == ROUNDS for n in nodes.values())
-    assert nodes["node1"]["restarts"] == 1
+    summary = result["summary"]
+    assert summary.ok, summary
+    nodes = {n.name: n for n in summary.nodes}
+    assert all(n.finished and n.rounds_completed == ROUNDS for n in nodes.values())
+    assert nodes["node1"].restarts == 1
     # The others went on while node1 was down; it caught up to their round
     # instead of replaying the rounds it missed.
     node1 = list(read_metrics(out / "nodes" / "node1" / "metrics.jsonl"))
@@ -141,7 +144,7 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     # The insider's junk got through CurveZMQ and was refused and counted as
     # malformed (at most its 50 messages: none of the outsider's landed);
     # node0 carried on to the end.
-    assert 1 <= nodes["node0"]["rejected"].get("malformed", 0) <= 50
+    assert 1 <= nodes["node0"].rejected.get("malformed", 0) <= 50
     # node1's neighbours never waited longer than one deadline for it; node0
     # (whose other link is clean) paid that deadline at most twice (the crash
     # round, and a restart race).
@@ -151,16 +154,17 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     assert sum(bool(r.get("timed_out")) for r in _rounds(out / "nodes" / "node0")) <= 2
     # The lossy 2-3 link lost messages (counted at the sender); node3 trained 2x slower.
     assert (
-        nodes["node2"]["dropped"].get("fault_injected", 0)
-        + nodes["node3"]["dropped"].get("fault_injected", 0)
-        > 0
+        nodes["node2"].dropped.get("fault_injected", 0) + nodes["node3"].dropped.get("fault_injected", 0) > 0
     )
-    assert nodes["node0"]["dropped"].get("fault_injected", 0) == 0
-    slow = [r for r in _rounds(out / "nodes" / "node3") if r["round"] >= 1]
-    assert all(r["round_s"] >= 2 * r["train_s"] for r in slow)
+    assert nodes["node0"].dropped.get("fault_injected", 0) == 0
+    # The slow fault wraps the learner: node3's training takes factor (2) times
+    # as long as the same training on node0 (same model, steps and batch).
+    slow = [r["train_s"] for r in _rounds(out / "nodes" / "node3") if r["round"] >= 1]
+    normal = [r["train_s"] for r in _rounds(out / "nodes" / "node0") if r["round"] >= 1]
+    assert statistics.median(slow) >= 1.5 * statistics.median(normal)
     # Consensus: after the last mixing the adapters are close to each other.
-    final = result["consensus_distance"][-1]
-    assert final["round"] == ROUNDS and final["consensus_distance"] < 0.05
+    final = summary.consensus[-1]
+    assert final.round == ROUNDS and final.consensus_distance < 0.05
     # The saved adapter loads unchanged with PEFT.
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     loaded = PeftModel.from_pretrained(base, out / "nodes" / "node0" / "adapter")
@@ -179,8 +183,8 @@ def test_mixing_only_network_matches_lambda2(tmp_path: Path, tiny_bert_dir: Path
     scenario = _scenario(tmp_path, tiny_bert_dir, "distinct_seeds = true\ntimeout_s = 300", rounds=5)
     scenario.write_text(scenario.read_text().replace("[train]", "[train]\nlocal_steps = 0"))
     summary = run_scenario(scenario, tmp_path / "run", log=print)
-    assert summary["ok"]
-    distances = [c["consensus_distance"] for c in summary["consensus_distance"]]
+    assert summary.ok
+    distances = [c.consensus_distance for c in summary.consensus]
     assert len(distances) == 5 and all(b < a for a, b in itertools.pairwise(distances))
     # The disagreement itself (the distance's numerator) shrinks by lambda2^2 = 1/9 per round.
     spreads = []
@@ -201,7 +205,7 @@ def test_mixing_only_network_matches_lambda2(tmp_path: Path, tiny_bert_dir: Path
 def test_nodes_train_on_cuda(tmp_path: Path, tiny_bert_dir: Path) -> None:
     scenario = _scenario(tmp_path, tiny_bert_dir, "timeout_s = 300", rounds=2)
     summary = run_scenario(scenario, tmp_path / "run", log=print)
-    assert summary["ok"]
+    assert summary.ok
     starts = [
         r
         for r in read_metrics(tmp_path / "run" / "nodes" / "node0" / "metrics.jsonl")
@@ -245,11 +249,12 @@ round_timeout_s = 10.0
 """
     )
     summary = run_scenario(scenario, tmp_path / "run", log=print)
-    assert summary["ok"] and summary["metric"] == "perplexity"
+    assert summary.ok and summary.metric == "perplexity"
     first = next(r for r in _rounds(tmp_path / "run" / "nodes" / "node0") if r["round"] == 0)
-    final = summary["mean_final_perplexity"]
-    assert math.isfinite(final) and 1.0 < final < first["eval"]["perplexity"]
-    assert math.isfinite(summary["baselines"]["local"])
+    final = summary.mean_final
+    assert final is not None and math.isfinite(final) and 1.0 < final < first["eval"]["perplexity"]
+    assert summary.baselines is not None and summary.baselines.local is not None
+    assert math.isfinite(summary.baselines.local)
     assert (tmp_path / "run" / "perplexity.png").exists()
     report = (tmp_path / "run" / "report.md").read_text()
     assert "perplexity" in report

@@ -18,6 +18,7 @@ from p2pfm.core import wire
 from p2pfm.core.evidence import check_evidence_file, encode_evidence
 from p2pfm.core.identity import PeerId
 from p2pfm.lab.scenario import run_scenario
+from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 ROUNDS = 8
 
 
-def _run(tmp_path: Path, model: Path, *, topology: str, attack: str, rounds: int = ROUNDS) -> dict[str, Any]:
+def _run(tmp_path: Path, model: Path, *, topology: str, attack: str, rounds: int = ROUNDS) -> Summary:
     data = write_jsonl(tmp_path / "data.jsonl", topic_examples(200, seed=5))
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(
@@ -75,8 +76,8 @@ def test_far_future_rounds_from_one_neighbour_skip_no_training(tmp_path: Path, t
     assert not [
         r for r in read_metrics(run / "nodes" / "node1" / "metrics.jsonl") if r["event"] == "caught_up"
     ]
-    honest = {n["name"]: n for n in summary["nodes"] if n["name"] != "node0"}
-    assert all(n["rounds_trained"] == ROUNDS and n["finished"] for n in honest.values()), honest
+    honest = {n.name: n for n in summary.nodes if n.name != "node0"}
+    assert all(n.rounds_trained == ROUNDS and n.finished for n in honest.values()), honest
 
 
 def test_an_equivocating_member_is_banned_everywhere_with_a_checkable_proof(
@@ -84,7 +85,8 @@ def test_an_equivocating_member_is_banned_everywhere_with_a_checkable_proof(
 ) -> None:
     summary = _run(tmp_path, tiny_bert_dir, topology="ring:4", attack="equivocate")
     run = tmp_path / "run"
-    attacker = next(n["id"] for n in summary["nodes"] if n["name"] == "node0")
+    attacker = next(n.peer_id for n in summary.nodes if n.name == "node0")
+    assert attacker is not None
     proofs = []
     for node in ("node1", "node2", "node3"):  # node1 and node3 are its neighbours; node2 only hears the proof
         done = _done(run, node)

@@ -18,6 +18,7 @@ from p2pfm.core.identity import Identity, write_key_file
 from p2pfm.learn.learner import QuadraticLearner
 from p2pfm.net.link import DROP_FAULT, Transport
 from p2pfm.net.memory import LinkFaults, MemoryNetwork, MemoryTransport, memory_transports
+from p2pfm.node.factory import build_node
 from p2pfm.node.loop import Node
 from p2pfm.node.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
@@ -132,7 +133,7 @@ def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: P
     """The node loop does not know which transport it runs on: here no socket is opened."""
     _, transports = memory_transports({A.peer_id: [B.peer_id], B.peer_id: [A.peer_id]})
     nodes = {
-        me.peer_id: Node(
+        me.peer_id: build_node(
             load_node_config(_tiny_model_config(tmp_path, tiny_bert_dir, me, peer, rounds=3)),
             transport=transports[me.peer_id],
             log=lambda _: None,
@@ -186,7 +187,7 @@ def _quadratic_network(tmp_path: Path, spec: str, rounds: int, *, mix: bool = Tr
             gossip={"rounds": rounds, "round_timeout_s": 10.0, "mix": mix},
         )  # fmt: skip
         learner = _Computing(centres[i], optimum, lr=0.3, seed=i)
-        nodes[i] = Node(
+        nodes[i] = build_node(
             load_node_config(config),
             transport=transports[ids[i].peer_id],
             learner=learner,
@@ -206,3 +207,118 @@ def test_node_loops_on_a_model_free_learner_reach_the_network_optimum(tmp_path: 
     # and different centres, D-PSGD keeps a bias, client drift).
     assert min(alone.values()) > 0.3, alone
     assert max(gossip.values()) < 0.6 * min(alone.values()), (gossip, alone)
+
+
+# ------------------------------------------------ the simulator's hooks
+
+
+def test_detach_loses_the_inbox_and_what_is_sent_while_down() -> None:
+    clock = Clock()
+    network = MemoryNetwork(clock=clock)
+    a, b = network.attach(A.peer_id, [B.peer_id]), network.attach(B.peer_id, [A.peer_id])
+    a.send(_message(1.0))
+    network.detach(B.peer_id)  # B's process died with the message in its socket
+    network.detach(B.peer_id)  # idempotent
+    assert network.next_arrival_s(B.peer_id) is None and b.receive(0.0) == []
+    assert a.send(_message(2.0)) == 1  # the sender cannot tell: sent, and lost
+    clock.now_s = 0.1
+    restarted = network.attach(B.peer_id, [A.peer_id])
+    assert restarted.receive(0.0) == []
+    a.send(_message(3.0))
+    assert [_value(item) for item in restarted.receive(0.0)] == [3.0]
+
+
+def test_inject_delivers_at_the_given_time_and_announces_the_arrival() -> None:
+    clock = Clock()
+    arrivals: list[tuple[Any, float]] = []
+    network = MemoryNetwork(clock=clock, on_arrival=lambda peer, at_s: arrivals.append((peer, at_s)))
+    b = network.attach(B.peer_id, [A.peer_id, C.peer_id])
+    network.inject(A.peer_id, B.peer_id, 2.0, _message(4.0))
+    assert arrivals == [(B.peer_id, 2.0)] and network.next_arrival_s(B.peer_id) == 2.0
+    clock.now_s = 1.9
+    assert b.receive(0.0) == []
+    clock.now_s = 2.0
+    assert [(item.link, _value(item)) for item in b.receive(0.0)] == [(A.peer_id, 4.0)]
+    assert network.next_arrival_s(B.peer_id) is None
+    network.inject(A.peer_id, C.peer_id, 3.0, _message(5.0))  # C is not attached here: lost, unannounced
+    assert arrivals == [(B.peer_id, 2.0)] and network.next_arrival_s(C.peer_id) is None
+
+
+def test_forward_carries_a_message_to_a_receiver_attached_elsewhere() -> None:
+    clock = Clock()
+    forwarded: list[tuple[Any, Any, float, bytes]] = []
+    arrivals: list[tuple[Any, float]] = []
+    network = MemoryNetwork(
+        clock=clock,
+        forward=lambda *routed: forwarded.append(routed),
+        on_arrival=lambda peer, at_s: arrivals.append((peer, at_s)),
+    )
+    network.set_faults(A.peer_id, C.peer_id, LinkFaults(delay_s=0.25))
+    a = network.attach(A.peer_id, [B.peer_id, C.peer_id])
+    network.attach(B.peer_id, [A.peer_id])
+    message = _message(6.0)
+    clock.now_s = 1.0
+    assert a.send(message) == 2 and a.stats.messages_sent == 2
+    assert forwarded == [(A.peer_id, C.peer_id, 1.25, message)]  # the link's delay is the sender's side
+    assert arrivals == [(B.peer_id, 1.0)]  # only local receivers are announced here
+    elsewhere = MemoryNetwork(clock=clock)  # the other process's network, where C lives
+    c = elsewhere.attach(C.peer_id, [A.peer_id])
+    elsewhere.inject(*forwarded[0])
+    clock.now_s = 1.25
+    assert [(item.link, _value(item)) for item in c.receive(0.0)] == [(A.peer_id, 6.0)]
+
+
+def test_next_arrival_is_the_earliest_message_on_its_way() -> None:
+    clock = Clock()
+    network = MemoryNetwork(clock=clock)
+    a, c = network.attach(A.peer_id, [B.peer_id]), network.attach(C.peer_id, [B.peer_id])
+    b = network.attach(B.peer_id, [A.peer_id, C.peer_id])
+    network.set_faults(A.peer_id, B.peer_id, LinkFaults(delay_s=0.5))
+    network.set_faults(C.peer_id, B.peer_id, LinkFaults(delay_s=0.2))
+    assert network.next_arrival_s(B.peer_id) is None
+    a.send(_message(1.0))
+    c.send(_message(2.0))
+    assert network.next_arrival_s(B.peer_id) == 0.2
+    clock.now_s = 0.2
+    assert [_value(item) for item in b.receive(0.0)] == [2.0]
+    assert network.next_arrival_s(B.peer_id) == 0.5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a newer message replaces one still in flight on its link (inbox[sender] = ...); "
+    "ZeroMQ conflates only messages that have arrived",
+)
+def test_a_message_in_flight_is_not_replaced_by_a_later_one() -> None:
+    """Two updates on a slow link, the receiver reading between their arrivals, gets both."""
+    clock = Clock()
+    network = MemoryNetwork(clock=clock)
+    a, b = network.attach(A.peer_id, [B.peer_id]), network.attach(B.peer_id, [A.peer_id])
+    network.set_faults(A.peer_id, B.peer_id, LinkFaults(delay_s=1.0))
+    a.send(_message(1.0))  # arrives at 1.0
+    clock.now_s = 0.5
+    a.send(_message(2.0))  # arrives at 1.5
+    assert network.next_arrival_s(B.peer_id) == 1.0
+    clock.now_s = 1.0
+    assert [_value(item) for item in b.receive(0.0)] == [1.0]
+    clock.now_s = 1.5
+    assert [_value(item) for item in b.receive(0.0)] == [2.0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a message to a detached receiver is lost when sent, not on arrival as _send's comment "
+    "says; a forwarded one is injected later, so worker and single-process runs differ",
+)
+def test_a_message_sent_while_the_receiver_is_down_arrives_if_it_is_back_by_then() -> None:
+    clock = Clock()
+    network = MemoryNetwork(clock=clock)
+    a = network.attach(A.peer_id, [B.peer_id])
+    network.attach(B.peer_id, [A.peer_id])
+    network.set_faults(A.peer_id, B.peer_id, LinkFaults(delay_s=1.0))
+    network.detach(B.peer_id)
+    a.send(_message(7.0))  # on its way until 1.0
+    clock.now_s = 0.5
+    restarted = network.attach(B.peer_id, [A.peer_id])
+    clock.now_s = 1.0
+    assert [_value(item) for item in restarted.receive(0.0)] == [7.0]

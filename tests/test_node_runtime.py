@@ -14,9 +14,10 @@ import tomli_w
 from p2pfm.config.node_config import load_node_config
 from p2pfm.core.identity import Identity, write_key_file
 from p2pfm.learn.checkpoint import load_checkpoint
-from p2pfm.node.loop import SENT_FILE, Node
-from p2pfm.node import loop as node_module
+from p2pfm.node import store as store_module
+from p2pfm.node.factory import build_node
 from p2pfm.node.metrics import read_metrics
+from p2pfm.node.store import SENT_FILE
 from tests.conftest import topic_examples, write_jsonl
 
 
@@ -59,7 +60,7 @@ def test_failing_checkpoint_and_metrics_writes_do_not_stop_training(
     tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 9 item 3: 'Too many open files' in save_checkpoint made the node exit 1."""
-    real_save = node_module.save_checkpoint
+    real_save = store_module.save_checkpoint
     calls = {"n": 0}
 
     def flaky_save(folder: Path, checkpoint: Any) -> None:
@@ -68,9 +69,10 @@ def test_failing_checkpoint_and_metrics_writes_do_not_stop_training(
             raise OSError(errno.EMFILE if calls["n"] == 1 else errno.ENOSPC, "simulated")
         real_save(folder, checkpoint)
 
-    monkeypatch.setattr(node_module, "save_checkpoint", flaky_save)
-    node = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=4)), log=lambda _: None)
-    real_write = node.metrics.write
+    monkeypatch.setattr(store_module, "save_checkpoint", flaky_save)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=4)), log=lambda _: None)
+    metrics = node.store.metrics  # type: ignore[attr-defined]  (a DiskStore)
+    real_write = metrics.write
     failures = {"n": 0}
 
     def flaky_write(event: str, **fields: Any) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def test_failing_checkpoint_and_metrics_writes_do_not_stop_training(
             raise OSError(errno.ENOSPC, "simulated")
         return real_write(event, **fields)
 
-    monkeypatch.setattr(node.metrics, "write", flaky_write)
+    monkeypatch.setattr(metrics, "write", flaky_write)
     result = node.run()
     assert result.rounds_completed == 4 and result.rounds_trained == 4 and not result.stopped
     checkpoint = load_checkpoint(tmp_path / "out" / "checkpoint")
@@ -96,7 +98,7 @@ def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
     def full_disk(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "simulated")
 
-    node = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
     monkeypatch.setattr(node.learner, "save", full_disk)
     result = node.run()
     assert not result.adapter_saved and not result.stopped and result.rounds_trained == 1
@@ -108,13 +110,13 @@ def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
 def test_resume_after_a_crash_between_sending_and_checkpointing_starts_a_fresh_round(
     tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
-    node = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=2)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=2)), log=lambda _: None)
     assert node.run().rounds_trained == 2
     sent = json.loads((tmp_path / "out" / SENT_FILE).read_text())
     assert sent["round"] == 2  # recorded before round 2's update went out
     # Simulate: round 3 was sent (seq 7), then the process died before its checkpoint.
     (tmp_path / "out" / SENT_FILE).write_text(json.dumps({"round": 3, "seq": 7}))
-    resumed = Node(
+    resumed = build_node(
         load_node_config(_config(tmp_path, tiny_bert_dir, rounds=5)), resume=True, log=lambda _: None
     )
     result = resumed.run()
@@ -125,7 +127,7 @@ def test_resume_after_a_crash_between_sending_and_checkpointing_starts_a_fresh_r
 
 
 def test_out_folder_is_private(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    node = Node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
     node.run()
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o700

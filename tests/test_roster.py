@@ -61,7 +61,7 @@ def test_roster_commands_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "field"),
     [
-        ('[[members]]\nname = "a"\nid = "00"', "roster.network"),
+        ('[[members]]\nname = "a"\nid = "' + Identity(b"\1" * 32).peer_id.hex + '"', "roster.network"),
         ('network = "n"\n[[members]]\nname = "a"\nid = "zz"', "roster.members[0].id"),
         ('network = "n"\n[[members]]\nname = "a"', "roster.members[0].id"),
         (

@@ -8,7 +8,20 @@ import pytest
 
 from p2pfm.config.node_config import load_node_config
 from p2pfm.core.errors import ConfigError
-from p2pfm.lab.scenario import QUICKSTART, load_scenario, write_baseline_configs, write_node_configs
+from p2pfm.lab.scenario import (
+    QUICKSTART,
+    Attack,
+    Crash,
+    Drop,
+    Faults,
+    Slow,
+    describe_faults,
+    load_scenario,
+    report_setup,
+    run_scenario,
+    write_baseline_configs,
+    write_node_configs,
+)
 
 BASE = """
 name = "t"
@@ -23,10 +36,10 @@ num_labels = 5
     ("extra", "field"),
     [
         ("bogus = 1", "bogus"),
-        ('baselines = ["central"]', "scenario.baselines"),
+        ('baselines = ["central"]', "scenario.baselines[0]"),
         ("[[faults.crash]]\nnode = 9\nround = 1", "faults.crash.node"),
         ("[[faults.drop]]\nprob = 0.5\nlink = [0, 2]", "faults.drop.link"),
-        ("[[faults.drop]]\nprob = 1.5", "faults.drop.prob"),
+        ("[[faults.drop]]\nprob = 1.5", "faults.drop[0].prob"),
         ("[[faults.slow]]\nnode = 1", "faults.slow[0].factor"),
         ("[data]\nshard = 1", "data.shard"),
     ],
@@ -82,3 +95,42 @@ def test_ready_scenarios_are_valid() -> None:
     for path in sorted(QUICKSTART.parent.glob("*.toml")):
         scenario = load_scenario(path)
         assert scenario.topology.n_nodes >= 2, path
+
+
+def test_faults_are_described_one_sentence_each_for_the_report() -> None:
+    faults = Faults(
+        attack=(Attack(node=3, kind="scale", factor=10.0), Attack(node=0, kind="replay")),
+        crash=(Crash(node=1, round=2, restart_after_s=2.5),),
+        slow=(Slow(node=2, factor=3.0),),
+        drop=(Drop(prob=0.1, link=(0, 1)), Drop(prob=0.05)),
+    )
+    assert describe_faults(faults) == (
+        "crash node1 after round 2, restart after 2.5 s",
+        "node2 trains 3x slower",
+        "drop p=0.1 on [0, 1]",
+        "drop p=0.05 on every link",
+        "node3 attacks: scale x10",
+        "node0 attacks: replay",
+    )
+    assert describe_faults(Faults()) == ()
+
+
+def test_the_report_setup_says_what_ran(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        BASE.replace('name = "t"', 'name = "t"\nbaselines = ["pooled"]')
+        + 'task = "causal-lm"\n[[faults.slow]]\nnode = 2\nfactor = 3.0\n'
+    )
+    setup = report_setup(load_scenario(path))
+    assert (setup.scenario, setup.topology, setup.model, setup.task) == ("t", "ring:4", "minilm", "causal-lm")
+    assert setup.baselines == ("pooled",) and setup.faults == ("node2 trains 3x slower",)
+    assert report_setup(load_scenario(QUICKSTART)).task == "classification"  # the node's default
+
+
+def test_an_unknown_task_fails_before_any_node_starts(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(BASE + 'task = "regression"\n')
+    with pytest.raises(ConfigError) as info:
+        run_scenario(path, tmp_path / "out", log=lambda _line: None)
+    assert info.value.field == "model.task" and "causal-lm" in str(info.value)
+    assert not (tmp_path / "out").exists()

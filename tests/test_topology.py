@@ -16,13 +16,13 @@ from p2pfm.core.errors import TopologyError, UserInputError
 from p2pfm.core.topology import (
     SpectralStats,
     Topology,
-    draw_png,
     metropolis_weight,
     mixing_matrix,
     parse_topology,
     rounds_to_shrink,
     spectral_stats,
 )
+from p2pfm.lab.plots import draw_png
 
 READY_FILES = pathlib.Path(__file__).resolve().parent.parent / "topology"
 

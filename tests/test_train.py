@@ -168,31 +168,6 @@ def test_threads_for() -> None:
         threads_for(0, 0)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"lr": 0.0}, "train.lr"),
-        ({"lr": float("nan")}, "train.lr"),
-        ({"weight_decay": -0.1}, "train.weight_decay"),
-        ({"batch_size": 0}, "train.batch_size"),
-        ({"local_steps": 1.5}, "train.local_steps"),
-        ({"max_length": 1}, "train.max_length"),
-        ({"threads": -1}, "train.threads"),
-        ({"eval_batch_size": 0}, "train.eval_batch_size"),
-        ({"device": "tpu"}, "train.device"),
-        ({"device": "cuda:x"}, "train.device"),
-    ],
-)
-def test_train_settings_validation(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        TrainSettings(**kwargs)  # type: ignore[arg-type]
-    assert info.value.field == field
-
-
-def test_train_settings_accepts_int_lr() -> None:
-    assert TrainSettings(lr=1).lr == 1.0
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_autocast_keeps_fp32_adapter(tiny_bert_dir: pathlib.Path) -> None:
     am = build_cls(tiny_bert_dir)

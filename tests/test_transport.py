@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from p2pfm.config.schema import check_address
 from p2pfm.core import wire
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity
@@ -17,9 +18,9 @@ from p2pfm.net.zmq_transport import (
     DROP_QUEUE_FULL,
     TransportSettings,
     ZmqTransport,
-    check_address,
     raise_open_files_limit,
 )
+from p2pfm.node.faults import LossyTransport
 
 A, B = Identity(b"\1" * 32), Identity(b"\2" * 32)
 
@@ -109,16 +110,13 @@ def test_queued_messages_arrive_when_the_neighbour_comes_up_and_after_restart() 
 
 
 def test_fault_injected_link_loss() -> None:
+    """The scenario `drop` fault wraps the real transport (p2pfm.node.faults.LossyTransport)."""
     port = _free_port()
     with (
         _receiver(f"tcp://127.0.0.1:{port}") as receiver,
-        _sender(
-            f"tcp://127.0.0.1:{port}",
-            settings=TransportSettings(send_queue_messages=1000),
-            link_drop_prob={B.peer_id: 0.5},
-            seed=1,
-        ) as sender,
+        _sender(f"tcp://127.0.0.1:{port}", settings=TransportSettings(send_queue_messages=1000)) as inner,
     ):
+        sender = LossyTransport(inner, [B.peer_id], {B.peer_id: 0.5}, seed=1)
         for i in range(200):
             sender.send(_frames(float(i)))
         dropped = sender.stats.dropped[DROP_FAULT]

@@ -1,1 +1,1 @@
-"""Configuration: TOML files validated into frozen settings (torch-free and zmq-free)."""
+"""Configuration: TOML files decoded by one msgspec schema (torch-free and zmq-free)."""

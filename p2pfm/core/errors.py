@@ -111,3 +111,13 @@ class UnsafePathError(UserInputError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class SummaryError(UserInputError):
+    """A run's summary.json is missing, not JSON, or not what this p2pfm writes; ``key`` names where."""
+
+    def __init__(self, source: object, problem: str, key: str | None = None) -> None:
+        super().__init__(f"{source}: {problem}" if key is None else f"{source}: key {key!r} {problem}")
+        self.source = source
+        self.problem = problem
+        self.key = key

@@ -172,6 +172,9 @@ class UpdateHeader:
     payload_digest: bytes
 
 
+_HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(UpdateHeader))
+
+
 @dataclass(frozen=True)
 class ProofHeader:
     """An equivocation proof: two signed update heads of one sender for one round."""
@@ -448,7 +451,7 @@ def decode_header(message: Verified, limits: WireLimits) -> UpdateHeader | Proof
         _check_network(header["network"], limits, MalformedMessage)
         evidence = header["evidence"]
         if not (
-            isinstance(evidence, list)
+            isinstance(evidence, tuple)
             and len(evidence) == 2
             and all(isinstance(e, bytes) and len(e) <= limits.max_head_bytes for e in evidence)
         ):
@@ -515,7 +518,7 @@ def decode_update(message: Verified, limits: WireLimits) -> Update:
 
 
 def update_of(header: UpdateHeader, tensors: dict[str, np.ndarray[Any, Any]], wire_bytes: int) -> Update:
-    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(header)}
+    fields = {name: getattr(header, name) for name in _HEADER_FIELDS}
     return Update(**fields, tensors=tensors, wire_bytes=wire_bytes)
 
 
@@ -556,7 +559,7 @@ def _unpack_header(frame: memoryview, limits: WireLimits) -> dict[str, Any]:
             frame,
             raw=False,
             strict_map_key=True,
-            use_list=True,
+            use_list=False,  # arrays as tuples: hashable, so a header's tensor list can key a cache
             object_pairs_hook=_unique_keys,
             max_str_len=max(limits.max_name_bytes, limits.max_network_id_bytes, 16),
             max_bin_len=max(limits.max_head_bytes, DIGEST_BYTES),
@@ -595,12 +598,30 @@ def _check_network(network: object, limits: WireLimits, error: type[Exception]) 
 
 
 def _parse_specs(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
-    if not isinstance(raw, list) or len(raw) > limits.max_tensors:
+    """The header's tensor list as specs; every neighbour sends the same list each round, so it is cached.
+
+    Only lists that parsed are cached (an exception is never cached), and
+    the cache is small and bounded: a peer varying its list only makes us
+    parse again.
+    """
+    try:
+        return _parse_specs_cached(raw, limits)
+    except TypeError:  # unhashable (a map inside): not a valid list anyway; the parser says why
+        return _parse_specs_uncached(raw, limits)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_specs_cached(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
+    return _parse_specs_uncached(raw, limits)
+
+
+def _parse_specs_uncached(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, tuple) or len(raw) > limits.max_tensors:
         raise MalformedMessage(f"tensors must be a list of at most {limits.max_tensors} entries")
     specs: list[TensorSpec] = []
     names: set[str] = set()
     for entry in raw:
-        if not (isinstance(entry, list) and len(entry) == 3):
+        if not (isinstance(entry, tuple) and len(entry) == 3):
             raise MalformedMessage("each tensor entry must be [name, dtype, shape]")
         name, dtype, shape = entry
         if not isinstance(name, str) or not name or name in names:
@@ -610,7 +631,7 @@ def _parse_specs(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
         if not isinstance(dtype, str) or dtype not in limits.dtypes or dtype not in DTYPES:
             raise MalformedMessage(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if (
-            not isinstance(shape, list)
+            not isinstance(shape, tuple)
             or len(shape) > limits.max_ndim
             or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
         ):
@@ -624,5 +645,5 @@ def _parse_specs(raw: object, limits: WireLimits) -> tuple[TensorSpec, ...]:
             if bound > limits.max_tensor_elements:
                 raise MessageTooLarge(f"tensor {name!r} exceeds max_tensor_elements")
         names.add(name)
-        specs.append(TensorSpec(name, dtype, tuple(shape)))
+        specs.append(TensorSpec(name, dtype, shape))
     return tuple(specs)

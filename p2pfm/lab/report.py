@@ -1,25 +1,86 @@
-"""Scenario report: summary.json, PNG plots and report.md from node outputs.
+"""Scenario report: a Summary from the node folders, then report.md and PNG plots from that Summary.
 
-Inputs are only files the nodes wrote (metrics.jsonl, adapter snapshots),
-so a report could be rebuilt after the fact from a run folder (there is no
-command for that yet: ``p2pfm run`` writes it at the end of a run).
+:func:`summarize` reads only files the nodes wrote (metrics.jsonl, adapter
+snapshots); :func:`write_report` reads only the :class:`Summary`, so
+``p2pfm report RUN`` redraws a run's report from its summary.json alone.
+What the report must know about the scenario comes in a :class:`Setup`,
+filled in by the runner: this module never imports p2pfm.lab.scenario.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
 
 from p2pfm.core.consensus import consensus_distance
+from p2pfm.lab.summary import (
+    Baselines,
+    ConsensusPoint,
+    Metric,
+    NodeSummary,
+    Summary,
+    metric_for_task,
+    write_summary,
+)
 from p2pfm.node.metrics import read_metrics
 
-if TYPE_CHECKING:
-    from p2pfm.lab.scenario import Scenario
+
+@dataclass(frozen=True)
+class Setup:
+    """What a run was, as its report states it; ``task`` decides the metric."""
+
+    scenario: str
+    topology: str
+    model: str
+    task: str
+    faults: tuple[str, ...] = ()  # one sentence per injected fault
+    baselines: tuple[str, ...] = ()  # the baseline runs asked for: "local", "pooled"
+
+    def __post_init__(self) -> None:
+        metric_for_task(self.task)  # an unknown task fails here, before the runner starts anything
+
+
+def report_run(out: Path, setup: Setup, *, wall_s: float, ok: bool) -> Summary:
+    """Summarize the run in ``out``, write its summary.json, report.md and plots; return the Summary."""
+    summary = summarize(out, setup, wall_s=wall_s, ok=ok)
+    write_summary(out / "summary.json", summary)
+    write_report(out, summary)
+    return summary
+
+
+def summarize(out: Path, setup: Setup, *, wall_s: float, ok: bool) -> Summary:
+    """The Summary of the run in ``out`` (its ``nodes/`` and ``baselines/``), as the nodes recorded it."""
+    metric = metric_for_task(setup.task)
+    node_dirs = _node_dirs(out / "nodes")
+    nodes = tuple(node_summary(d, metric) for d in node_dirs)
+    baselines = None
+    if setup.baselines:
+        local = None
+        if "local" in setup.baselines:
+            local_dirs = _node_dirs(out / "baselines" / "local")
+            local = {d.name: node_summary(d, metric).final for d in local_dirs}  # by node name
+        pooled = _node_dirs(out / "baselines" / "pooled")
+        final = node_summary(pooled[0], metric).final if "pooled" in setup.baselines and pooled else None
+        baselines = Baselines(local, final)
+    honest_dirs = [d for d, n in zip(node_dirs, nodes, strict=True) if not n.is_attacker]
+    return Summary(
+        scenario=setup.scenario,
+        topology=setup.topology,
+        model=setup.model,
+        task=setup.task,
+        ok=ok,
+        wall_s=wall_s,
+        nodes=nodes,
+        consensus=consensus_per_round(honest_dirs),  # the attackers' models are not what is measured
+        baselines=baselines,
+        faults=setup.faults,
+    )
 
 
 def _node_dirs(folder: Path) -> list[Path]:
@@ -33,111 +94,99 @@ def _natural(path: Path) -> tuple[int, str]:
     return (int(digits) if digits else -1, path.name)
 
 
-def _node_summary(folder: Path, metric: str) -> dict[str, Any]:
+def node_summary(folder: Path, metric: Metric) -> NodeSummary:
+    """One node's results from its metrics.jsonl; fields it never wrote keep their zero defaults."""
     records = list(read_metrics(folder / "metrics.jsonl"))
     rounds = [r for r in records if r.get("event") == "round"]
-    evaluated = [r for r in rounds if r.get("eval")]
+    evaluated = [r for r in rounds if isinstance(r.get("eval"), dict) and r["eval"]]
     # Counters ride on round and done records (resume / caught_up carry none).
     last: dict[str, Any] = next((r for r in reversed(records) if "bytes_sent" in r), {})
-    final = evaluated[-1]["eval"] if evaluated else {}
-    peer = next((r.get("peer") for r in records if r.get("peer")), None)
-    return {
-        "id": peer,
-        "name": folder.name,
-        f"final_{metric}": final.get(metric),
-        "bytes_sent": last.get("bytes_sent", 0),
-        "bytes_received": last.get("bytes_received", 0),
-        "messages_sent": last.get("messages_sent", 0),
-        "messages_received": last.get("messages_received", 0),
-        "rejected": last.get("rejected", {}),
-        "dropped": last.get("dropped", {}),
-        "restarts": sum(1 for r in records if r.get("event") == "resume"),
-        "caught_up": sum(1 for r in records if r.get("event") == "caught_up"),
-        "rounds_completed": max((r["round"] for r in rounds), default=0),
+    peer = next((r["peer"] for r in records if isinstance(r.get("peer"), str)), None)
+    curve = tuple((_int(r, "round"), _value(r["eval"].get(metric))) for r in evaluated)
+    return NodeSummary(
+        name=folder.name,
+        peer_id=peer,
+        final=curve[-1][1] if curve else None,
+        curve=curve,
+        rounds_completed=max((_int(r, "round") for r in rounds), default=0),
         # Rounds it really ran: a catch-up skips rounds, and skipped rounds are not training.
-        "rounds_trained": max((r.get("rounds_trained", 0) for r in rounds), default=0),
-        "banned": last.get("banned", []),
-        "timed_out_rounds": sum(1 for r in rounds if r.get("timed_out")),
-        "finished": any(r.get("event") == "done" and not r.get("stopped") for r in records),
-        "attack": next((r["attack"] for r in records if r.get("attack")), ""),
-        "curve": [(r["round"], r["eval"].get(metric)) for r in evaluated],
-    }
+        rounds_trained=max((_int(r, "rounds_trained") for r in rounds), default=0),
+        timed_out_rounds=sum(1 for r in rounds if r.get("timed_out")),
+        restarts=sum(1 for r in records if r.get("event") == "resume"),
+        caught_up=sum(1 for r in records if r.get("event") == "caught_up"),
+        finished=any(r.get("event") == "done" and not r.get("stopped") for r in records),
+        attack=next((str(r["attack"]) for r in records if r.get("attack")), ""),
+        bytes_sent=_int(last, "bytes_sent"),
+        bytes_received=_int(last, "bytes_received"),
+        messages_sent=_int(last, "messages_sent"),
+        messages_received=_int(last, "messages_received"),
+        rejected=_counts(last, "rejected"),
+        dropped=_counts(last, "dropped"),
+        banned=_names(last, "banned"),
+        refused_connections=_int(last, "refused_connections"),
+        internal_errors=_int(last, "internal_errors"),
+        io_errors=_counts(last, "io_errors"),
+    )
 
 
-def consensus_per_round(node_dirs: list[Path]) -> list[dict[str, Any]]:
+# The node's own records, read as leniently as docs/node.md asks of readers: a
+# counter that is missing or not a number counts as zero, never as a crash.
+def _int(record: Mapping[str, Any], key: str) -> int:
+    value = record.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _counts(record: Mapping[str, Any], key: str) -> dict[str, int]:
+    table = record.get(key)
+    return {str(k): _int(table, k) for k in table} if isinstance(table, dict) else {}
+
+
+def _names(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    names = record.get(key)
+    return tuple(str(name) for name in names) if isinstance(names, list) else ()
+
+
+def _value(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def consensus_per_round(node_dirs: list[Path]) -> tuple[ConsensusPoint, ...]:
     """Consensus distance over the nodes' mixed adapters, per round (nodes that have a snapshot)."""
     by_round: dict[int, list[dict[str, Any]]] = {}
     for folder in node_dirs:
         for snap in sorted((folder / "snapshots").glob("round_*.safetensors")):
             round_ = int(snap.stem.split("_")[1])
             by_round.setdefault(round_, []).append(safetensors.numpy.load_file(str(snap)))
-    return [
-        {"round": r, "consensus_distance": consensus_distance(states), "nodes": len(states)}
+    return tuple(
+        ConsensusPoint(r, consensus_distance(states), len(states))
         for r, states in sorted(by_round.items())
         if len(states) >= 2
-    ]
-
-
-def _mean(values: list[Any]) -> float | None:
-    clean = [float(v) for v in values if v is not None]
-    return sum(clean) / len(clean) if clean else None
-
-
-def write_report(scenario: Scenario, out: Path, *, wall_s: float, ok: bool) -> dict[str, Any]:
-    metric = (
-        "accuracy"
-        if scenario.templates["model"].get("task", "classification") == "classification"
-        else "perplexity"
     )
-    node_dirs = _node_dirs(out / "nodes")
-    nodes = [_node_summary(d, metric) for d in node_dirs]
-    # Attackers' own models are not what the experiment measures: means and
-    # consensus are over the honest nodes.
-    honest = [n for n in nodes if not n["attack"]]
-    summary: dict[str, Any] = {
-        "scenario": scenario.header.name,
-        "topology": scenario.header.topology,
-        "ok": ok,
-        "metric": metric,
-        f"mean_final_{metric}": _mean([n[f"final_{metric}"] for n in honest]),
-        "attackers": [n["name"] for n in nodes if n["attack"]],
-        "nodes": [{k: v for k, v in n.items() if k != "curve"} for n in nodes],
-        "consensus_distance": consensus_per_round(
-            [d for d, n in zip(node_dirs, nodes, strict=True) if not n["attack"]]
-        ),
-        "wall_s": wall_s,
-    }
-    if scenario.header.baselines:
-        baselines: dict[str, Any] = {}
-        local = [_node_summary(d, metric) for d in _node_dirs(out / "baselines" / "local")]
-        if "local" in scenario.header.baselines:
-            baselines["local"] = _mean([n[f"final_{metric}"] for n in local])
-            baselines["local_per_node"] = {n["name"]: n[f"final_{metric}"] for n in local}  # by node name
-        pooled = _node_dirs(out / "baselines" / "pooled")
-        if "pooled" in scenario.header.baselines and pooled:
-            baselines["pooled"] = _node_summary(pooled[0], metric)[f"final_{metric}"]
-        summary["baselines"] = baselines
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plots(out, nodes, summary, metric)
-    (out / "report.md").write_text(_markdown(scenario, nodes, summary, metric))
-    return summary
 
 
-def _plots(out: Path, nodes: list[dict[str, Any]], summary: dict[str, Any], metric: str) -> None:
-    import matplotlib  # noqa: PLC0415
+def write_report(out: Path, summary: Summary) -> None:
+    """report.md and the plots (``<metric>.png``, consensus.png, bytes.png) in ``out``."""
+    _plots(out, summary)
+    (out / "report.md").write_text(_markdown(summary), encoding="utf-8")
+
+
+def _plots(out: Path, summary: Summary) -> None:
+    import matplotlib  # noqa: PLC0415  (only when drawing: reading a summary must not load it)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    metric = summary.metric
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for node in nodes:
-        xs = [r for r, _ in node["curve"]]
-        ax.plot(xs, [v for _, v in node["curve"]], marker="o", label=f"{node['name']} (gossip)")
-    baselines = summary.get("baselines", {})
-    if baselines.get("local") is not None:
-        ax.axhline(baselines["local"], color="grey", linestyle="--", label="local-only (mean)")
-    if baselines.get("pooled") is not None:
-        ax.axhline(baselines["pooled"], color="black", linestyle=":", label="pooled")
+    for node in summary.nodes:
+        xs = [r for r, _ in node.curve]
+        ys = [math.nan if v is None else v for _, v in node.curve]  # a gap where a round has no value
+        ax.plot(xs, ys, marker="o", label=f"{node.name} (gossip)")
+    baselines = summary.baselines or Baselines()
+    if baselines.local is not None:
+        ax.axhline(baselines.local, color="grey", linestyle="--", label="local-only (mean)")
+    if baselines.pooled is not None:
+        ax.axhline(baselines.pooled, color="black", linestyle=":", label="pooled")
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per node per round")
@@ -148,8 +197,7 @@ def _plots(out: Path, nodes: list[dict[str, Any]], summary: dict[str, Any], metr
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    points = [(c["round"], c["consensus_distance"]) for c in summary["consensus_distance"]]
-    positive = [(r, d) for r, d in points if d > 0]
+    positive = [(c.round, c.consensus_distance) for c in summary.consensus if c.consensus_distance > 0]
     if positive:
         ax.semilogy([r for r, _ in positive], [d for _, d in positive], marker="o")
     ax.set_xlabel("round")
@@ -161,10 +209,10 @@ def _plots(out: Path, nodes: list[dict[str, Any]], summary: dict[str, Any], metr
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    index = np.arange(len(nodes))
-    ax.bar(index - 0.2, [n["bytes_sent"] / 1e6 for n in nodes], 0.4, label="sent")
-    ax.bar(index + 0.2, [n["bytes_received"] / 1e6 for n in nodes], 0.4, label="received")
-    ax.set_xticks(index, [n["name"] for n in nodes])
+    index = np.arange(len(summary.nodes))
+    ax.bar(index - 0.2, [n.bytes_sent / 1e6 for n in summary.nodes], 0.4, label="sent")
+    ax.bar(index + 0.2, [n.bytes_received / 1e6 for n in summary.nodes], 0.4, label="received")
+    ax.set_xticks(index, [n.name for n in summary.nodes])
     ax.set_ylabel("MB")
     ax.set_title("bytes per node")
     ax.legend()
@@ -173,100 +221,84 @@ def _plots(out: Path, nodes: list[dict[str, Any]], summary: dict[str, Any], metr
     plt.close(fig)
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _markdown(scenario: Scenario, nodes: list[dict[str, Any]], summary: dict[str, Any], metric: str) -> str:
-    baselines = summary.get("baselines", {})
-    local = baselines.get("local_per_node", {})
-    gossip_mean = summary[f"mean_final_{metric}"]
+def _markdown(summary: Summary) -> str:
+    metric, nodes, gossip_mean = summary.metric, summary.nodes, summary.mean_final
     lines = [
-        f"# Scenario report: {scenario.header.name}",
+        f"# Scenario report: {summary.scenario}",
         "",
-        f"- topology: `{scenario.header.topology}` ({len(nodes)} nodes)",
-        f"- model: `{scenario.templates['model'].get('path', '?')}`, "
-        f"task {scenario.templates['model'].get('task', 'classification')}, metric {metric}",
-        f"- wall time of the gossip run: {summary['wall_s']:.0f} s",
-        f"- every node finished cleanly: {summary['ok']}",
+        f"- topology: `{summary.topology}` ({len(nodes)} nodes)",
+        f"- model: `{summary.model}`, task {summary.task}, metric {metric}",
+        f"- wall time of the gossip run: {summary.wall_s:.0f} s",
+        f"- every node finished cleanly: {summary.ok}",
         "",
         "## Results",
         "",
     ]
-    if baselines:
-        pooled = baselines.get("pooled")
-        local_mean = baselines.get("local")
+    if summary.baselines is not None:
+        local = summary.baselines.local_per_node or {}
         lines += [
             f"| node | gossip {metric} | local-only {metric} | bytes sent | bytes received |",
             "|---|---|---|---|---|",
         ]
-        for node in nodes:
-            lines.append(
-                f"| {_label(node)} | {_f(node[f'final_{metric}'])} "
-                f"| {_f(local.get(node['name']))} "
-                f"| {node['bytes_sent'] / 1e6:.2f} MB | {node['bytes_received'] / 1e6:.2f} MB |"
-            )
+        lines += [
+            f"| {_label(n)} | {_f(n.final)} | {_f(local.get(n.name))} | {_mb(n.bytes_sent)} "
+            f"| {_mb(n.bytes_received)} |"
+            for n in nodes
+        ]
         lines += ["", f"- mean gossip {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
-        if local_mean is not None:
+        if (local_mean := summary.baselines.local) is not None:
             gap = _gap(gossip_mean, local_mean, metric)
             lines.append(f"- mean local-only {metric}: {_f(local_mean)} (gossip is {gap})")
-        if pooled is not None:
+        if (pooled := summary.baselines.pooled) is not None:
             lines.append(
                 f"- pooled (one model on all shards, same steps per node): {_f(pooled)} "
                 f"(gossip is {_gap(gossip_mean, pooled, metric)})"
             )
     else:
         lines += [f"| node | final {metric} | bytes sent | bytes received |", "|---|---|---|---|"]
-        for node in nodes:
-            lines.append(
-                f"| {_label(node)} | {_f(node[f'final_{metric}'])} | {node['bytes_sent'] / 1e6:.2f} MB "
-                f"| {node['bytes_received'] / 1e6:.2f} MB |"
-            )
+        lines += [
+            f"| {_label(n)} | {_f(n.final)} | {_mb(n.bytes_sent)} | {_mb(n.bytes_received)} |" for n in nodes
+        ]
         lines += ["", f"- mean final {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
     lines += ["", f"![{metric} per round]({metric}.png)", "", "## Consensus", ""]
-    consensus = summary["consensus_distance"]
-    if consensus:
+    if summary.consensus:
         lines += ["| round | consensus distance | nodes |", "|---|---|---|"]
-        lines += [f"| {c['round']} | {c['consensus_distance']:.3e} | {c['nodes']} |" for c in consensus]
+        lines += [f"| {c.round} | {c.consensus_distance:.3e} | {c.nodes} |" for c in summary.consensus]
     lines += ["", "![consensus distance](consensus.png)", "", "## Network and faults", ""]
     lines += [
         "| node | rounds trained / reached | restarts | rounds timed out | dropped | rejected | banned |",
         "|---|---|---|---|---|---|---|",
     ]
-    for node in nodes:
-        banned = ", ".join(node.get("banned", [])) or "-"
-        lines.append(
-            f"| {_label(node)} | {node.get('rounds_trained', 0)} / {node['rounds_completed']} "
-            f"| {node['restarts']} | {node['timed_out_rounds']} "
-            f"| {_counts(node['dropped'])} | {_counts(node['rejected'])} | {banned} |"
-        )
-    faults = scenario.faults
-    described = [
-        f"crash node{c.node} after round {c.round}, restart after {c.restart_after_s:g} s"
-        for c in faults.crash
+    lines += [
+        f"| {_label(n)} | {n.rounds_trained} / {n.rounds_completed} | {n.restarts} | {n.timed_out_rounds} "
+        f"| {_counts_text(n.dropped)} | {_counts_text(n.rejected)} | {', '.join(n.banned) or '-'} |"
+        for n in nodes
     ]
-    described += [f"node{s.node} trains {s.factor:g}x slower" for s in faults.slow]
-    described += [f"drop p={d.prob:g} on {list(d.link) or 'every link'}" for d in faults.drop]
-    described += [
-        f"node{a.node} attacks: {a.kind}" + (f" x{a.factor:g}" if a.factor else "") for a in faults.attack
-    ]
-    lines += ["", "Faults injected: " + ("; ".join(described) if described else "none"), ""]
+    lines += ["", "Faults injected: " + ("; ".join(summary.faults) or "none"), ""]
     lines += ["![bytes per node](bytes.png)", ""]
     return "\n".join(lines)
 
 
-def _label(node: dict[str, Any]) -> str:
-    return f"{node['name']} (attacker: {node['attack']})" if node["attack"] else str(node["name"])
+def _f(value: float | None, digits: int = 3) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
-def _over(summary: dict[str, Any]) -> str:
-    attackers = summary.get("attackers") or []
+def _mb(count_bytes: int) -> str:
+    return f"{count_bytes / 1e6:.2f} MB"
+
+
+def _label(node: NodeSummary) -> str:
+    return f"{node.name} (attacker: {node.attack})" if node.is_attacker else node.name
+
+
+def _over(summary: Summary) -> str:
+    attackers = summary.attackers
     return f" (honest nodes; attackers: {', '.join(attackers)})" if attackers else ""
 
 
-def _gap(ours: float | None, other: float | None, metric: str) -> str:
+def _gap(ours: float | None, other: float | None, metric: Metric) -> str:
     """'12.3 points above' for accuracy; 'x.xx lower (better)' for perplexity."""
     if ours is None or other is None:
         return "n/a"
@@ -277,5 +309,5 @@ def _gap(ours: float | None, other: float | None, metric: str) -> str:
     return f"{abs(diff):.2f} {'higher (worse)' if diff > 0 else 'lower (better)'}"
 
 
-def _counts(counter: dict[str, int]) -> str:
+def _counts_text(counter: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()) if v) or "0"

@@ -20,69 +20,76 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import tomli_w
+from msgspec import Meta
 
 from p2pfm.config.roster import Member, Roster, save_roster
-from p2pfm.config.toml import build, read_toml
+from p2pfm.config.schema import AttackKind, Finite, NonEmpty, Schema, check_network_id, decode, number
+from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity, write_key_file
 from p2pfm.core.topology import Topology, parse_topology
-from p2pfm.node.attacks import ATTACKS
+from p2pfm.lab.report import Setup, report_run
+from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml"
 _TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport")
-_BASELINES = ("local", "pooled")
 _TICK_S = 0.2
 
 
-@dataclass(frozen=True)
-class Crash:
+Baseline = Literal["local", "pooled"]
+
+
+class NodeFault(Schema, frozen=True, kw_only=True):
+    """A fault that hits one node, by its index in the topology."""
+
     node: int
-    round: int  # killed once it has completed this round
-    restart_after_s: float = 5.0
 
 
-@dataclass(frozen=True)
-class Slow:
-    node: int
-    factor: float
+class Crash(NodeFault, frozen=True, kw_only=True):
+    round: Annotated[int, Meta(ge=0)]  # killed once it has completed this round
+    restart_after_s: Annotated[float, number(ge=0)] = 5.0
 
 
-@dataclass(frozen=True)
-class Drop:
-    prob: float
+class Slow(NodeFault, frozen=True, kw_only=True):
+    factor: Annotated[float, number(ge=1.0)]  # as faults.slow_factor of a node config
+
+
+class Drop(Schema, frozen=True, kw_only=True):
+    prob: Annotated[float, Meta(ge=0, le=1)]
     link: tuple[int, ...] = ()  # two node ids; empty = every link
 
 
-@dataclass(frozen=True)
-class Attack:
-    node: int
-    kind: str  # one of p2pfm.node.attacks.ATTACKS
-    factor: float | None = None
+class Attack(NodeFault, frozen=True, kw_only=True):
+    kind: AttackKind
+    factor: Finite | None = None
 
 
-@dataclass(frozen=True)
-class Faults:
+class Faults(Schema, frozen=True, kw_only=True):
     attack: tuple[Attack, ...] = ()
     crash: tuple[Crash, ...] = ()
     slow: tuple[Slow, ...] = ()
     drop: tuple[Drop, ...] = ()
 
 
-@dataclass(frozen=True)
-class ScenarioHeader:
-    name: str
-    topology: str
-    network: str = ""
-    baselines: tuple[str, ...] = ()
-    timeout_s: float = 1800.0
+class ScenarioHeader(Schema, frozen=True, kw_only=True):
+    """The scenario file's top-level keys (its sections are node-config templates and faults)."""
+
+    name: NonEmpty
+    topology: NonEmpty
+    network: str = ""  # default: the name
+    baselines: tuple[Baseline, ...] = ()
+    timeout_s: Annotated[float, number(gt=0)] = 1800.0
     host: str = "127.0.0.1"
-    distinct_seeds: bool = (
-        False  # give node i adapter seed i (consensus experiments); default: one shared seed
-    )
+    # Give node i adapter seed i (consensus experiments); default: one shared seed.
+    distinct_seeds: bool = False
+
+    def __post_init__(self) -> None:
+        check_network_id("scenario.network" if self.network else "scenario.name", self.network or self.name)
 
 
 @dataclass(frozen=True)
@@ -109,23 +116,17 @@ class _Proc:
 
 def load_scenario(path: Path) -> Scenario:
     doc = read_toml(path, "scenario")
-    header_keys = {f for f in ScenarioHeader.__dataclass_fields__}
-    header = build(ScenarioHeader, {k: v for k, v in doc.items() if k in header_keys}, "scenario")
+    header_keys = {f.encode_name for f in msgspec.structs.fields(ScenarioHeader)}
     unknown = set(doc) - header_keys - set(_TEMPLATE_SECTIONS) - {"faults"}
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown scenario key or section")
-    for baseline in header.baselines:
-        if baseline not in _BASELINES:
-            raise ConfigError("scenario.baselines", f"unknown baseline {baseline!r}; valid: local, pooled")
+    header = decode(ScenarioHeader, {k: v for k, v in doc.items() if k in header_keys}, "scenario")
     spec = header.topology
     if ":" not in spec and not Path(spec).is_absolute():
         spec = str((path.parent / spec).resolve())
     topology = parse_topology(spec)
-    faults = build(Faults, doc.get("faults", {}), "faults")
+    faults = decode(Faults, doc.get("faults", {}), "faults")
     n = topology.n_nodes
-    for attack in faults.attack:
-        if attack.kind not in ATTACKS:
-            raise ConfigError("faults.attack.kind", f"{attack.kind!r} is not one of {', '.join(ATTACKS)}")
     for kind, items in (("crash", faults.crash), ("slow", faults.slow), ("attack", faults.attack)):
         for item in items:
             if not 0 <= item.node < n:
@@ -133,9 +134,8 @@ def load_scenario(path: Path) -> Scenario:
     for drop in faults.drop:
         if drop.link and (len(drop.link) != 2 or not topology.graph.has_edge(*drop.link)):
             raise ConfigError("faults.drop.link", f"{list(drop.link)} is not an edge of {spec}")
-        if not 0.0 <= drop.prob <= 1.0:
-            raise ConfigError("faults.drop.prob", "must be in [0, 1]")
-    templates = {k: dict(doc.get(k, {})) for k in _TEMPLATE_SECTIONS}
+    # The templates are checked by each node when it loads its config; here they only need to be tables.
+    templates = {k: decode(dict[str, Any], doc.get(k, {}), k) for k in _TEMPLATE_SECTIONS}
     for key in ("shard", "shards"):
         if key in templates["data"]:
             raise ConfigError(f"data.{key}", "is set per node by the scenario; remove it")
@@ -332,11 +332,37 @@ def run_processes(
         _stop_all(procs)
 
 
-def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> dict[str, Any]:
-    """Run a scenario end to end and write its report; returns summary.json's content."""
-    from p2pfm.lab.report import write_report  # noqa: PLC0415  (matplotlib only when reporting)
+def describe_faults(faults: Faults) -> tuple[str, ...]:
+    """One sentence per injected fault, as the report lists them."""
+    described = [
+        f"crash node{c.node} after round {c.round}, restart after {c.restart_after_s:g} s"
+        for c in faults.crash
+    ]
+    described += [f"node{s.node} trains {s.factor:g}x slower" for s in faults.slow]
+    described += [f"drop p={d.prob:g} on {list(d.link) or 'every link'}" for d in faults.drop]
+    described += [
+        f"node{a.node} attacks: {a.kind}" + (f" x{a.factor:g}" if a.factor else "") for a in faults.attack
+    ]
+    return tuple(described)
 
+
+def report_setup(scenario: Scenario) -> Setup:
+    """What the report states about ``scenario``; a ConfigError if its ``model.task`` is unknown."""
+    model = scenario.templates["model"]
+    return Setup(
+        scenario=scenario.header.name,
+        topology=scenario.header.topology,
+        model=str(model.get("path", "")),
+        task=str(model.get("task", "classification")),  # the node's default (docs/node.md)
+        faults=describe_faults(scenario.faults),
+        baselines=scenario.header.baselines,
+    )
+
+
+def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summary:
+    """Run a scenario end to end; write its summary.json, report.md and plots; return the Summary."""
     scenario = load_scenario(path)
+    setup = report_setup(scenario)  # before any process starts: an unknown task fails now
     if out is None:
         out = Path("runs") / f"{scenario.header.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = out.resolve()  # node configs live in subfolders: give them absolute paths
@@ -353,6 +379,6 @@ def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> dict[
         # Independent runs: one per core at a time beats oversubscribing the cores.
         cores = os.cpu_count() or 1
         baseline_ok = run_processes(baseline_procs, (), scenario.header.timeout_s, log, max_parallel=cores)
-    summary = write_report(scenario, out, wall_s=wall_s, ok=ok and baseline_ok)
+    summary = report_run(out, setup, wall_s=wall_s, ok=ok and baseline_ok)
     log(f"report: {out / 'report.md'}")
     return summary

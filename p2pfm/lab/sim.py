@@ -1,36 +1,54 @@
-"""In-process simulator: one gossip node per graph vertex, no sockets.
+"""The simulator: real node loops on a topology, in-process, on virtual time.
 
-Every message goes through the real stack -- wire encoding, Ed25519
-signing and verification, the sans-I/O protocol with its gates and
-deadlines, and the consensus mix -- only the transport is replaced by a
-function call, with each message lost with probability ``drop_prob``. So
-the simulator measures the same code the networked node runs.
+Every vertex runs a real ``Node`` (p2pfm/node/loop.py) built by the same
+``assemble_node`` as a networked one: wire encoding, Ed25519 signing and
+verification, the protocol's gates and deadlines, the configured mixing
+rule, the publishing strategy (honest, or an attack) and the fault wrappers
+(lossy links, slow learners). Only two things are replaced: the transport is
+in memory (p2pfm/net/memory.py) and time is virtual (p2pfm/lab/virtual.py).
+So the simulator measures the code the network runs, under the same faults.
 
-Starting states are i.i.d. standard normal vectors (one per node); with no
-training, gossip alone must shrink their disagreement like lambda2^(2t).
+The learner is model-free (``QuadraticLearner``). With ``local_steps = 0``
+(the default) nodes only gossip: they start from i.i.d. standard normal
+vectors and their disagreement must shrink like lambda2^(2t). With local
+steps, node i descends ``||x - c_i||^2 / 2`` and ``distance`` measures how
+far it ends from the network's optimum (the mean of the c_i).
+
+Large runs are spread over worker processes (``workers``; by default one per
+core for big networks), each running the nodes of one part of the graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import blake3
 import numpy as np
 
-from p2pfm.core import wire
-from p2pfm.core.consensus import MixRule, consensus_distance
+from p2pfm.config.node_config import FaultSettings, GossipSettings, Peer
+from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import LocalProtocolError
-from p2pfm.core.fingerprint import fingerprint, schema_document
 from p2pfm.core.identity import Identity
-from p2pfm.core.protocol import Accepted, GossipProtocol, MixSettings, ProtocolConfig, RoundComplete
-from p2pfm.core.topology import parse_topology, spectral_stats
+from p2pfm.core.protocol import MixSettings
+from p2pfm.core.topology import Topology, parse_topology, spectral_stats
+from p2pfm.lab.scenario import Faults
+from p2pfm.lab.sim_workers import run_parts
+from p2pfm.lab.virtual import NodeOutcome, RoundTally, VirtualScheduler
+from p2pfm.learn.learner import Array, QuadraticLearner
+from p2pfm.net.memory import Forward, MemoryNetwork
+from p2pfm.node.attacks import ATTACKS
+from p2pfm.node.clock import VirtualClock
+from p2pfm.node.factory import assemble_node
+from p2pfm.node.loop import Node, RoundPlan
+from p2pfm.node.store import MemoryStore
 
-_SIM_NETWORK = "p2pfm-sim"
-_ROUND_TIMEOUT_S = 1.0  # simulated seconds; only the ordering matters
-_DTYPES = {"float32": np.float32, "float64": np.float64}
+SIM_NETWORK = "p2pfm-sim"
+_BIG_NETWORK = 2_000_000  # nodes x dim from which a run is spread over worker processes
 
 
 @dataclass(frozen=True)
@@ -39,22 +57,41 @@ class SimConfig:
     rounds: int
     dim: int = 1000
     seed: int = 0
-    drop_prob: float = 0.0
-    dtype: str = "float32"
+    drop_prob: float = 0.0  # loss probability of every message (on top of the faults' drops)
+    dtype: Literal["float32", "float64"] = "float32"  # the learners' (and the wire's) dtype
     rule: MixRule = "mean"  # gossip.rule: the same combination a node runs (docs/robust.md)
     trim: int = 1
     byzantine_weight: float = 0.25
+    local_steps: int = 0  # 0: pure gossip averaging
+    lr: float = 0.1  # local step size (local_steps > 0)
+    noise: float = 0.0  # gradient noise (local_steps > 0)
+    spread: float = 1.0  # how far apart the nodes' optima are (local_steps > 0)
+    faults: Faults = field(default_factory=Faults)  # scenario faults: attack, crash, slow, drop
+    round_timeout_s: float = 30.0  # virtual seconds
+    step_s: float = 0.5  # virtual seconds per local step
+    latency_s: float = 0.25  # virtual one-way latency of every link (receivers rate-limit: 10 messages/s)
+    max_rounds_ahead: int = 3
+    workers: int | None = None  # processes; None: one per core for big networks, else 1
+    keep_states: bool = False  # keep every node's first and last state in the result
 
     def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise LocalProtocolError(f"rounds must be >= 0, got {self.rounds}")
-        if self.dim < 1:
-            raise LocalProtocolError(f"dim must be >= 1, got {self.dim}")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise LocalProtocolError(f"drop probability must be in [0, 1], got {self.drop_prob}")
-        if self.dtype not in _DTYPES:
-            raise LocalProtocolError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        checks = (
+            (self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}"),
+            (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (0.0 <= self.drop_prob <= 1.0, f"drop probability must be in [0, 1], got {self.drop_prob}"),
+            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (self.local_steps >= 0, f"local steps must be >= 0, got {self.local_steps}"),
+            (self.round_timeout_s > 0, f"round timeout must be > 0 s, got {self.round_timeout_s}"),
+            (self.step_s >= 0 and self.latency_s > 0, "step_s must be >= 0 and latency_s > 0"),
+            (self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+        )
+        for ok, problem in checks:
+            if not ok:
+                raise LocalProtocolError(problem)
         MixSettings(self.rule, trim=self.trim, byzantine_weight=self.byzantine_weight)  # validates
+        for attack in self.faults.attack:
+            if attack.kind not in ATTACKS:
+                raise LocalProtocolError(f"unknown attack {attack.kind!r}; valid: {', '.join(ATTACKS)}")
 
 
 @dataclass(frozen=True)
@@ -62,8 +99,21 @@ class RoundStats:
     round: int
     consensus_distance: float
     messages: int  # messages sent this round (lost ones included)
-    bytes: int  # wire bytes of those messages
-    delivered: int  # messages that arrived and were accepted
+    bytes: int  # wire bytes of the messages that went on a link
+    delivered: int  # neighbours' updates that arrived in time and were mixed
+    nodes: int = 0  # nodes whose state this round's distance measures (crashed ones are missing)
+
+
+@dataclass(frozen=True)
+class SimNode:
+    name: str
+    rounds_completed: int
+    rounds_trained: int
+    distance: float  # ||x - optimum|| / ||optimum|| after the last round
+    rejected: dict[str, int]
+    banned: list[str]
+    attack: str  # "" when honest
+    crashes: int
 
 
 @dataclass(frozen=True)
@@ -72,9 +122,11 @@ class SimResult:
     nodes: int
     lambda2: float
     rounds: tuple[RoundStats, ...]
-    rejected: int  # messages the protocol refused (0 unless something is wrong)
+    rejected: int  # messages the protocol refused (0 unless something is wrong, or under attack)
+    node_results: tuple[SimNode, ...] = ()
     initial_states: tuple[dict[str, Any], ...] = field(repr=False, default=())
     final_states: tuple[dict[str, Any], ...] = field(repr=False, default=())
+    workers: int = 1
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +135,8 @@ class SimResult:
             "lambda2": self.lambda2,
             "rounds": [asdict(r) for r in self.rounds],
             "rejected": self.rejected,
+            "node_results": [asdict(n) for n in self.node_results],
+            "workers": self.workers,
         }
 
 
@@ -91,68 +145,194 @@ def sim_identity(seed: int, node: int) -> Identity:
     return Identity(blake3.blake3(f"p2pfm-sim-key/{seed}/{node}".encode()).digest())
 
 
+def node_name(index: int) -> str:
+    return f"node{index}"
+
+
 def simulate(config: SimConfig) -> SimResult:
-    """Run ``config.rounds`` gossip rounds; return per-round statistics."""
+    """Run ``config.rounds`` rounds of real node loops; return per-round and per-node statistics."""
     topology = parse_topology(config.topology)
     n = topology.n_nodes
-    dtype = _DTYPES[config.dtype]
-    spec = wire.TensorSpec("x", config.dtype, (config.dim,))
-    proto_config = ProtocolConfig(
-        network=_SIM_NETWORK,
-        fingerprint=fingerprint({"sim": schema_document([spec])}),
-        round_timeout_s=_ROUND_TIMEOUT_S,
-        schema=(spec,),
+    for fault in (*config.faults.attack, *config.faults.crash, *config.faults.slow):
+        if not 0 <= fault.node < n:
+            raise LocalProtocolError(f"fault names node {fault.node}; the topology has nodes 0..{n - 1}")
+    workers = _workers(config, n)
+    if workers == 1:
+        scheduler = build_part(config, topology, list(range(n)))
+        scheduler.run_until()
+        outcomes, tallies = scheduler.outcomes(), scheduler.tallies
+    else:
+        peers = {sim_identity(config.seed, i).peer_id: i for i in range(n)}
+        outcomes, tallies = run_parts(
+            functools.partial(build_part, config, topology), partition(n, workers), peers,
+            latency_s=config.latency_s,
+        )  # fmt: skip
+    return _result(config, topology, outcomes, tallies, workers)
+
+
+def partition(n: int, parts: int) -> list[list[int]]:
+    """Contiguous blocks of node indices, as even as possible."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(parts)]
+
+
+def build_part(
+    config: SimConfig, topology: Topology, indices: list[int], forward: Forward | None = None
+) -> VirtualScheduler:
+    """A scheduler holding the real nodes ``indices`` of the simulated network."""
+    n = topology.n_nodes
+    peers = {i: sim_identity(config.seed, i) for i in range(n)}
+    starts, centres, optimum = _problem(config, n, indices)
+    stores = {i: MemoryStore(node=node_name(i)) for i in indices}
+    slow = {s.node: s.factor for s in config.faults.slow}
+    attacks = {a.node: a for a in config.faults.attack}
+    gossip = GossipSettings(
+        rounds=config.rounds, round_timeout_s=config.round_timeout_s, rule=config.rule, trim=config.trim,
+        byzantine_weight=config.byzantine_weight, max_rounds_ahead=config.max_rounds_ahead,
+        eval_every=max(1, config.rounds),
+    )  # fmt: skip
+    plan = RoundPlan(
+        rounds=config.rounds, local_steps=config.local_steps, samples_per_round=max(1, config.local_steps),
+        eval_every=gossip.eval_every,
+    )  # fmt: skip
+
+    def make_node(i: int, clock: VirtualClock, network: MemoryNetwork, resume: bool) -> Node:
+        neighbours = topology.neighbours(i)
+        drop = {node_name(j): _drop(config, i, j) for j in neighbours}
+        attack = attacks.get(i)
+        faults = FaultSettings(
+            slow_factor=slow.get(i, 1.0), drop={k: p for k, p in drop.items() if p > 0.0},
+            attack=attack.kind if attack else "", attack_factor=attack.factor if attack else None,
+        )  # fmt: skip
+        learner = _TimedQuadratic(
+            centres[i], optimum, lr=config.lr, noise=config.noise, start=starts[i],
+            seed=config.seed * 1_000_003 + i, dtype=config.dtype, clock=clock, step_s=config.step_s,
+        )  # fmt: skip
+        return assemble_node(
+            identity=peers[i],
+            name=node_name(i),
+            network=SIM_NETWORK,
+            peers=[Peer(peers[j].peer_id, f"memory://{j}", node_name(j)) for j in neighbours],
+            gossip=gossip,
+            faults=faults,
+            plan=plan,
+            learner=learner,
+            transport=network.attach(peers[i].peer_id, [peers[j].peer_id for j in neighbours]),
+            clock=clock,
+            store=stores[i],
+            seed=config.seed * 1_000_003 + i,
+            resume=resume,
+            log=lambda _: None,
+        )
+
+    crashes = {c.node: (c.round, c.restart_after_s) for c in config.faults.crash}
+    return VirtualScheduler(
+        indices,
+        {i: peers[i].peer_id for i in range(n)},
+        make_node,
+        links={i: topology.neighbours(i) for i in indices},
+        latency_s=config.latency_s,
+        crashes={i: crashes[i] for i in indices if i in crashes},
+        forward=forward,
+        keep_states=config.keep_states,
     )
-    identities = [sim_identity(config.seed, i) for i in range(n)]
-    peers = [ident.peer_id for ident in identities]
-    protocols = [
-        GossipProtocol(identities[i], [peers[j] for j in topology.neighbours(i)], proto_config)
-        for i in range(n)
-    ]
-    init_rng, drop_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2))
-    states = [{"x": init_rng.standard_normal(config.dim).astype(dtype)} for _ in range(n)]
-    initial_states = tuple(states)
-    history = [RoundStats(0, consensus_distance(states), 0, 0, 0)]
-    clock_s = 0.0
-    for round_ in range(1, config.rounds + 1):
-        messages = sent_bytes = delivered = 0
-        outgoing = []
-        for i, proto in enumerate(protocols):
-            proto.start_round(round_, clock_s)
-            outgoing.append(proto.make_update(states[i], samples=1, wall_time_ms=int(clock_s * 1000)))
-        for i in range(n):
-            size = wire.message_bytes(outgoing[i])
-            for j in topology.neighbours(i):
-                messages += 1
-                sent_bytes += size
-                if drop_rng.random() < config.drop_prob:
-                    continue
-                if isinstance(protocols[j].receive(outgoing[i], clock_s), Accepted):
-                    delivered += 1
-        settings = MixSettings(config.rule, trim=config.trim, byzantine_weight=config.byzantine_weight)
-        states = [_complete_round(proto, states[i], clock_s, settings) for i, proto in enumerate(protocols)]
-        clock_s += _ROUND_TIMEOUT_S
-        history.append(RoundStats(round_, consensus_distance(states), messages, sent_bytes, delivered))
+
+
+class _TimedQuadratic(QuadraticLearner):
+    """A quadratic learner whose local steps take ``step_s`` virtual seconds each.
+
+    A round without local steps (pure gossip) takes one step's time too: a
+    real node always spends some time between two rounds, and with none a node
+    whose neighbours are all absent would run through every round at once.
+    """
+
+    def __init__(self, *args: Any, clock: VirtualClock, step_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.step_s = clock, step_s
+
+    def train_steps(self, steps: int) -> float | None:
+        self.clock.sleep(max(steps, 1) * self.step_s)  # a pure-gossip round still computes a while
+        return super().train_steps(steps)
+
+
+def _problem(
+    config: SimConfig, n: int, indices: Sequence[int]
+) -> tuple[dict[int, Array], dict[int, Array], Array]:
+    """Per-node start and centre (from the node's own seed: any partition draws the same) and the optimum."""
+    dtype = np.float64 if config.dtype == "float64" else np.float32
+    shared = np.random.default_rng([config.seed, 0x5EED]).standard_normal(config.dim)
+    wanted = set(indices)
+    starts: dict[int, Array] = {}
+    centres: dict[int, Array] = {}
+    total = np.zeros(config.dim)
+    for i in range(n):  # every node's draw, for the optimum; kept only for this part's nodes
+        rng = np.random.default_rng([config.seed, i])
+        start = rng.standard_normal(config.dim).astype(dtype)
+        centre = start
+        if config.local_steps:
+            centre = (shared + config.spread * rng.standard_normal(config.dim)).astype(dtype)
+        total += centre
+        if i in wanted:
+            starts[i], centres[i] = start, centre
+    return starts, centres, (total / n).astype(dtype)
+
+
+def _drop(config: SimConfig, i: int, j: int) -> float:
+    prob = config.drop_prob
+    for drop in config.faults.drop:
+        if not drop.link or set(drop.link) == {i, j}:
+            prob = max(prob, drop.prob)
+    return prob
+
+
+def _workers(config: SimConfig, n: int) -> int:
+    if config.workers is not None:
+        return min(config.workers, n)
+    if n * config.dim < _BIG_NETWORK or n < 64:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), n // 32))
+
+
+def _result(
+    config: SimConfig,
+    topology: Topology,
+    outcomes: list[NodeOutcome],
+    tallies: dict[int, RoundTally],
+    workers: int,
+) -> SimResult:
+    outcomes = sorted(outcomes, key=lambda o: o.index)
+    attacks = {a.node: a.kind for a in config.faults.attack}
+    rounds = []
+    for r in range(config.rounds + 1):
+        tally = tallies.get(r, RoundTally())
+        rounds.append(
+            RoundStats(r, tally.consensus_distance, tally.messages, tally.bytes, tally.delivered, tally.nodes)
+        )
+    nodes = tuple(
+        SimNode(
+            name=node_name(o.index),
+            rounds_completed=o.result.rounds_completed,
+            rounds_trained=o.result.rounds_trained,
+            distance=o.result.final_eval.get("distance", math.nan),
+            rejected=o.rejected,
+            banned=o.banned,
+            attack=attacks.get(o.index, ""),
+            crashes=o.crashes,
+        )
+        for o in outcomes
+    )
+    keep = config.keep_states
     return SimResult(
         topology=config.topology,
-        nodes=n,
+        nodes=topology.n_nodes,
         lambda2=spectral_stats(topology).lambda2,
-        rounds=tuple(history),
-        rejected=sum(sum(p.rejections.values()) for p in protocols),
-        initial_states=initial_states,
-        final_states=tuple(states),
+        rounds=tuple(rounds),
+        rejected=sum(sum(o.rejected.values()) for o in outcomes),
+        node_results=nodes,
+        initial_states=tuple({"x": o.initial} for o in outcomes) if keep else (),
+        final_states=tuple({"x": o.final} for o in outcomes) if keep else (),
+        workers=workers,
     )
-
-
-def _complete_round(
-    proto: GossipProtocol, state: dict[str, Any], clock_s: float, settings: MixSettings
-) -> dict[str, Any]:
-    # Everything that will arrive has arrived: either all neighbours were
-    # heard (complete now) or the rest were lost (complete at the deadline).
-    event = proto.poll(clock_s) or proto.poll(proto.deadline_s)
-    if not isinstance(event, RoundComplete):  # pragma: no cover - poll at the deadline always completes
-        raise LocalProtocolError("round did not complete at its deadline")
-    return event.mix(state, settings)
 
 
 def fit_decay_rate(distances: Sequence[float], *, upper: float = 1e-3, floor: float = 1e-20) -> float:

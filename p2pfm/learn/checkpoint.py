@@ -28,15 +28,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
 import safetensors.numpy
-import safetensors.torch
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.private_files import make_private_dir, write_private_file
@@ -74,7 +76,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     _remove(staging)  # a half-written one from a crash
     make_private_dir(staging)
     write_private_file(staging / ADAPTER_FILE, safetensors.numpy.save(checkpoint.adapter))
-    write_private_file(staging / TRAINER_TENSORS_FILE, safetensors.torch.save(tensors))
+    write_private_file(staging / TRAINER_TENSORS_FILE, _save_tensors(tensors))
     write_private_file(staging / TRAINER_STATE_FILE, trainer_json.encode("utf-8"))
     write_private_file(staging / META_FILE, json.dumps(meta).encode("utf-8"))
     old = folder.with_name(folder.name + ".old")
@@ -104,7 +106,7 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{META_FILE} does not say format {CHECKPOINT_FORMAT!r}")
         adapter = safetensors.numpy.load_file(str(folder / ADAPTER_FILE))
-        tensors = safetensors.torch.load_file(str(folder / TRAINER_TENSORS_FILE))
+        tensors = _load_tensors(folder / TRAINER_TENSORS_FILE)
         state = json.loads((folder / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         used: set[str] = set()
         trainer = _decode(state, tensors, used)
@@ -118,6 +120,24 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         raise ConfigError(
             "node.out", f"checkpoint in {folder} is unreadable ({exc}); remove it to start over"
         ) from None
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The trainer's tensors as safetensors bytes; without tensors, no torch is needed (numpy learners)."""
+    if not tensors:
+        return safetensors.numpy.save({})
+    from safetensors.torch import save  # noqa: PLC0415  torch only when the trainer has tensors
+
+    return save(tensors)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safetensors.safe_open(str(path), framework="numpy") as handle:
+        if not list(handle.keys()):
+            return {}
+    from safetensors.torch import load_file  # noqa: PLC0415  (bfloat16 moments need torch to load)
+
+    return load_file(str(path))
 
 
 def _remove(path: Path) -> None:
@@ -134,7 +154,8 @@ def _child(name: str, part: object) -> str:
 
 def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     """``value`` as JSON-able data; its tensors move to ``tensors``, named by their path in ``value``."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: then nothing here is a torch tensor
+    if torch is not None and isinstance(value, torch.Tensor):
         key = name if name not in tensors else f"{name}#{len(tensors)}"
         tensors[key] = value.detach().to("cpu").contiguous()
         return {_TENSOR: key}

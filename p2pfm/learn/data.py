@@ -22,18 +22,15 @@ import pathlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NoReturn, get_args
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
+from p2pfm.config.schema import SCHEMES, TASKS, PartitionScheme, Task
+from p2pfm.config.settings import BBC_NEWS, DataConfig
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 
-Task = Literal["classification", "causal-lm"]
-PartitionScheme = Literal["iid", "dirichlet", "labels"]
-TASKS: tuple[str, ...] = get_args(Task)
-SCHEMES: tuple[str, ...] = get_args(PartitionScheme)
-BBC_NEWS = "bbc-news"
 #: Dirichlet draws tried before empty nodes are topped up by moving examples.
 DIRICHLET_TRIES = 100
 #: Labels that all look like integers sort numerically ("2" before "10").
@@ -480,55 +477,19 @@ def _cap(dataset: Dataset, limit: int | None, stream: _Stream) -> Dataset:
     return dataset.subset(sorted(stream.permutation(len(dataset))[:limit].tolist()))
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """The ``data.*`` settings; validated on construction so a bad field fails before any training."""
-
-    source: str = BBC_NEWS
-    task: Task = "classification"
-    test_fraction: float = 0.2
-    partition: PartitionScheme = "dirichlet"
-    alpha: float = 0.3
-    labels: tuple[tuple[str, ...], ...] = ()
-    seed: int = 0
-    max_train_examples: int | None = None
-    max_test_examples: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source:
-            raise ConfigError("data.source", "give 'bbc-news' or a path to a .jsonl or .csv file")
-        _check_task(self.task)
-        _check_fraction(self.test_fraction)
-        if self.partition not in SCHEMES:
-            raise ConfigError(
-                "data.partition", f"unknown {self.partition!r}; choose one of: {', '.join(SCHEMES)}"
-            )
-        _check_alpha(self.alpha)
-        lists: object = self.labels
-        if not isinstance(lists, Sequence) or any(
-            isinstance(x, str) or not isinstance(x, Sequence) for x in lists
-        ):
-            raise ConfigError("data.labels", "must be a list of label-name lists, one per node")
-        # Lists (from TOML/JSON) become tuples and numbers names, so the config stays hashable.
-        object.__setattr__(self, "labels", tuple(tuple(map(str, names)) for names in lists))
-        if self.partition == "labels" and not self.labels:
-            raise ConfigError("data.labels", "the 'labels' partition needs one list of label names per node")
-        _check_seed(self.seed)
-        for name in ("max_train_examples", "max_test_examples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"data.{name}", f"must be a positive integer or unset, got {value!r}")
-
-    def node_shards(self, n_nodes: int) -> tuple[Dataset, list[Dataset]]:
-        """``(test split, one training silo per node)``; identical on every machine."""
-        dataset = load_dataset(self.source, self.task)
-        train, test = split_test(dataset, self.test_fraction, self.seed)
-        test = _cap(test, self.max_test_examples, _Stream(self.seed, _CAP_TEST))
-        node_labels = self.labels if self.partition == "labels" else None
-        parts = partition(
-            train, n_nodes, self.partition, self.seed, alpha=self.alpha, node_labels=node_labels
-        )
-        return test, [
-            _cap(train.subset(part), self.max_train_examples, _Stream(self.seed, _CAP_TRAIN, node))
-            for node, part in enumerate(parts)
-        ]
+def node_shards(config: DataConfig, n_nodes: int) -> tuple[Dataset, list[Dataset]]:
+    """``(test split, one training silo per node)`` for the ``data.*`` settings; the same on every machine."""
+    dataset = load_dataset(config.source, config.task)
+    train, test = split_test(dataset, config.test_fraction, config.seed)
+    test = _cap(test, config.max_test_examples, _Stream(config.seed, _CAP_TEST))
+    # Label names may be written as numbers in TOML (labels = [[0, 1], [2]]); the data's names are strings.
+    node_labels = (
+        [[str(name) for name in names] for names in config.labels] if config.partition == "labels" else None
+    )
+    parts = partition(
+        train, n_nodes, config.partition, config.seed, alpha=config.alpha, node_labels=node_labels
+    )
+    return test, [
+        _cap(train.subset(part), config.max_train_examples, _Stream(config.seed, _CAP_TRAIN, node))
+        for node, part in enumerate(parts)
+    ]

@@ -31,6 +31,7 @@ from p2pfm.core.private_files import make_private_dir, write_private_file
 from p2pfm.core.wire import TensorSpec
 
 Array = np.ndarray[Any, Any]
+_DTYPES = {"float32": np.float32, "float64": np.float64}  # float64: exact consensus experiments
 
 
 class Learner(Protocol):
@@ -65,7 +66,11 @@ class Learner(Protocol):
 
 
 class QuadraticLearner:
-    """Gradient descent on ``||x - centre||^2 / 2`` plus Gaussian gradient noise (module docstring)."""
+    """Gradient descent on ``||x - centre||^2 / 2`` plus Gaussian gradient noise (module docstring).
+
+    float32 like an adapter by default; ``dtype="float64"`` for consensus
+    experiments that must see decay far below float32's rounding.
+    """
 
     def __init__(
         self,
@@ -76,17 +81,21 @@ class QuadraticLearner:
         noise: float = 0.0,
         start: Array | None = None,
         seed: int = 0,
+        dtype: str = "float32",
     ) -> None:
         if centre.shape != optimum.shape or centre.ndim != 1:
             raise LocalProtocolError("centre and optimum must be vectors of one length")
         if not 0.0 < lr <= 1.0 or not noise >= 0.0:
             raise LocalProtocolError(f"lr must be in (0, 1] and noise >= 0, got {lr} and {noise}")
-        self.centre = np.asarray(centre, np.float32)
-        self.optimum = np.asarray(optimum, np.float32)
+        if dtype not in _DTYPES:
+            raise LocalProtocolError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = _DTYPES[dtype]
+        self.centre = np.asarray(centre, self.dtype)
+        self.optimum = np.asarray(optimum, self.dtype)
         self.lr, self.noise = lr, noise
         self._rng = np.random.default_rng(seed)
-        self._x = np.array(self.centre if start is None else start, dtype=np.float32)
-        self.schema = (TensorSpec("x", "float32", self._x.shape),)
+        self._x = np.array(self.centre if start is None else start, dtype=self.dtype)
+        self.schema: tuple[TensorSpec, ...] = (TensorSpec("x", dtype, self._x.shape),)
         self.fingerprint = fingerprint({"quadratic": schema_document(list(self.schema))})
 
     def describe(self) -> dict[str, Any]:
@@ -98,7 +107,7 @@ class QuadraticLearner:
             gradient = self._x - self.centre
             losses.append(0.5 * float(np.dot(gradient, gradient)))
             if self.noise:
-                gradient = gradient + self._rng.normal(0.0, self.noise, gradient.shape).astype(np.float32)
+                gradient = gradient + self._rng.normal(0.0, self.noise, gradient.shape).astype(self.dtype)
             self._x -= self.lr * gradient
         return float(np.mean(losses)) if losses else None
 
@@ -111,7 +120,7 @@ class QuadraticLearner:
         return {"x": self._x.copy()}
 
     def set_state(self, state: Mapping[str, Array]) -> None:
-        x = np.asarray(state["x"], np.float32)
+        x = np.asarray(state["x"], self.dtype)
         if x.shape != self._x.shape or not np.isfinite(x).all():
             raise LocalProtocolError("state must be a finite vector of the learner's length")
         self._x = x.copy()

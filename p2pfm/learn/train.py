@@ -19,19 +19,17 @@ import contextlib
 import math
 import os
 import random
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from p2pfm.config.settings import TrainSettings
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.learn.adapter import AdapterModel
 
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _STATE_VERSION = 1
 
 
@@ -45,60 +43,11 @@ class ExampleLike(Protocol):
     def label(self) -> int | None: ...
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local optimisation settings; they may differ between nodes (they are not fingerprinted)."""
-
-    local_steps: int = 8  # optimizer steps between two gossip rounds; 0 = mixing only (experiments)
-    batch_size: int = 16
-    # 2e-3, measured on the default setup (MiniLM-L6, LoRA r=8 on query/value, BBC News, batch 16,
-    # 2 CPU threads): after ~30 steps 5e-4 / 2e-3 / 5e-3 / 1e-2 reached 0.48 / 0.81 / 0.90 / 0.75
-    # held-out accuracy, after 100 steps 5e-4 / 2e-3 / 5e-3 reached 0.93 / 0.97 / 0.87. LoRA needs a
-    # higher rate than full fine-tuning (B starts at zero, updates are rank-limited) and the new head
-    # shares it; 5e-3 is fastest early but noisy, which gossip averaging of drifting nodes punishes.
-    # Causal LMs of 100M+ parameters usually want 2e-4..5e-4.
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    max_length: int = 64  # tokens per text after truncation
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    threads: int = 0  # torch intra-op threads; 0 = cores / nodes_on_machine
-    eval_batch_size: int = 64
-    # Matmul precision: "auto" = bf16 autocast on CUDA, and on CPUs with native
-    # bf16 (avx512_bf16 / AMX), else fp32. The adapter and optimizer stay fp32.
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name, low in (
-            ("local_steps", 0),
-            ("batch_size", 1),
-            ("max_length", 2),
-            ("threads", 0),
-            ("eval_batch_size", 1),
-        ):
-            value = getattr(self, name)
-            if type(value) is not int or value < low:
-                raise ConfigError(f"train.{name}", f"must be an integer >= {low}, got {value!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"train.{name}", f"must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.lr <= 0:
-            raise ConfigError("train.lr", f"must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
-            raise ConfigError(
-                "train.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
-
-
 def pick_device(setting: str) -> torch.device:
-    """Resolve ``TrainSettings.device``: "auto" prefers CUDA; asking for CUDA without it is an error."""
-    if not isinstance(setting, str) or not _DEVICE_RE.fullmatch(setting):
-        raise ConfigError("train.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {setting!r}")
+    """Resolve ``TrainSettings.device`` (its form is checked by the schema).
+
+    "auto" prefers CUDA; asking for CUDA without it is an error.
+    """
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cpu":

@@ -51,17 +51,35 @@ class _InFlight:
     message: bytes
 
 
-class MemoryNetwork:
-    """The shared medium of some MemoryTransports. Thread-safe (nodes may run in threads)."""
+Arrival = Callable[[PeerId, float], None]  # (receiver, deliver_at_s): a message is on its way
+Forward = Callable[[PeerId, PeerId, float, bytes], None]  # (sender, receiver, deliver_at_s, message)
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
+
+class MemoryNetwork:
+    """The shared medium of some MemoryTransports. Thread-safe (nodes may run in threads).
+
+    A simulator spread over processes gives each process its own network:
+    ``forward`` then carries a message to a receiver attached elsewhere and
+    ``inject`` puts one that came from elsewhere on its link; ``on_arrival``
+    tells the simulator's scheduler when to wake a receiver.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+        forward: Forward | None = None,
+        on_arrival: Arrival | None = None,
+    ) -> None:
         self.clock = clock
         self.real_time = clock is time.monotonic  # only then may receive() sleep
+        self.forward, self.on_arrival = forward, on_arrival
         self._rng = random.Random(seed)  # fault injection only; not security relevant
         self._lock = threading.Condition()
         self._faults: dict[tuple[PeerId, PeerId], LinkFaults] = {}
-        # (sender, receiver) -> the newest message on that link not yet received.
-        self._slots: dict[tuple[PeerId, PeerId], _InFlight] = {}
+        # receiver -> sender -> the newest message on that link not yet received.
+        self._inbox: dict[PeerId, dict[PeerId, _InFlight]] = {}
         self._link_free_at_s: dict[tuple[PeerId, PeerId], float] = {}
         self._nodes: dict[PeerId, MemoryTransport] = {}
 
@@ -76,45 +94,74 @@ class MemoryNetwork:
                 raise LocalProtocolError(f"node {peer.short} is already attached")
             transport = MemoryTransport(self, peer, tuple(neighbours))
             self._nodes[peer] = transport
+            self._inbox[peer] = {}
             return transport
+
+    def detach(self, peer: PeerId) -> None:
+        """Take node ``peer`` off the network (it crashed): what waited for it is lost, as in its socket."""
+        with self._lock:
+            self._nodes.pop(peer, None)
+            self._inbox.pop(peer, None)
+
+    def next_arrival_s(self, receiver: PeerId) -> float | None:
+        """When the earliest message still on its way to ``receiver`` arrives (None: nothing is)."""
+        with self._lock:
+            due = [flight.deliver_at_s for flight in self._inbox.get(receiver, {}).values()]
+            return min(due) if due else None
+
+    def inject(self, sender: PeerId, receiver: PeerId, deliver_at_s: float, message: bytes) -> None:
+        """Put a message that another process's network carried on the link ``sender -> receiver``."""
+        with self._lock:
+            inbox = self._inbox.get(receiver)
+            if inbox is None:
+                return  # the receiver is down: lost
+            inbox[sender] = _InFlight(deliver_at_s, message)  # the newest replaces an older one
+            self._lock.notify_all()
+        if self.on_arrival is not None:
+            self.on_arrival(receiver, deliver_at_s)
 
     def _send(self, sender: PeerId, receiver: PeerId, message: bytes) -> bool:
         """Put ``message`` on the link; False when the link's loss took it."""
         with self._lock:
-            faults = self._faults.get((sender, receiver), LinkFaults())
+            faults = self._faults.get((sender, receiver), _NO_FAULTS)
             if faults.loss and self._rng.random() < faults.loss:
                 return False
-            now_s = self.clock()
-            start_s = now_s + faults.delay_s
+            deliver_at_s = self.clock() + faults.delay_s
             if faults.bytes_per_s is not None:
                 # The link carries one message after the other at its rate.
-                start_s = max(start_s, self._link_free_at_s.get((sender, receiver), 0.0))
-                start_s += len(message) / faults.bytes_per_s
-                self._link_free_at_s[(sender, receiver)] = start_s
-            self._slots[(sender, receiver)] = _InFlight(start_s, message)  # the newest replaces an older one
+                deliver_at_s = max(deliver_at_s, self._link_free_at_s.get((sender, receiver), 0.0))
+                deliver_at_s += len(message) / faults.bytes_per_s
+                self._link_free_at_s[(sender, receiver)] = deliver_at_s
+            inbox = self._inbox.get(receiver)
+            if inbox is None:
+                if self.forward is not None and receiver not in self._nodes:
+                    self.forward(sender, receiver, deliver_at_s, message)
+                return True  # sent; lost on arrival when the receiver is down, as a real link would
+            inbox[sender] = _InFlight(deliver_at_s, message)  # the newest replaces an older one
             self._lock.notify_all()
-            return True
+        if self.on_arrival is not None:
+            self.on_arrival(receiver, deliver_at_s)
+        return True
 
     def _take(self, receiver: PeerId, max_messages: int) -> list[Received]:
         with self._lock:
+            inbox = self._inbox.get(receiver)
+            if not inbox:
+                return []
             now_s = self.clock()
-            ready = sorted(
-                (flight.deliver_at_s, sender)
-                for (sender, to), flight in self._slots.items()
-                if to == receiver and flight.deliver_at_s <= now_s
-            )[:max_messages]
-            return [
-                Received(sender, memoryview(self._slots.pop((sender, receiver)).message))
-                for _, sender in ready
-            ]
+            ready = sorted((f.deliver_at_s, s) for s, f in inbox.items() if f.deliver_at_s <= now_s)
+            return [Received(s, memoryview(inbox.pop(s).message)) for _, s in ready[:max_messages]]
 
     def _wait(self, receiver: PeerId, timeout_s: float) -> None:
         """Sleep until a message to ``receiver`` may be ready, at most ``timeout_s``."""
         with self._lock:
-            due = [f.deliver_at_s for (_, to), f in self._slots.items() if to == receiver]
+            due = [f.deliver_at_s for f in self._inbox.get(receiver, {}).values()]
             if due:
                 timeout_s = min(timeout_s, max(0.0, min(due) - self.clock()))
             self._lock.wait(timeout_s)
+
+
+_NO_FAULTS = LinkFaults()
 
 
 class MemoryTransport:

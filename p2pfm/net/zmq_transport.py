@@ -34,17 +34,16 @@ own queue.
 
 from __future__ import annotations
 
-import random
 import resource
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 
 import zmq
 import zmq.auth.thread
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from p2pfm.config.settings import TransportSettings
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity, PeerId, curve_public_key
 from p2pfm.core.wire import Buffer, WireLimits, message_bytes
@@ -74,21 +73,6 @@ _RELINK_GRACE_S = 1.0
 CURVE_FRAME_OVERHEAD_BYTES = 33
 
 
-@dataclass(frozen=True)
-class TransportSettings:
-    send_queue_messages: int = 2  # per neighbour; only the newest state matters
-    reconnect_interval_ms: int = 100
-    reconnect_interval_max_ms: int = 2000
-    linger_ms: int = 2000  # on close, time to flush the last round's messages
-    handshake_timeout_ms: int = 5000  # a connection must finish the CurveZMQ handshake in this time
-    insecure: bool = False  # plaintext links, no peer authentication: debugging only
-
-    def __post_init__(self) -> None:
-        for name in ("send_queue_messages", "handshake_timeout_ms"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"transport.{name}", "must be >= 1")
-
-
 class _Admission:
     """ZAP credentials provider: admits the CurveZMQ keys of allowed peers only."""
 
@@ -102,18 +86,6 @@ class _Admission:
             return True
         self._stats.refused_connections += 1
         return False
-
-
-def check_address(field_name: str, address: str) -> str:
-    """Accept ``tcp://host:port`` (and ``ipc://``/``inproc://`` for tests); name the field otherwise."""
-    if address.startswith(("ipc://", "inproc://")):
-        return address
-    host, sep, port = address.removeprefix("tcp://").rpartition(":")
-    if not address.startswith("tcp://") or not sep or not host or not port.isdigit():
-        raise ConfigError(field_name, f"{address!r} is not an address like tcp://127.0.0.1:5550")
-    if not 0 < int(port) < 65536:
-        raise ConfigError(field_name, f"port {port} is out of range 1..65535")
-    return address
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -147,8 +119,6 @@ class ZmqTransport:
         identity: Identity | None = None,
         allowed: Collection[PeerId] | None = None,
         max_message_bytes: int = WireLimits().max_message_bytes,
-        link_drop_prob: Mapping[PeerId, float] | None = None,
-        seed: int = 0,
     ) -> None:
         """``identity`` is required unless ``settings.insecure``; ``allowed``
         (default: ``peers``) are the keys admitted to connect to us;
@@ -157,8 +127,6 @@ class ZmqTransport:
         self.settings = settings or TransportSettings()
         self.stats = TransportStats()
         self.max_message_bytes = max_message_bytes
-        self._link_drop_prob = dict(link_drop_prob or {})
-        self._rng = random.Random(seed)  # fault injection only; not security relevant
         self._context = zmq.Context()
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._links: dict[str, PeerId] = {}  # ZAP User-Id (Z85 CurveZMQ key) -> peer
@@ -257,9 +225,6 @@ class ZmqTransport:
         taken = 0
         for peer in self._outbound if peers is None else peers:
             if peer not in self._outbound:
-                continue
-            if self._rng.random() < self._link_drop_prob.get(peer, 0.0):
-                self.stats.dropped[DROP_FAULT] += 1
                 continue
             try:
                 self._outbound[peer].send(message, flags=zmq.NOBLOCK, copy=False)

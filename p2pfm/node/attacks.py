@@ -24,18 +24,16 @@ see docs/security.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import blake3
 import numpy as np
 
+from p2pfm.config.schema import AttackKind
 from p2pfm.core import wire
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import GossipProtocol
 
-AttackKind = Literal[
-    "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"
-]
 ATTACKS: tuple[str, ...] = get_args(AttackKind)  # defined once, in AttackKind
 DEFAULT_FACTOR = {"scale": 10.0, "noise": 1.0, "signflip": 1.0, "equivocate": 10.0}  # others: 1.0
 
@@ -43,7 +41,9 @@ Array = np.ndarray[Any, Any]
 
 
 class Attacker:
-    """Builds the messages a misbehaving node sends instead of its honest update."""
+    """Builds the messages a misbehaving node sends instead of its honest update (a ``Publisher``)."""
+
+    gap_s = 0.3  # equivocate: the receivers get time to read the first version before the second
 
     def __init__(self, kind: str, factor: float | None, seed: int) -> None:
         if kind not in ATTACKS:

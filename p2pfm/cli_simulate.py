@@ -1,0 +1,174 @@
+"""``p2pfm simulate``: real node loops on a topology, in-process, without a model (p2pfm/lab/sim.py).
+
+Faults and attacks are given as flags (``--attack 3:scale:10``,
+``--slow 2:3``, ``--crash 1:2:10``, ``--drop-link 0:3:0.3``) or taken from a
+scenario file (``--scenario scenarios/faults.toml``: its topology, faults and
+gossip rule; flags add to them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from p2pfm.core.errors import ConfigError, LocalProtocolError
+
+if TYPE_CHECKING:
+    from p2pfm.lab.scenario import Faults
+
+_MAX_NODE_ROWS = 32  # larger networks get a summary line instead of one row per node
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sim = commands.add_parser(
+        "simulate", help="run real node loops in-process on a topology, without a model (virtual time)"
+    )
+    sim.add_argument("spec", nargs="?", help="topology spec or file (default: the --scenario's)")
+    sim.add_argument("--rounds", type=int, help="rounds to run (default: the --scenario's gossip.rounds)")
+    sim.add_argument("--scenario", type=Path, help="take topology, faults and gossip rule from this file")
+    sim.add_argument("--dim", type=int, default=1000, help="vector length per node (default 1000)")
+    sim.add_argument("--seed", type=int, default=0, help="seed for start vectors, keys and losses")
+    sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
+    sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="learners' dtype")
+    sim.add_argument(
+        "--rule", help="mixing rule, as gossip.rule: mean, trimmed-mean, median or clip (default mean)"
+    )
+    sim.add_argument("--trim", type=int, help="trimmed-mean: values dropped at each end (default 1)")
+    sim.add_argument("--byzantine-weight", type=float, help="clip: weight share clipped (default 0.25)")
+    sim.add_argument("--steps", type=int, default=0, help="local steps per round on f_i(x) = |x - c_i|^2/2")
+    sim.add_argument("--lr", type=float, default=0.1, help="local step size (default 0.1)")
+    sim.add_argument("--noise", type=float, default=0.0, help="gradient noise (default 0)")
+    sim.add_argument(
+        "--attack", action="append", default=[], metavar="NODE:KIND[:FACTOR]",
+        help="node NODE attacks (scale, noise, signflip, replay, forge, wrong-model, equivocate, far-future)",
+    )  # fmt: skip
+    sim.add_argument("--slow", action="append", default=[], metavar="NODE:FACTOR", help="a slow node")
+    sim.add_argument(
+        "--crash", action="append", default=[], metavar="NODE:ROUND[:RESTART_S]",
+        help="node NODE dies after round ROUND and resumes RESTART_S virtual seconds later (default 5)",
+    )  # fmt: skip
+    sim.add_argument("--drop-link", action="append", default=[], metavar="A:B:P", help="a lossy link")
+    sim.add_argument("--workers", type=int, help="processes (default: one per core for big networks)")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.set_defaults(run=run, simulate_parser=sim)
+
+
+def run(args: argparse.Namespace) -> int:
+    from p2pfm.lab.scenario import Faults, load_scenario  # noqa: PLC0415
+    from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate  # noqa: PLC0415
+
+    spec, rounds, faults = args.spec, args.rounds, Faults()
+    gossip: dict[str, Any] = {}
+    if args.scenario is not None:
+        scenario = load_scenario(args.scenario)
+        spec = spec or scenario.header.topology
+        faults = scenario.faults
+        gossip = dict(scenario.templates.get("gossip", {}))
+        rounds = rounds if rounds is not None else gossip.get("rounds", 10)
+    if spec is None or rounds is None:  # a usage error (exit status 2), as argparse's own
+        args.simulate_parser.error("a topology spec and --rounds are required (or a --scenario with both)")
+    config = SimConfig(
+        spec, rounds, dim=args.dim, seed=args.seed, drop_prob=args.drop, dtype=args.dtype,
+        rule=args.rule or gossip.get("rule", "mean"),
+        trim=_pick(args.trim, gossip.get("trim", 1)),
+        byzantine_weight=_pick(args.byzantine_weight, gossip.get("byzantine_weight", 0.25)),
+        local_steps=args.steps, lr=args.lr, noise=args.noise, faults=_with_flags(faults, args),
+        workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
+    )  # fmt: skip
+    result = simulate(config)
+    if args.json:
+        print(json.dumps(result.as_json()))
+        return 0
+    console = Console()
+    table = Table(title=f"real node loops on {result.topology} ({result.nodes} nodes, virtual time)")
+    for column in ("round", "consensus distance", "messages", "delivered", "bytes"):
+        table.add_column(column, justify="right")
+    for row in result.rounds:
+        cells = (row.round, f"{row.consensus_distance:.3e}", row.messages, row.delivered, row.bytes)
+        table.add_row(*(str(cell) for cell in cells))
+    console.print(table)
+    _print_nodes(console, result)
+    predicted = result.lambda2**2
+    console.print(f"lambda2 = {result.lambda2:.6f}; predicted decay per round lambda2^2 = {predicted:.6f}")
+    distances = [r.consensus_distance for r in result.rounds]
+    try:
+        measured = fit_decay_rate(distances, floor=float_floor(config.dtype))
+    except LocalProtocolError as exc:
+        console.print(f"measured decay: not enough rounds to fit ({exc})")
+    else:
+        ratio = measured / predicted
+        console.print(f"measured decay per round = {measured:.6f} (ratio to predicted {ratio:.4f})")
+    if result.rejected:
+        console.print(f"[bold red]{result.rejected} messages were rejected[/]")
+    return 0
+
+
+def _with_flags(faults: Faults, args: argparse.Namespace) -> Faults:
+    """The scenario's faults plus the ones given as flags (a bad flag value names the flag)."""
+    from p2pfm.lab.scenario import Attack, Crash, Drop, Faults, Slow  # noqa: PLC0415
+
+    def build(flag: str, values: list[str], counts: tuple[int, ...], make: Any) -> list[Any]:
+        out = []
+        for text in values:
+            parts = text.split(":")
+            if len(parts) not in counts:
+                expected = " or ".join(map(str, counts))
+                raise ConfigError(flag, f"expected {expected} fields separated by ':', got {text!r}")
+            try:
+                out.append(make(*parts))
+            except ValueError as exc:
+                raise ConfigError(flag, f"{text!r}: {exc}") from None
+        return out
+
+    def attack(node: str, kind: str, factor: str | None = None) -> Attack:
+        return Attack(node=int(node), kind=kind, factor=None if factor is None else float(factor))  # type: ignore[arg-type]
+
+    def crash(node: str, round_: str, restart_s: str = "5") -> Crash:
+        return Crash(node=int(node), round=int(round_), restart_after_s=float(restart_s))
+
+    def slow(node: str, factor: str) -> Slow:
+        return Slow(node=int(node), factor=float(factor))
+
+    def drop(a: str, b: str, prob: str) -> Drop:
+        return Drop(prob=float(prob), link=(int(a), int(b)))
+
+    return Faults(
+        attack=(*faults.attack, *build("--attack", args.attack, (2, 3), attack)),
+        crash=(*faults.crash, *build("--crash", args.crash, (2, 3), crash)),
+        slow=(*faults.slow, *build("--slow", args.slow, (2,), slow)),
+        drop=(*faults.drop, *build("--drop-link", args.drop_link, (3,), drop)),
+    )
+
+
+def _print_nodes(console: Console, result: object) -> None:
+    from p2pfm.lab.sim import SimResult  # noqa: PLC0415
+
+    assert isinstance(result, SimResult)
+    nodes = result.node_results
+    honest = [n for n in nodes if not n.attack]
+    if len(nodes) <= _MAX_NODE_ROWS and (len(honest) < len(nodes) or any(n.crashes for n in nodes)):
+        table = Table(title="nodes")
+        for column in ("node", "attack", "distance", "rounds trained", "crashes", "rejected", "banned"):
+            table.add_column(column)
+        for n in nodes:
+            rejected = ", ".join(f"{k} {v}" for k, v in sorted(n.rejected.items())) or "-"
+            table.add_row(
+                n.name, n.attack or "-", f"{n.distance:.3e}", f"{n.rounds_trained}/{n.rounds_completed}",
+                str(n.crashes), rejected, ", ".join(n.banned) or "-",
+            )  # fmt: skip
+        console.print(table)
+    if honest:
+        distances = [n.distance for n in honest]
+        console.print(
+            f"honest nodes: distance to the optimum mean {sum(distances) / len(distances):.3e}, "
+            f"worst {max(distances):.3e}"
+        )
+
+
+def _pick(flag: Any, default: Any) -> Any:
+    return default if flag is None else flag

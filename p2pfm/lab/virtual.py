@@ -1,0 +1,323 @@
+"""Real node loops on virtual time: the simulator's event scheduler.
+
+Each simulated node is a real ``p2pfm.node.loop.Node`` -- its learner,
+protocol, publishing strategy, fault wrappers and store -- on an in-memory
+transport. Where ``Node.run`` waits on the system clock, this scheduler keeps
+a heap of per-node events on one :class:`VirtualClock` and steps each node
+through the same calls in time order:
+
+    open -> train -> publish -> (wake on each arrival or at the deadline:
+    judge, poll) -> mix, record -> train ...
+
+Training takes ``step_s`` virtual seconds per local step (a slow node's
+learner wrapper adds its share), every link takes at least ``latency_s``,
+and the deadlines are the protocol's own. So timeouts, stragglers, crashes
+and restarts happen as they would on a network, only without waiting for
+them, and reproducibly.
+
+One scheduler runs some of the nodes (its *part*); the simulator may run
+several parts in worker processes. A message to a node of another part
+leaves through ``forward`` and arrives there through ``MemoryNetwork.inject``;
+since every link is at least ``latency_s`` long, parts can advance in
+windows of that length without ever receiving a message from their past.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pfm.core.identity import PeerId
+from p2pfm.core.protocol import RoundComplete
+from p2pfm.learn.learner import Array
+from p2pfm.net.link import DROP_FAULT
+from p2pfm.net.memory import Forward, LinkFaults, MemoryNetwork
+from p2pfm.node.clock import VirtualClock
+from p2pfm.node.loop import Node, NodeResult, Trained
+
+# Event kinds, in the order they run when they fall on the same time. Wakes
+# come first: a waiting node reads what has arrived by time t before any node
+# publishes at t (its inbox keeps one message per link, as ZeroMQ's
+# conflating one does, so a read that came later would lose the older one).
+_WAKE, _OPEN, _TRAIN, _PUBLISH, _RESTART = range(5)
+
+
+@dataclass
+class RoundTally:
+    """What one part saw of one round: its nodes' mixed states (Welford-merged) and their traffic."""
+
+    nodes: int = 0
+    mean: Array | None = None  # float64 mean of the states
+    m2: float = 0.0  # sum of squared distances to ``mean``
+    sum_sq: float = 0.0  # sum of squared norms
+    messages: int = 0  # messages sent (lost ones included)
+    bytes: int = 0  # wire bytes handed to the network
+    delivered: int = 0  # neighbours' updates the round mixed
+
+    def add(self, state: Array) -> None:
+        x = np.asarray(state, np.float64).ravel()
+        self.nodes += 1
+        self.sum_sq += float(np.dot(x, x))
+        if self.mean is None:
+            self.mean = x.copy()
+            return
+        delta = x - self.mean
+        self.mean += delta / self.nodes
+        self.m2 += float(np.dot(delta, x - self.mean))
+
+    def merge(self, other: RoundTally) -> None:
+        """Chan et al.'s pairwise update: exact, and stable at distances far below the states' size."""
+        self.messages += other.messages
+        self.bytes += other.bytes
+        self.delivered += other.delivered
+        if other.mean is None:
+            return
+        if self.mean is None:
+            self.nodes, self.mean, self.m2, self.sum_sq = (
+                other.nodes,
+                other.mean.copy(),
+                other.m2,
+                other.sum_sq,
+            )
+            return
+        total = self.nodes + other.nodes
+        delta = other.mean - self.mean
+        self.m2 += other.m2 + float(np.dot(delta, delta)) * self.nodes * other.nodes / total
+        self.mean += delta * (other.nodes / total)
+        self.nodes = total
+        self.sum_sq += other.sum_sq
+
+    @property
+    def consensus_distance(self) -> float:
+        """``mean_i ||x_i - xbar||^2 / mean_i ||x_i||^2``, as ``p2pfm.core.consensus.consensus_distance``."""
+        return self.m2 / self.sum_sq if self.sum_sq > 0.0 else 0.0
+
+
+@dataclass
+class NodeOutcome:
+    """A simulated node's end: its result, what it refused, and (when kept) its states."""
+
+    index: int
+    result: NodeResult
+    rejected: dict[str, int]
+    banned: list[str]
+    crashes: int
+    initial: Array | None = None
+    final: Array | None = None
+
+
+NodeMaker = Callable[[int, VirtualClock, MemoryNetwork, bool], Node]  # (index, clock, network, resume)
+
+
+@dataclass
+class _Slot:
+    index: int
+    peer: PeerId
+    node: Node
+    round: int = 0
+    phase: str = "open"  # open, train, wait, listen, crashed, done
+    trained: Trained | None = None
+    waiting_since_s: float = 0.0
+    listen_until_s: float = 0.0
+    next_wake_s: float = math.inf
+    completed: int = 0
+    crash_after: int | None = None  # crash once this round is recorded
+    restart_after_s: float | None = None
+    crashes: int = 0
+    sent_before: tuple[int, int, int] = (0, 0, 0)  # messages, fault drops, bytes at the last record
+    initial: Array | None = None
+    outcome: NodeOutcome | None = None
+
+
+class VirtualScheduler:
+    """Runs the nodes of one part in virtual time (see the module docstring)."""
+
+    def __init__(
+        self,
+        indices: list[int],
+        peers: Mapping[int, PeerId],
+        make_node: NodeMaker,
+        *,
+        links: Mapping[int, Sequence[int]],
+        latency_s: float,
+        crashes: Mapping[int, tuple[int, float | None]] | None = None,
+        forward: Forward | None = None,
+        keep_states: bool = False,
+    ) -> None:
+        self.clock = VirtualClock()
+        self.network = MemoryNetwork(clock=self.clock.now_s, forward=forward, on_arrival=self._arrival)
+        for i in indices:
+            for j in links[i]:
+                self.network.set_faults(peers[i], peers[j], LinkFaults(delay_s=latency_s))
+        self.make_node = make_node
+        self.keep_states = keep_states
+        self.tallies: dict[int, RoundTally] = {}
+        self._heap: list[tuple[float, int, int]] = []
+        self._by_peer: dict[PeerId, _Slot] = {}
+        self.slots: dict[int, _Slot] = {}
+        for i in indices:
+            slot = _Slot(i, peers[i], make_node(i, self.clock, self.network, False))
+            crash = (crashes or {}).get(i)
+            if crash is not None:
+                slot.crash_after, slot.restart_after_s = crash
+            self.slots[i] = slot
+            self._by_peer[slot.peer] = slot
+            self._push(0.0, slot, _OPEN)
+
+    # ------------------------------------------------------------ driving
+
+    def next_event_s(self) -> float:
+        while self._heap and self._stale(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else math.inf
+
+    def run_until(self, end_s: float = math.inf) -> None:
+        """Process every event before ``end_s`` (all of them by default)."""
+        while self.next_event_s() < end_s:
+            at_s, kind, index = heapq.heappop(self._heap)
+            self.clock.t_s = at_s
+            slot = self.slots[index]
+            if kind == _WAKE:
+                slot.next_wake_s = math.inf
+            self._step(slot, kind)
+
+    def outcomes(self) -> list[NodeOutcome]:
+        return [slot.outcome for slot in self.slots.values() if slot.outcome is not None]
+
+    # -------------------------------------------------------------- steps
+
+    def _step(self, slot: _Slot, kind: int) -> None:
+        node = slot.node
+        if kind == _OPEN:
+            opening = node.open()
+            slot.round = opening.next_round
+            if slot.initial is None:  # not after a restart
+                slot.initial = node.learner.get_state()["x"]
+                self._tally(0).add(slot.initial)
+            if opening.resumed and opening.listen_until_s is not None:
+                slot.phase, slot.listen_until_s = "listen", opening.listen_until_s
+                self._check(slot)
+            else:
+                if opening.resumed:
+                    slot.round = node.opened(slot.round)
+                self._push(self.clock.now_s(), slot, _TRAIN)
+        elif kind == _TRAIN:
+            if slot.round > node.plan.rounds:
+                self._finish(slot)
+                return
+            slot.phase = "train"
+            slot.trained = node.train()  # advances the clock by the virtual training time
+            self._push(self.clock.now_s(), slot, _PUBLISH)
+        elif kind == _PUBLISH:
+            node.publish(slot.round)
+            slot.phase, slot.waiting_since_s = "wait", self.clock.now_s()
+            self._check(slot)
+        elif kind == _WAKE:
+            self._check(slot)
+        elif kind == _RESTART:
+            slot.node = self.make_node(slot.index, self.clock, self.network, True)
+            slot.phase = "open"
+            self._push(self.clock.now_s(), slot, _OPEN)
+
+    def _check(self, slot: _Slot) -> None:
+        """A waiting node looks at its inbox: done with the round (or listening), or sleeps again."""
+        node, now_s = slot.node, self.clock.now_s()
+        node.judge(0.0)
+        if slot.phase == "listen":
+            if now_s >= slot.listen_until_s or node.heard_enough(slot.round):
+                slot.next_wake_s = math.inf  # pending wakes are stale now
+                slot.round = node.opened(slot.round)
+                self._push(now_s, slot, _TRAIN)
+            else:
+                self._sleep(slot, slot.listen_until_s)
+            return
+        if slot.phase != "wait":
+            return
+        done = node.poll()
+        if done is None:
+            self._sleep(slot, node.protocol.deadline_s)
+            return
+        slot.next_wake_s = math.inf  # pending wakes are stale now: no judging while training
+        node.mix(done)
+        assert slot.trained is not None
+        node.record(slot.round, slot.trained, done, wait_s=now_s - slot.waiting_since_s)
+        self._recorded(slot, done)
+        if slot.crash_after is not None and slot.round >= slot.crash_after and not slot.crashes:
+            self._crash(slot)
+            return
+        slot.round = node.catch_up(slot.round + 1)
+        self._push(self.clock.now_s(), slot, _TRAIN)
+
+    def _recorded(self, slot: _Slot, done: RoundComplete) -> None:
+        slot.completed = slot.round
+        tally = self._tally(slot.round)
+        tally.add(slot.node.learner.get_state()["x"])
+        stats = slot.node.transport.stats if slot.node.transport else None
+        if stats is not None:
+            now = (stats.messages_sent, stats.dropped[DROP_FAULT], stats.bytes_sent)
+            before = slot.sent_before
+            tally.messages += (now[0] - before[0]) + (now[1] - before[1])
+            tally.bytes += now[2] - before[2]
+            slot.sent_before = now
+        tally.delivered += len(done.updates)
+
+    def _crash(self, slot: _Slot) -> None:
+        """The node's process dies: its inbox is lost; its store (the disk) survives for the restart."""
+        slot.crashes += 1
+        slot.node.close()
+        self.network.detach(slot.peer)
+        slot.phase, slot.sent_before = "crashed", (0, 0, 0)
+        if slot.restart_after_s is None:
+            self._outcome(slot, slot.node.finish(slot.completed))
+            return
+        self._push(self.clock.now_s() + slot.restart_after_s, slot, _RESTART)
+
+    def _finish(self, slot: _Slot) -> None:
+        result = slot.node.finish(slot.completed)
+        slot.node.close()
+        self._outcome(slot, result)
+
+    def _outcome(self, slot: _Slot, result: NodeResult) -> None:
+        slot.phase = "done"
+        protocol = slot.node.protocol
+        slot.outcome = NodeOutcome(
+            index=slot.index,
+            result=result,
+            rejected={reason.value: n for reason, n in protocol.rejections.items()},
+            banned=sorted(slot.node.peer_names.get(p, p.short) for p in protocol.banned),
+            crashes=slot.crashes,
+            initial=slot.initial if self.keep_states else None,
+            final=slot.node.learner.get_state()["x"] if self.keep_states else None,
+        )
+
+    # ------------------------------------------------------------ helpers
+
+    def _sleep(self, slot: _Slot, until_s: float) -> None:
+        """Wake ``slot`` at ``until_s`` or at its next arrival, whichever is first."""
+        arrival_s = self.network.next_arrival_s(slot.peer)
+        at_s = min(until_s, math.inf if arrival_s is None else arrival_s)
+        self._wake(slot, max(at_s, self.clock.now_s()))
+
+    def _arrival(self, receiver: PeerId, deliver_at_s: float) -> None:
+        slot = self._by_peer.get(receiver)
+        if slot is not None and slot.phase in ("wait", "listen"):
+            self._wake(slot, deliver_at_s)
+
+    def _wake(self, slot: _Slot, at_s: float) -> None:
+        if at_s < slot.next_wake_s:
+            slot.next_wake_s = at_s
+            self._push(at_s, slot, _WAKE)
+
+    def _push(self, at_s: float, slot: _Slot, kind: int) -> None:
+        heapq.heappush(self._heap, (at_s, kind, slot.index))
+
+    def _stale(self, entry: tuple[float, int, int]) -> bool:
+        at_s, kind, index = entry
+        return kind == _WAKE and at_s != self.slots[index].next_wake_s
+
+    def _tally(self, round_: int) -> RoundTally:
+        return self.tallies.setdefault(round_, RoundTally())

@@ -1,0 +1,198 @@
+"""Build a node from its config: keys, learner, protocol, transport, faults, strategy, store.
+
+Everything the config decides is decided here, once; the node loop
+(p2pfm/node/loop.py) only runs the rounds. Faults are wrappers (a lossy
+transport, a slow learner) and an attack is a publishing strategy, so the
+loop has no branch for either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
+from p2pfm.core.errors import ConfigError
+from p2pfm.core.identity import Identity, PeerId, load_key_file
+from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
+from p2pfm.core.wire import WireLimits, limits_for_schema
+from p2pfm.learn.learner import Learner
+from p2pfm.net.link import Transport
+from p2pfm.net.zmq_transport import ZmqTransport, raise_open_files_limit
+from p2pfm.node.attacks import Attacker
+from p2pfm.node.clock import Clock, SystemClock
+from p2pfm.node.faults import LossyTransport, SlowLearner
+from p2pfm.node.loop import Node, RoundPlan
+from p2pfm.node.publishing import Honest, Publisher
+from p2pfm.node.store import DiskStore, NodeStore
+
+
+def build_node(
+    config: NodeConfig,
+    *,
+    resume: bool = False,
+    nodes_on_machine: int = 1,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] = print,
+    transport: Transport | None = None,
+    learner: Learner | None = None,
+) -> Node:
+    """The node ``config`` describes, on real time, keeping its files in ``node.out``.
+
+    ``transport`` replaces the ZeroMQ one built from the config (e.g. a
+    ``p2pfm.net.memory.MemoryTransport`` to run the node in-process); the
+    node closes it when it finishes. ``learner`` replaces the model the
+    config describes (e.g. a ``p2pfm.learn.learner.QuadraticLearner``).
+    """
+    identity = load_key_file(config.node.key)
+    if config.roster is not None and identity.peer_id not in config.roster.ids:
+        me = identity.peer_id.short
+        raise ConfigError("node.key", f"this node ({me}) is not in the roster {config.node.roster}")
+    name = config.node.name or identity.peer_id.short
+    store = DiskStore(
+        config.node.out, log=log, name=name, common={"node": name, "peer": identity.peer_id.hex}
+    )
+    open_files_limit = raise_open_files_limit()[0]
+    if learner is None:
+        from p2pfm.learn.adapter_learner import AdapterLearner  # noqa: PLC0415  torch only when a model runs
+
+        learner = AdapterLearner(config, nodes_on_machine=nodes_on_machine)
+    members = None if config.roster is None else config.roster.ids
+
+    def zmq_transport(limits: WireLimits) -> Transport:
+        if config.transport.insecure:
+            log(
+                f"[{name}] WARNING: transport.insecure = true: links are PLAINTEXT and "
+                "unauthenticated; anyone on the path can read them. Debugging only."
+            )
+        return ZmqTransport(
+            config.node.listen,
+            {peer.id: peer.address for peer in config.peers},
+            config.transport,
+            identity=identity,
+            allowed=members,
+            max_message_bytes=limits.max_message_bytes,
+        )
+
+    stop = stop or threading.Event()
+    return assemble_node(
+        identity=identity,
+        name=name,
+        network=config.node.network,
+        peers=config.peers,
+        members=members,
+        gossip=config.gossip,
+        faults=config.faults,
+        plan=RoundPlan(
+            rounds=config.gossip.rounds,
+            local_steps=config.train.local_steps,
+            samples_per_round=config.train.local_steps * config.train.batch_size,
+            eval_every=config.gossip.eval_every,
+            snapshot_every=config.gossip.snapshot_every,
+        ),
+        learner=learner,
+        transport=transport if transport is not None else zmq_transport,
+        clock=SystemClock(stop),
+        store=store,
+        seed=config.shard.shard,
+        resume=resume,
+        stop=stop,
+        log=log,
+        facts={"open_files_limit": open_files_limit, "insecure": config.transport.insecure},
+    )
+
+
+def assemble_node(
+    *,
+    identity: Identity,
+    name: str,
+    network: str,
+    peers: Sequence[Peer],
+    gossip: GossipSettings,
+    faults: FaultSettings,
+    plan: RoundPlan,
+    learner: Learner,
+    transport: Transport | Callable[[WireLimits], Transport],
+    clock: Clock,
+    store: NodeStore,
+    seed: int,
+    members: Collection[PeerId] | None = None,
+    resume: bool = False,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] = print,
+    facts: Mapping[str, Any] | None = None,
+) -> Node:
+    """A node from explicit parts: what ``build_node`` and the simulator share.
+
+    ``transport`` is a transport, or a function that builds one for the
+    derived wire limits (the ZeroMQ one bounds its inbound frames by them);
+    it is not used when ``gossip.mix`` is false. ``seed`` seeds the node's
+    fault and attack randomness.
+    """
+    if faults.slow_factor > 1.0:
+        learner = SlowLearner(learner, faults.slow_factor, clock)
+    # gossip.wire_dtype is what float32 tensors travel as; others (a float64
+    # simulation) travel as they are.
+    wire_dtypes = {spec.name: gossip.wire_dtype for spec in learner.schema if spec.dtype == "float32"}
+    schema = tuple(
+        dataclasses.replace(spec, dtype=wire_dtypes.get(spec.name, spec.dtype)) for spec in learner.schema
+    )
+    # Bounds from the largest legitimate message of this schema: nobody makes
+    # us buffer more than that per connection (docs/security.md). The float32
+    # schema's bound too: a node with another wire dtype is then refused as
+    # schema_mismatch (counted), not cut off by size.
+    limits = max(
+        (limits_for_schema(specs, network=network) for specs in (schema, learner.schema)),
+        key=lambda lim: lim.max_message_bytes,
+    )
+    protocol = GossipProtocol(
+        identity,
+        [peer.id for peer in peers],
+        ProtocolConfig(
+            network=network,
+            fingerprint=learner.fingerprint,
+            round_timeout_s=gossip.round_timeout_s,
+            limits=limits,
+            schema=schema,
+            max_rounds_ahead=gossip.max_rounds_ahead,
+            members=None if members is None else frozenset(members),
+        ),
+    )
+    link: Transport | None = None
+    if gossip.mix:
+        link = transport(limits) if callable(transport) else transport
+        by_name = {peer.name: peer.id for peer in peers}
+        loss = {by_name[n]: p for n, p in faults.drop.items() if n in by_name and p > 0.0}
+        if loss:
+            link = LossyTransport(link, [peer.id for peer in peers], loss, seed=seed)
+    elif not callable(transport):
+        transport.close()  # given but never used: the node owns it
+    publisher: Publisher = Honest(wire_dtypes)
+    if faults.attack:
+        publisher = Attacker(faults.attack, faults.attack_factor, seed)
+        log(f"[{name}] ATTACKER: sends {faults.attack} updates (fault injection)")
+    return Node(
+        name=name,
+        protocol=protocol,
+        learner=learner,
+        transport=link,
+        publisher=publisher,
+        mix_settings=MixSettings(gossip.rule, trim=gossip.trim, byzantine_weight=gossip.byzantine_weight),
+        plan=plan,
+        store=store,
+        clock=clock,
+        peer_names={peer.id: peer.name for peer in peers},
+        resume=resume,
+        stop=stop,
+        log=log,
+        facts={
+            **learner.describe(),
+            "neighbours": sorted(peer.name for peer in peers),
+            "adapter_bytes": sum(spec.nbytes for spec in learner.schema),
+            "max_message_bytes": limits.max_message_bytes,
+            "attack": faults.attack,
+            **(facts or {}),
+        },
+    )
