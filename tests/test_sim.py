@@ -111,11 +111,6 @@ def _bad_faults() -> list[Any]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="faults built in code (or from CLI flags) skip the checks a scenario file's faults get "
-    "(msgspec checks constraints when decoding, not in a Struct's constructor)",
-)
 @pytest.mark.parametrize("faults", _bad_faults())
 def test_faults_built_in_code_are_checked_as_a_scenario_files_are(faults: Any) -> None:
     with pytest.raises((LocalProtocolError, UserInputError)):

@@ -125,21 +125,32 @@ def load_scenario(path: Path) -> Scenario:
     if ":" not in spec and not Path(spec).is_absolute():
         spec = str((path.parent / spec).resolve())
     topology = parse_topology(spec)
-    faults = decode(Faults, doc.get("faults", {}), "faults")
-    n = topology.n_nodes
-    for kind, items in (("crash", faults.crash), ("slow", faults.slow), ("attack", faults.attack)):
-        for item in items:
-            if not 0 <= item.node < n:
-                raise ConfigError(f"faults.{kind}.node", f"node {item.node} is not in 0..{n - 1}")
-    for drop in faults.drop:
-        if drop.link and (len(drop.link) != 2 or not topology.graph.has_edge(*drop.link)):
-            raise ConfigError("faults.drop.link", f"{list(drop.link)} is not an edge of {spec}")
+    faults = check_faults(doc.get("faults", {}), topology)
     # The templates are checked by each node when it loads its config; here they only need to be tables.
     templates = {k: decode(dict[str, Any], doc.get(k, {}), k) for k in _TEMPLATE_SECTIONS}
     for key in ("shard", "shards"):
         if key in templates["data"]:
             raise ConfigError(f"data.{key}", "is set per node by the scenario; remove it")
     return Scenario(header, topology, faults, templates, path)
+
+
+def check_faults(faults: Faults | Mapping[str, Any], topology: Topology) -> Faults:
+    """The faults, checked as a scenario file's are: the schema's bounds, nodes and links of ``topology``.
+
+    Faults built in code (the simulator's flags) come through here too:
+    a Struct's constructor does not check its constraints, decoding does.
+    """
+    table = msgspec.to_builtins(faults) if isinstance(faults, Faults) else faults
+    checked = decode(Faults, table, "faults")
+    n = topology.n_nodes
+    for kind, items in (("crash", checked.crash), ("slow", checked.slow), ("attack", checked.attack)):
+        for item in items:
+            if not 0 <= item.node < n:
+                raise ConfigError(f"faults.{kind}.node", f"node {item.node} is not in 0..{n - 1}")
+    for drop in checked.drop:
+        if drop.link and (len(drop.link) != 2 or not topology.graph.has_edge(*drop.link)):
+            raise ConfigError("faults.drop.link", f"{list(drop.link)} is not an edge of {topology.spec}")
+    return checked
 
 
 def _free_ports(host: str, count: int) -> list[int]:

@@ -36,7 +36,7 @@ from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import MixSettings
 from p2pfm.core.topology import Topology, parse_topology, spectral_stats
-from p2pfm.lab.scenario import Faults
+from p2pfm.lab.scenario import Faults, check_faults
 from p2pfm.lab.sim_workers import run_parts
 from p2pfm.lab.virtual import NodeOutcome, RoundTally, VirtualScheduler
 from p2pfm.learn.learner import Array, QuadraticLearner
@@ -156,6 +156,7 @@ def simulate(config: SimConfig) -> SimResult:
     for fault in (*config.faults.attack, *config.faults.crash, *config.faults.slow):
         if not 0 <= fault.node < n:
             raise LocalProtocolError(f"fault names node {fault.node}; the topology has nodes 0..{n - 1}")
+    check_faults(config.faults, topology)  # the bounds a scenario file's faults get (ConfigError)
     workers = _workers(config, n)
     if workers == 1:
         scheduler = build_part(config, topology, list(range(n)))
