@@ -19,6 +19,7 @@ from rich.table import Table
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 
 if TYPE_CHECKING:
+    from p2pfm.core.topology import Topology
     from p2pfm.lab.scenario import Faults
 
 _MAX_NODE_ROWS = 32  # larger networks get a summary line instead of one row per node
@@ -59,6 +60,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from p2pfm.core.topology import parse_topology  # noqa: PLC0415
     from p2pfm.lab.scenario import Faults, load_scenario  # noqa: PLC0415
     from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate  # noqa: PLC0415
 
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         rule=args.rule or gossip.get("rule", "mean"),
         trim=_pick(args.trim, gossip.get("trim", 1)),
         byzantine_weight=_pick(args.byzantine_weight, gossip.get("byzantine_weight", 0.25)),
-        local_steps=args.steps, lr=args.lr, noise=args.noise, faults=_with_flags(faults, args),
+        local_steps=args.steps, lr=args.lr, noise=args.noise,
+        faults=_with_flags(faults, args, parse_topology(spec)),
         workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
     )  # fmt: skip
     result = simulate(config)
@@ -108,9 +111,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_flags(faults: Faults, args: argparse.Namespace) -> Faults:
-    """The scenario's faults plus the ones given as flags (a bad flag value names the flag)."""
-    from p2pfm.lab.scenario import Attack, Crash, Drop, Faults, Slow  # noqa: PLC0415
+def _with_flags(faults: Faults, args: argparse.Namespace, topology: Topology) -> Faults:
+    """The scenario's faults plus the ones given as flags (a bad flag value names the flag).
+
+    Each flag's fault gets the checks of a scenario file's (``check_faults``).
+    """
+    from p2pfm.lab.scenario import Attack, Crash, Drop, Faults, Slow, check_faults  # noqa: PLC0415
+
+    fields = {"--attack": "attack", "--crash": "crash", "--slow": "slow", "--drop-link": "drop"}
 
     def build(flag: str, values: list[str], counts: tuple[int, ...], make: Any) -> list[Any]:
         out = []
@@ -120,9 +128,14 @@ def _with_flags(faults: Faults, args: argparse.Namespace) -> Faults:
                 expected = " or ".join(map(str, counts))
                 raise ConfigError(flag, f"expected {expected} fields separated by ':', got {text!r}")
             try:
-                out.append(make(*parts))
+                fault = make(*parts)
             except ValueError as exc:
                 raise ConfigError(flag, f"{text!r}: {exc}") from None
+            try:
+                check_faults(Faults(**{fields[flag]: (fault,)}), topology)
+            except ConfigError as exc:
+                raise ConfigError(flag, f"{text!r}: {exc.field.split('.')[-1]} {exc.problem}") from None
+            out.append(fault)
         return out
 
     def attack(node: str, kind: str, factor: str | None = None) -> Attack:

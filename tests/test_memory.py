@@ -284,11 +284,6 @@ def test_next_arrival_is_the_earliest_message_on_its_way() -> None:
     assert network.next_arrival_s(B.peer_id) == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a newer message replaces one still in flight on its link (inbox[sender] = ...); "
-    "ZeroMQ conflates only messages that have arrived",
-)
 def test_a_message_in_flight_is_not_replaced_by_a_later_one() -> None:
     """Two updates on a slow link, the receiver reading between their arrivals, gets both."""
     clock = Clock()
@@ -305,11 +300,6 @@ def test_a_message_in_flight_is_not_replaced_by_a_later_one() -> None:
     assert [_value(item) for item in b.receive(0.0)] == [2.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a message to a detached receiver is lost when sent, not on arrival as _send's comment "
-    "says; a forwarded one is injected later, so worker and single-process runs differ",
-)
 def test_a_message_sent_while_the_receiver_is_down_arrives_if_it_is_back_by_then() -> None:
     clock = Clock()
     network = MemoryNetwork(clock=clock)

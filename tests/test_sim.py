@@ -95,7 +95,7 @@ def test_robust_rules_run_in_the_simulator_and_still_reach_consensus(rule: str) 
 def test_a_fault_naming_a_node_outside_the_topology_or_an_unknown_attack_is_refused() -> None:
     with pytest.raises(LocalProtocolError, match=r"fault names node 9; the topology has nodes 0\.\.7"):
         simulate(SimConfig("ring:8", rounds=1, dim=4, faults=Faults(crash=(Crash(node=9, round=1),))))
-    krum = Attack(node=1, kind="krum")  # type: ignore[arg-type]  (what a typo in code gives)
+    krum = Attack(node=1, kind="krum")  # type: ignore[arg-type]  # a typo in code: not checked
     with pytest.raises(LocalProtocolError, match="unknown attack 'krum'"):
         SimConfig("ring:8", rounds=1, faults=Faults(attack=(krum,)))
 
@@ -103,7 +103,7 @@ def test_a_fault_naming_a_node_outside_the_topology_or_an_unknown_attack_is_refu
 def _bad_faults() -> list[Any]:
     return [
         pytest.param(Faults(slow=(Slow(node=1, factor=0.5),)), id="slow-below-1"),
-        pytest.param(Faults(slow=(Slow(node=1, factor=math.inf),)), id="slow-infinite"),  # node 1 vanishes
+        pytest.param(Faults(slow=(Slow(node=1, factor=math.inf),)), id="slow-infinite"),
         pytest.param(Faults(crash=(Crash(node=1, round=-1),)), id="crash-round-negative"),
         pytest.param(Faults(crash=(Crash(node=1, round=1, restart_after_s=-5.0),)), id="restart-in-the-past"),
         pytest.param(Faults(drop=(Drop(prob=0.3, link=(0, 5)),)), id="drop-not-an-edge"),

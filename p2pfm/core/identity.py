@@ -44,6 +44,14 @@ class PeerId:
         if len(self.key) != PUBLIC_KEY_BYTES:
             raise LocalProtocolError(f"a peer id is {PUBLIC_KEY_BYTES} bytes, got {len(self.key)}")
 
+    # Peer ids key every table of the protocol (a few lookups per message):
+    # hash and compare the key itself, without the generated tuple of fields.
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PeerId) and self.key == other.key
+
     @classmethod
     def from_hex(cls, text: str) -> PeerId:
         """Parse 64 hex digits; raises ValueError with the reason."""

@@ -78,46 +78,56 @@ class MemoryNetwork:
         self._rng = random.Random(seed)  # fault injection only; not security relevant
         self._lock = threading.Condition()
         self._faults: dict[tuple[PeerId, PeerId], LinkFaults] = {}
-        # receiver -> sender -> the newest message on that link not yet received.
-        self._inbox: dict[PeerId, dict[PeerId, _InFlight]] = {}
+        # receiver -> sender -> the link's messages in send order: those still
+        # in flight, and at most one that has arrived and is not yet read (the
+        # newest: a conflating socket keeps no other).
+        self._links: dict[PeerId, dict[PeerId, list[_InFlight]]] = {}
         self._link_free_at_s: dict[tuple[PeerId, PeerId], float] = {}
-        self._nodes: dict[PeerId, MemoryTransport] = {}
+        self._nodes: dict[PeerId, MemoryTransport] = {}  # attached and up
 
     def set_faults(self, sender: PeerId, receiver: PeerId, faults: LinkFaults) -> None:
         with self._lock:
             self._faults[(sender, receiver)] = faults
 
     def attach(self, peer: PeerId, neighbours: Sequence[PeerId]) -> MemoryTransport:
-        """The transport of node ``peer``, linked to ``neighbours``."""
+        """The transport of node ``peer``, linked to ``neighbours`` (again, after a ``detach``)."""
         with self._lock:
             if peer in self._nodes:
                 raise LocalProtocolError(f"node {peer.short} is already attached")
             transport = MemoryTransport(self, peer, tuple(neighbours))
             self._nodes[peer] = transport
-            self._inbox[peer] = {}
+            links = self._links.setdefault(peer, {})
+            now_s = self.clock()
+            for sender, flights in links.items():  # what arrived while it was down is lost
+                links[sender] = [f for f in flights if f.deliver_at_s > now_s]
             return transport
 
     def detach(self, peer: PeerId) -> None:
-        """Take node ``peer`` off the network (it crashed): what waited for it is lost, as in its socket."""
+        """Take node ``peer`` off the network (it crashed): messages that arrive while it is down are lost.
+
+        Those still in flight when it attaches again arrive, as on a real
+        link to a process that restarted quickly.
+        """
         with self._lock:
             self._nodes.pop(peer, None)
-            self._inbox.pop(peer, None)
 
     def next_arrival_s(self, receiver: PeerId) -> float | None:
         """When the earliest message still on its way to ``receiver`` arrives (None: nothing is)."""
         with self._lock:
-            due = [flight.deliver_at_s for flight in self._inbox.get(receiver, {}).values()]
+            now_s = self.clock()
+            due = [
+                f.deliver_at_s
+                for flights in self._links.get(receiver, {}).values()
+                for f in flights
+                if f.deliver_at_s > now_s
+            ]
             return min(due) if due else None
 
     def inject(self, sender: PeerId, receiver: PeerId, deliver_at_s: float, message: bytes) -> None:
         """Put a message that another process's network carried on the link ``sender -> receiver``."""
         with self._lock:
-            inbox = self._inbox.get(receiver)
-            if inbox is None:
-                return  # the receiver is down: lost
-            inbox[sender] = _InFlight(deliver_at_s, message)  # the newest replaces an older one
-            self._lock.notify_all()
-        if self.on_arrival is not None:
+            stored = self._put(sender, receiver, deliver_at_s, message)
+        if stored and self.on_arrival is not None:
             self.on_arrival(receiver, deliver_at_s)
 
     def _send(self, sender: PeerId, receiver: PeerId, message: bytes) -> bool:
@@ -132,36 +142,58 @@ class MemoryNetwork:
                 deliver_at_s = max(deliver_at_s, self._link_free_at_s.get((sender, receiver), 0.0))
                 deliver_at_s += len(message) / faults.bytes_per_s
                 self._link_free_at_s[(sender, receiver)] = deliver_at_s
-            inbox = self._inbox.get(receiver)
-            if inbox is None:
-                if self.forward is not None and receiver not in self._nodes:
+            if receiver not in self._links:  # never attached here
+                if self.forward is not None:
                     self.forward(sender, receiver, deliver_at_s, message)
-                return True  # sent; lost on arrival when the receiver is down, as a real link would
-            inbox[sender] = _InFlight(deliver_at_s, message)  # the newest replaces an older one
-            self._lock.notify_all()
+                return True
+            self._put(sender, receiver, deliver_at_s, message)
         if self.on_arrival is not None:
             self.on_arrival(receiver, deliver_at_s)
         return True
 
+    def _put(self, sender: PeerId, receiver: PeerId, deliver_at_s: float, message: bytes) -> bool:
+        links = self._links.get(receiver)
+        if links is None:
+            return False  # a receiver this network has never seen: lost
+        flights = links.setdefault(sender, [])
+        flights.append(_InFlight(deliver_at_s, message))
+        flights.sort(key=lambda f: f.deliver_at_s)  # stable: send order among equal times
+        # Conflation happens when the receiver reads (it keeps the newest that
+        # has arrived by then); the oldest beyond this many could never be it.
+        del flights[:-_MAX_IN_FLIGHT]
+        self._lock.notify_all()
+        return True
+
     def _take(self, receiver: PeerId, max_messages: int) -> list[Received]:
         with self._lock:
-            inbox = self._inbox.get(receiver)
-            if not inbox:
+            links = self._links.get(receiver)
+            if not links or receiver not in self._nodes:
                 return []
             now_s = self.clock()
-            ready = sorted((f.deliver_at_s, s) for s, f in inbox.items() if f.deliver_at_s <= now_s)
-            return [Received(s, memoryview(inbox.pop(s).message)) for _, s in ready[:max_messages]]
+            ready = []
+            for sender, flights in links.items():
+                arrived = sum(1 for f in flights if f.deliver_at_s <= now_s)
+                if arrived:  # the newest that has arrived; older ones were replaced in the socket
+                    ready.append((flights[arrived - 1].deliver_at_s, sender, arrived))
+            ready.sort()
+            out = []
+            for _, sender, arrived in ready[:max_messages]:
+                flights = links[sender]
+                out.append(Received(sender, memoryview(flights[arrived - 1].message)))
+                del flights[:arrived]
+            return out
 
     def _wait(self, receiver: PeerId, timeout_s: float) -> None:
         """Sleep until a message to ``receiver`` may be ready, at most ``timeout_s``."""
         with self._lock:
-            due = [f.deliver_at_s for f in self._inbox.get(receiver, {}).values()]
+            due = [f.deliver_at_s for flights in self._links.get(receiver, {}).values() for f in flights]
             if due:
                 timeout_s = min(timeout_s, max(0.0, min(due) - self.clock()))
             self._lock.wait(timeout_s)
 
 
 _NO_FAULTS = LinkFaults()
+_MAX_IN_FLIGHT = 64  # messages kept per link, in flight or arrived and unread
 
 
 class MemoryTransport:

@@ -50,6 +50,7 @@ class Attacker:
             raise ValueError(f"unknown attack {kind!r}; valid: {', '.join(ATTACKS)}")
         self.kind = kind
         self.factor = DEFAULT_FACTOR.get(kind, 1.0) if factor is None else factor
+        self._given = factor  # far-future: None claims 2^62, a given factor that many rounds ahead
         self._rng = np.random.default_rng(seed)
         self._first: bytes | None = None
         # A key no roster lists: derived, so runs are reproducible.
@@ -76,7 +77,7 @@ class Attacker:
                 fingerprint = blake3.blake3(b"another base model" + fingerprint).digest()
             claimed = protocol.round
             if self.kind == "far-future":
-                claimed = 2**62 if self.factor == 1.0 else protocol.round + int(self.factor)
+                claimed = 2**62 if self._given is None else protocol.round + int(self._given)
             body = wire.encode_update(
                 network=config.network,
                 round=claimed,
