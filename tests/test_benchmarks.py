@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # starts a process
 def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
     tiny = ["--mib", "2", "--repeats", "1", "--small-messages", "20", "--json"]
     result = subprocess.run(

@@ -35,6 +35,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments:
         assert fragment in lines[0]
 
 
+@pytest.mark.slow  # starts a process
 def test_keygen_and_peer_id(tmp_path: Path) -> None:
     key = tmp_path / "a.key"
     made = _p2pfm("keygen", "--out", str(key))
@@ -58,6 +59,7 @@ def test_keygen_and_peer_id(tmp_path: Path) -> None:
         ("{}", 0o644, "chmod 600"),
     ],
 )
+@pytest.mark.slow  # starts a process
 def test_bad_key_files_give_one_line_errors(
     tmp_path: Path, content: str | None, mode: int, fragment: str
 ) -> None:
@@ -68,6 +70,7 @@ def test_bad_key_files_give_one_line_errors(
     _assert_one_line_error(_p2pfm("peer-id", str(key)), str(key), fragment)
 
 
+@pytest.mark.slow  # starts a process
 def test_topology_show_json(tmp_path: Path) -> None:
     png = tmp_path / "ring.png"
     result = _p2pfm("topology", "show", "ring:16", "--json", "--png", str(png))
@@ -86,12 +89,14 @@ def test_topology_show_json(tmp_path: Path) -> None:
     assert table.returncode == 0 and "spectral_gap" in table.stdout and "0.4000" in table.stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_topology_errors_are_one_line() -> None:
     _assert_one_line_error(_p2pfm("topology", "show", "bogus:4"), "bogus")
     _assert_one_line_error(_p2pfm("topology", "show", "erdos:12:0.05:1"), "disconnected")
     _assert_one_line_error(_p2pfm("topology", "show", "/nonexistent/graph.graphml"), "graph.graphml")
 
 
+@pytest.mark.slow  # starts a process
 def test_simulate_json() -> None:
     result = _p2pfm("simulate", "torus:4x4", "--rounds", "5", "--dim", "50", "--seed", "3", "--json")
     assert result.returncode == 0, result.stderr
@@ -104,6 +109,7 @@ def test_simulate_json() -> None:
     assert all(r["messages"] == 64 and r["bytes"] > 64 * 200 for r in doc["rounds"][1:])
 
 
+@pytest.mark.slow  # starts a process
 def test_simulate_table_and_bad_numbers() -> None:
     table = _p2pfm("simulate", "exp:8", "--rounds", "12", "--dim", "20")
     assert table.returncode == 0 and "predicted decay" in table.stdout and "measured decay" in table.stdout
@@ -112,6 +118,7 @@ def test_simulate_table_and_bad_numbers() -> None:
     assert usage.returncode == 2 and "--rounds" in usage.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_report_prints_a_run_and_redraws_it_from_summary_json(tmp_path: Path) -> None:
     summary = Summary(
         scenario="finished",
@@ -141,6 +148,7 @@ def test_report_prints_a_run_and_redraws_it_from_summary_json(tmp_path: Path) ->
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # starts a process
 def test_report_on_a_bad_or_missing_summary_is_a_one_line_error(tmp_path: Path) -> None:
     _assert_one_line_error(_p2pfm("report", str(tmp_path / "nowhere")), "summary.json", "does not exist")
     doc = json.loads(json.dumps(Summary("s", "ring:2", "m", "classification", True, 1.0, ()).to_json()))

@@ -43,6 +43,7 @@ def _nodes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n["name"]: n for n in doc["node_results"]}
 
 
+@pytest.mark.slow  # starts a process
 def test_an_attacker_given_as_a_flag_is_in_the_json() -> None:
     result = _p2pfm("simulate", "ring:8", "--rounds", "6", "--attack", "3:scale", "--rule", "clip", "--json")
     assert result.returncode == 0, result.stderr
@@ -54,6 +55,7 @@ def test_an_attacker_given_as_a_flag_is_in_the_json() -> None:
     assert [r["round"] for r in doc["rounds"]] == list(range(7)) and doc["rejected"] == 0
 
 
+@pytest.mark.slow  # starts a process
 def test_the_faults_scenario_runs_its_crash_slow_node_and_lossy_link() -> None:
     result = _p2pfm("simulate", "--scenario", str(FAULTS_SCENARIO), "--rounds", "4", "--dim", "8", "--json")
     assert result.returncode == 0, result.stderr
@@ -89,6 +91,7 @@ def test_the_table_lists_the_nodes_when_some_misbehave(capsys: pytest.CaptureFix
     assert "honest nodes: distance to the optimum" in out
 
 
+@pytest.mark.slow  # starts a process
 def test_a_bad_flag_value_is_a_one_line_error_from_the_process() -> None:
     result = _p2pfm("simulate", "ring:8", "--rounds", "2", "--attack", "x:scale")
     assert result.returncode == 1 and "Traceback" not in result.stderr

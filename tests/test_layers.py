@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import grimp
+import pytest
 
 
 def test_no_module_imports_itself_back() -> None:
@@ -24,6 +25,7 @@ def test_no_module_imports_itself_back() -> None:
     assert cycles == []
 
 
+@pytest.mark.slow  # starts a process
 def test_the_core_and_the_simulator_load_without_torch_or_a_model() -> None:
     code = (
         "import sys, p2pfm.core.wire, p2pfm.core.protocol, p2pfm.lab.sim, p2pfm.node.loop\n"

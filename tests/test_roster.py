@@ -21,6 +21,7 @@ def _p2pfm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # starts a process
 def test_roster_commands_round_trip(tmp_path: Path) -> None:
     roster = tmp_path / "roster.toml"
     alice, bob = Identity.generate(), Identity.generate()

@@ -342,6 +342,7 @@ def test_gossip_wire_dtypes_are_wire_dtypes() -> None:
     assert set(get_args(WireDtype)) <= set(wire.DTYPES)
 
 
+@pytest.mark.slow  # starts a process
 def test_the_config_layer_imports_neither_torch_nor_zmq() -> None:
     heavy = ("torch", "zmq", "peft", "transformers")
     for module, banned in (("p2pfm.config.node_config", heavy), ("p2pfm.config.roster", ("zmq",))):

@@ -22,6 +22,8 @@ FAULTS = Faults(
     drop=(Drop(prob=0.3, link=(0, 6)),),  # an edge between two parts of exp:8 and of torus:3x3
 )
 
+pytestmark = pytest.mark.slow  # forks worker processes
+
 
 def _assert_same_run(one: SimResult, many: SimResult) -> None:
     assert len(one.rounds) == len(many.rounds)
