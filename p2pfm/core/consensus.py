@@ -55,9 +55,11 @@ def mix(own: State, received: Mapping[K, State], weights: Mapping[K, float]) -> 
     _check_schema(own, received)
     mixed: dict[str, Array] = {}
     for name, mine in own.items():
-        acc = np.asarray(mine, dtype=np.float64) * self_weight
+        acc = np.multiply(mine, self_weight, dtype=np.float64)
+        term = np.empty_like(acc)
         for peer, state in received.items():
-            acc += weights[peer] * np.asarray(state[name], dtype=np.float64)
+            np.multiply(state[name], weights[peer], out=term, dtype=np.float64)  # no float64 copy first
+            acc += term
         mixed[name] = acc.astype(mine.dtype, copy=False)
     return mixed
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ KEY_FILE_MODE = 0o600
 _MAX_KEY_FILE_BYTES = 4096  # a real key file is ~170 bytes
 
 
+_INTERNED: weakref.WeakValueDictionary[bytes, PeerId] = weakref.WeakValueDictionary()
+
+
 @dataclass(frozen=True, order=True)
 class PeerId:
     """A peer's Ed25519 public key; hashable, printed as hex."""
@@ -44,8 +48,20 @@ class PeerId:
         if len(self.key) != PUBLIC_KEY_BYTES:
             raise LocalProtocolError(f"a peer id is {PUBLIC_KEY_BYTES} bytes, got {len(self.key)}")
 
-    # Peer ids key every table of the protocol (a few lookups per message):
-    # hash and compare the key itself, without the generated tuple of fields.
+    def __new__(cls, key: bytes) -> PeerId:
+        # One object per key while any is alive: the protocol's and the
+        # transports' tables (a few lookups per message) then match peers by
+        # identity, without calling __eq__. Weak: unknown keys are not kept.
+        peer = _INTERNED.get(key)
+        if peer is None:
+            peer = super().__new__(cls)
+            _INTERNED[key] = peer
+        return peer
+
+    def __reduce__(self) -> tuple[type[PeerId], tuple[bytes]]:
+        return PeerId, (self.key,)
+
+    # Hash and compare the key itself, without the generated tuple of fields.
     def __hash__(self) -> int:
         return hash(self.key)
 

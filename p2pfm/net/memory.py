@@ -175,7 +175,7 @@ class MemoryNetwork:
                 arrived = sum(1 for f in flights if f.deliver_at_s <= now_s)
                 if arrived:  # the newest that has arrived; older ones were replaced in the socket
                     ready.append((flights[arrived - 1].deliver_at_s, sender, arrived))
-            ready.sort()
+            ready.sort(key=lambda item: (item[0], item[1].key))  # by arrival, then sender: reproducible
             out = []
             for _, sender, arrived in ready[:max_messages]:
                 flights = links[sender]
