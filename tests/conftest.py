@@ -8,9 +8,13 @@ Sizes: hidden 32, 2 layers, vocabulary of ~100 words -> a few hundred KB.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 import random
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -152,3 +156,18 @@ source = "{data}"
 partition = "{scheme}"
 {rest}
 """
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block under process umask ``mask``."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def file_mode(path: pathlib.Path) -> int:
+    """Permission bits of ``path`` itself (a symlink is not followed)."""
+    return stat.S_IMODE(path.lstat().st_mode)

@@ -6,24 +6,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # starts a process
-def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
-    tiny = ["--mib", "2", "--repeats", "1", "--small-messages", "20", "--json"]
+def _run_json(script: str, *args: str) -> Any:
+    """Run benchmarks/SCRIPT with ``args``; its JSON report (the run must succeed)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "wire.py"), *tiny],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         check=False,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow  # starts a process
+def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
+    report = _run_json("wire.py", "--mib", "2", "--repeats", "1", "--small-messages", "20", "--json")
     assert report["update"]["payload_bytes"] == 2 * 2**20
     assert report["ratio"] > 0 and isinstance(report["pass"], bool)
     assert report["pass"] == (report["ratio"] >= report["target"])
@@ -57,15 +62,7 @@ def test_consensus_benchmark_runs_on_a_tiny_model(tiny_bert_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_simulator_benchmark_runs_quick() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "simulator.py"), "--quick", "--json"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = _run_json("simulator.py", "--quick", "--json")
     gossip, training = report["gossip"], report["training"]
     assert gossip["identical_results"] is True and gossip["rejected"] == 0
     assert gossip["messages"] == 6 * 64 * 11  # exp:64 has degree 11: every node sends every round

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import topic_examples
+from conftest import file_mode, topic_examples, umask
 
 from p2pfm.core.errors import ConfigError
 from p2pfm.learn.adapter import LoraSettings, ModelSettings, build_adapter_model, get_state, set_state
@@ -23,19 +21,6 @@ from p2pfm.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.learn.train import Trainer, TrainSettings
 
 ADAPTER = {"layer.lora_A": np.arange(6, dtype=np.float32).reshape(2, 3)}
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
 
 
 def _trainer_state() -> dict[str, Any]:
@@ -169,14 +154,14 @@ def test_stray_trainer_pt_beside_a_checkpoint_is_ignored(tmp_path: Path) -> None
 @pytest.mark.parametrize("mask", [0o022, 0o000], ids=["umask-022", "umask-000"])
 def test_checkpoint_is_private_whatever_the_umask(tmp_path: Path, mask: int) -> None:
     folder = tmp_path / "out" / "checkpoint"
-    with _umask(mask):
+    with umask(mask):
         save_checkpoint(folder, Checkpoint(1, 1, ADAPTER, _trainer_state()))
         (tmp_path / "out" / "checkpoint.tmp").mkdir(mode=0o777)  # a crash's leftover, world-readable
         save_checkpoint(folder, Checkpoint(2, 2, ADAPTER, _trainer_state()))
-    assert _mode(tmp_path / "out") == 0o700  # created by the checkpoint: private too
-    assert _mode(folder) == 0o700
+    assert file_mode(tmp_path / "out") == 0o700  # created by the checkpoint: private too
+    assert file_mode(folder) == 0o700
     files = list(folder.iterdir())
-    assert len(files) == 4 and all(_mode(f) == 0o600 and f.is_file() for f in files)
+    assert len(files) == 4 and all(file_mode(f) == 0o600 and f.is_file() for f in files)
 
 
 def test_every_file_is_private_from_its_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +176,7 @@ def test_every_file_is_private_from_its_creation(tmp_path: Path, monkeypatch: py
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    with _umask(0o000):
+    with umask(0o000):
         save_checkpoint(tmp_path / "checkpoint", Checkpoint(1, 1, ADAPTER, _trainer_state()))
     assert len(seen) == 4 and all(mode == 0o600 and size > 0 for mode, size in seen)
 

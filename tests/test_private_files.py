@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from p2pfm.core.errors import UnsafePathError
 from p2pfm.core.private_files import make_private_dir, write_private_file
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
+from tests.conftest import file_mode, umask
 
 
 def test_make_private_dir_creates_every_missing_parent_0700(tmp_path: Path) -> None:
-    with _umask(0o022):
+    with umask(0o022):
         leaf = make_private_dir(tmp_path / "a" / "b" / "c")
     assert leaf == tmp_path / "a" / "b" / "c" and leaf.is_dir()
-    assert [_mode(p) for p in (tmp_path / "a", tmp_path / "a" / "b", leaf)] == [0o700] * 3
+    assert [file_mode(p) for p in (tmp_path / "a", tmp_path / "a" / "b", leaf)] == [0o700] * 3
 
 
 def test_make_private_dir_tightens_an_existing_leaf_only(tmp_path: Path) -> None:
@@ -40,7 +24,7 @@ def test_make_private_dir_tightens_an_existing_leaf_only(tmp_path: Path) -> None
     parent.chmod(0o755)
     leaf.chmod(0o755)
     make_private_dir(leaf)
-    assert _mode(leaf) == 0o700 and _mode(parent) == 0o755
+    assert file_mode(leaf) == 0o700 and file_mode(parent) == 0o755
 
 
 @pytest.mark.parametrize("dangling", [False, True])
@@ -54,7 +38,7 @@ def test_make_private_dir_refuses_a_symlink(tmp_path: Path, dangling: bool) -> N
         make_private_dir(tmp_path / "out")
     assert str(tmp_path / "out") in str(info.value)
     assert not dangling or not target.exists()
-    assert dangling or _mode(target) == 0o755  # the link's target is never chmod'ed
+    assert dangling or file_mode(target) == 0o755  # the link's target is never chmod'ed
 
 
 def test_make_private_dir_refuses_a_file(tmp_path: Path) -> None:
@@ -68,10 +52,10 @@ def test_write_private_file_replaces_a_symlink_not_its_target(tmp_path: Path) ->
     victim.write_bytes(b"precious")
     link = tmp_path / "file"
     link.symlink_to(victim)
-    with _umask(0o000):
+    with umask(0o000):
         write_private_file(link, b"new")
     assert victim.read_bytes() == b"precious"
-    assert not link.is_symlink() and link.read_bytes() == b"new" and _mode(link) == 0o600
+    assert not link.is_symlink() and link.read_bytes() == b"new" and file_mode(link) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "victim"]  # no temporary file left
 
 
