@@ -198,18 +198,21 @@ def _cmd_roster_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_topology_show(args: argparse.Namespace) -> int:
+    from p2pfm.core.schedule import schedule_stats
     from p2pfm.core.topology import parse_topology, spectral_stats
     from p2pfm.lab.plots import draw_png
 
     topology = parse_topology(args.spec)
-    stats = spectral_stats(topology)
+    doc: dict[str, object] = dict(spectral_stats(topology).as_json())
+    if topology.schedule is not None:
+        doc.update(schedule_stats(topology.schedule))
     if args.png is not None:
         draw_png(topology, args.png)
     if args.json:
-        print(json.dumps(stats.as_json()))
+        print(json.dumps(doc))
         return 0
     table = Table(title=f"topology {args.spec}", show_header=False)
-    for key, value in stats.as_json().items():
+    for key, value in doc.items():
         table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
     Console().print(table)
     if args.png is not None:

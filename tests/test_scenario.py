@@ -134,3 +134,25 @@ def test_an_unknown_task_fails_before_any_node_starts(tmp_path: Path) -> None:
         run_scenario(path, tmp_path / "out", log=lambda _line: None)
     assert info.value.field == "model.task" and "causal-lm" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_time_varying_topology_reaches_the_nodes_as_a_topology_section(tmp_path: Path) -> None:
+    """With [[peers]] a node could not know each round's partner: it gets the spec and the members."""
+    path = tmp_path / "s.toml"
+    path.write_text(
+        BASE.replace('topology = "ring:4"', 'topology = "one-peer-exp:4"')
+        + "[[faults.drop]]\nprob = 0.25\nlink = [0, 1]\n"
+    )
+    procs = write_node_configs(load_scenario(path), tmp_path / "out")
+    configs = [load_node_config(p.config) for p in procs]
+    assert [sorted(peer.name for peer in c.peers) for c in configs] == [
+        ["1", "2"],
+        ["0", "3"],
+        ["0", "3"],
+        ["1", "2"],
+    ]
+    partners = configs[0].partners
+    assert partners is not None
+    ids = {peer.name: peer.id for peer in configs[0].peers}
+    assert [partners(r) for r in (1, 2)] == [(ids["1"],), (ids["2"],)]
+    assert configs[0].faults.drop == {"1": 0.25}  # the drop fault follows the members' names

@@ -43,6 +43,7 @@ from p2pfm.config.settings import (
 )
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError, TopologyError
+from p2pfm.core.schedule import PeerSchedule
 from p2pfm.core.topology import parse_topology
 
 
@@ -83,6 +84,7 @@ class NodeConfig:
     transport: TransportSettings
     path: Path  # the config file itself
     roster: Roster | None = None
+    partners: PeerSchedule | None = None  # a time-varying topology: this node's partner(s) per round
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -97,7 +99,7 @@ def load_node_config(path: Path) -> NodeConfig:
 def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
     """Validate a parsed config file (``path`` locates it: relative paths are resolved against its folder)."""
     checked = decode(NodeDocument, _with_defaults(_resolved(doc, path.parent)), "")
-    peers = checked.peers if checked.topology is None else _topology_peers(checked.topology)
+    peers, partners = (checked.peers, None) if checked.topology is None else _topology_peers(checked.topology)
     peers = tuple(Peer(p.id, p.address, p.name or p.id.short) for p in peers or ())
     ids = [p.id for p in peers]
     if len(set(ids)) != len(ids):
@@ -126,6 +128,7 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
         transport=checked.transport,
         path=path,
         roster=roster,
+        partners=partners,
     )
 
 
@@ -167,8 +170,12 @@ def _with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _topology_peers(section: TopologySection) -> tuple[Peer, ...]:
-    """This node's neighbours in the topology, named by it, from the members' address book."""
+def _topology_peers(section: TopologySection) -> tuple[tuple[Peer, ...], PeerSchedule | None]:
+    """This node's neighbours in the topology, named by it, from the members' address book.
+
+    For a time-varying topology the neighbours are every round's partners,
+    and the schedule says which of them each round mixes with.
+    """
     try:
         topology = parse_topology(section.spec)
         index = topology.index_of(section.me)
@@ -181,7 +188,10 @@ def _topology_peers(section: TopologySection) -> tuple[Peer, ...]:
             raise ConfigError("topology.members", f"neighbour {name!r} of {section.me!r} has no entry")
         member = section.members[name]
         peers.append(Peer(member.id, member.address, name))
-    return tuple(peers)
+    if topology.schedule is None:
+        return tuple(peers), None
+    ids = {j: peer.id for j, peer in zip(topology.neighbours(index), peers, strict=True)}
+    return tuple(peers), PeerSchedule(topology.schedule, index, ids)
 
 
 __all__ = [

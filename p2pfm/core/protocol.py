@@ -203,13 +203,23 @@ class GossipProtocol:
         # we hear from them, so a dead neighbour costs one deadline, not one
         # per round. Their updates still count whenever they do arrive in time.
         self.absent: set[PeerId] = set()
+        self.partners: frozenset[PeerId] | None = None  # this round's, on a time-varying topology
 
     # ------------------------------------------------------------ sending
 
-    def start_round(self, round: int, now_s: float) -> None:
-        """Enter ``round`` (must move forward) and arm its deadline."""
+    def start_round(self, round: int, now_s: float, partners: Iterable[PeerId] | None = None) -> None:
+        """Enter ``round`` (must move forward) and arm its deadline.
+
+        ``partners``: on a time-varying topology, the neighbours this round
+        mixes with (the round waits for them only, and this node's update
+        carries their number as its degree); None: every neighbour.
+        """
         if round <= self.round:
             raise LocalProtocolError(f"round {round} does not move forward from {self.round}")
+        expected = None if partners is None else frozenset(partners)
+        if expected is not None and not expected <= self.neighbours:
+            raise LocalProtocolError("a round's partners must be neighbours")
+        self.partners = expected
         self.round = round
         for by_round in self._updates.values():
             self._prune(by_round)
@@ -235,7 +245,7 @@ class GossipProtocol:
             seq=seq,
             ts_ms=wall_time_ms,
             fingerprint=self.config.fingerprint,
-            degree=len(self.neighbours),
+            degree=len(self.neighbours if self.partners is None else self.partners),
             samples=samples,
             tensors=tensors,
             wire_dtypes=wire_dtypes,
@@ -413,8 +423,10 @@ class GossipProtocol:
         """
         if self.phase is not Phase.COLLECTING:
             return None
+        expected = self.neighbours if self.partners is None else self.partners
         fresh = {}
-        for peer, by_round in self._updates.items():
+        for peer in expected:
+            by_round = self._updates.get(peer)
             # The neighbour's state of exactly this round when we have it (the
             # synchronous iteration); else its newest, fresher one.
             if not by_round:
@@ -422,14 +434,14 @@ class GossipProtocol:
             update = by_round.get(self.round) or by_round[max(by_round)]
             if update.round >= self.round:
                 fresh[peer] = update
-        waiting_for = self.neighbours - self.absent - self.banned - fresh.keys()
+        waiting_for = expected - self.absent - self.banned - fresh.keys()
         timed_out = now_s >= self.deadline_s
         if waiting_for and not timed_out:
             return None
         self.phase = Phase.COMPLETE
-        missing = self.neighbours - fresh.keys()
+        missing = expected - fresh.keys()
         self.absent = set(missing)
-        weights = metropolis_weights(len(self.neighbours), {p: u.degree for p, u in fresh.items()})
+        weights = metropolis_weights(len(expected), {p: u.degree for p, u in fresh.items()})
         return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for), weights)
 
     def heard_claims(self, now_s: float) -> dict[PeerId, int]:

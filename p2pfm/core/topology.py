@@ -22,6 +22,7 @@ import networkx as nx
 import numpy as np
 
 from p2pfm.core.errors import TopologyError
+from p2pfm.core.schedule import SCHEDULE_KINDS, RoundSchedule, parse_schedule
 
 #: Larger graphs are refused: the dense N x N mixing matrix (8 * N**2 bytes,
 #: 800 MB at this bound) and its O(N**3) eigen-decomposition stop being usable.
@@ -49,6 +50,9 @@ class Topology:
     graph: nx.Graph
     names: tuple[str, ...]
     spec: str
+    # Time-varying topologies (one-peer-exp, matching): the partners of each
+    # round; ``graph`` is then the union of every round's edges.
+    schedule: RoundSchedule | None = None
     _index_by_name: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,9 +83,16 @@ class Topology:
             raise TopologyError(f"{self.spec}: node {node} does not exist (nodes are 0..{self.n_nodes - 1})")
 
     def neighbours(self, node: int) -> tuple[int, ...]:
-        """Neighbours of ``node`` in ascending order (deterministic iteration)."""
+        """Neighbours of ``node``, ascending (deterministic iteration); a schedule's: every round's."""
         self._check_node(node)
         return tuple(sorted(int(v) for v in self.graph.neighbors(node)))
+
+    def partners(self, node: int, round_: int) -> tuple[int, ...]:
+        """Whom ``node`` mixes with in round ``round_``: its neighbours, or the schedule's pick."""
+        if self.schedule is None:
+            return self.neighbours(node)
+        self._check_node(node)
+        return self.schedule.partners(node, round_)
 
     def degree(self, node: int) -> int:
         self._check_node(node)
@@ -366,12 +377,18 @@ def parse_topology(spec: str) -> Topology:
     kind = spec.split(":", 1)[0]
     if kind in GENERATORS:
         return _generate(spec)
+    if kind in SCHEDULE_KINDS:
+        schedule = parse_schedule(spec, MAX_NODES)
+        _check_edges(spec, schedule.n * len(schedule.links(0)) // 2)
+        edges = [(i, j) for i in range(schedule.n) for j in schedule.links(i) if i < j]
+        names = tuple(str(i) for i in range(schedule.n))
+        return Topology(nx.freeze(_graph(schedule.n, edges)), names, spec, schedule)
     if not spec.strip():
         raise TopologyError("the topology spec is empty; give e.g. ring:8 or a file path")
     path = pathlib.Path(spec)
     if path.is_file():
         return _load_file(spec)
-    valid = ", ".join(usage for usage, _ in GENERATORS.values())
+    valid = ", ".join([*(usage for usage, _ in GENERATORS.values()), "one-peer-exp:N", "matching:N[:SEED]"])
     if path.exists():
         raise TopologyError(f"topology file {spec}: is not a regular file")
     if re.fullmatch(r"[A-Za-z][\w-]*:[^/\\]*", spec):  # looks like a spec, not a path

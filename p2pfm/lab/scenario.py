@@ -194,16 +194,24 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
             "network": network, "out": str(node_dir), "name": names[i],
             "roster": str(out / "roster.toml"),
         }  # fmt: skip
-        doc["peers"] = [
-            {"id": identities[j].peer_id.hex, "address": f"tcp://{header.host}:{ports[j]}", "name": names[j]}
-            for j in topo.neighbours(i)
-        ]
+        addresses = {
+            j: (identities[j].peer_id.hex, f"tcp://{header.host}:{ports[j]}") for j in topo.neighbours(i)
+        }
+        if topo.schedule is None:
+            peer_name = {j: names[j] for j in addresses}
+            doc["peers"] = [
+                {"id": id_, "address": at, "name": names[j]} for j, (id_, at) in addresses.items()
+            ]
+        else:  # a time-varying topology: the node needs the spec to know each round's partner
+            peer_name = {j: topo.names[j] for j in addresses}
+            members = {topo.names[j]: {"id": id_, "address": at} for j, (id_, at) in addresses.items()}
+            doc["topology"] = {"spec": topo.spec, "self": topo.names[i], "members": members}
         doc["data"].update(shard=i, shards=n)
         doc["train"].setdefault("threads", threads)
         doc["gossip"].setdefault("snapshot_every", 1)
         if header.distinct_seeds:
             doc["gossip"]["seed"] = i
-        drops = {names[j]: _link_drop(scenario.faults, i, j) for j in topo.neighbours(i)}
+        drops = {peer_name[j]: _link_drop(scenario.faults, i, j) for j in topo.neighbours(i)}
         doc["faults"] = {"slow_factor": slow.get(i, 1.0), "drop": {k: v for k, v in drops.items() if v > 0}}
         for attack in (a for a in scenario.faults.attack if a.node == i):
             doc["faults"]["attack"] = attack.kind

@@ -20,6 +20,7 @@ core for big networks), each running the nodes of one part of the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -35,6 +36,7 @@ from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import MixSettings
+from p2pfm.core.schedule import PeerSchedule
 from p2pfm.core.topology import Topology, parse_topology, spectral_stats
 from p2pfm.lab.scenario import Faults, check_faults
 from p2pfm.lab.sim_workers import run_parts
@@ -196,6 +198,7 @@ def build_part(
         rounds=config.rounds, local_steps=config.local_steps, samples_per_round=max(1, config.local_steps),
         eval_every=gossip.eval_every,
     )  # fmt: skip
+    schedule = topology.schedule
 
     def make_node(i: int, clock: VirtualClock, network: MemoryNetwork, resume: bool) -> Node:
         neighbours = topology.neighbours(i)
@@ -216,7 +219,11 @@ def build_part(
             peers=[Peer(peers[j].peer_id, f"memory://{j}", node_name(j)) for j in neighbours],
             gossip=gossip,
             faults=faults,
-            plan=plan,
+            plan=plan
+            if schedule is None
+            else dataclasses.replace(
+                plan, partners=PeerSchedule(schedule, i, {j: peers[j].peer_id for j in neighbours})
+            ),
             learner=learner,
             transport=network.attach(peers[i].peer_id, [peers[j].peer_id for j in neighbours]),
             clock=clock,
@@ -326,7 +333,9 @@ def _result(
     return SimResult(
         topology=config.topology,
         nodes=topology.n_nodes,
-        lambda2=spectral_stats(topology).lambda2,
+        lambda2=(
+            spectral_stats(topology).lambda2 if topology.schedule is None else topology.schedule.lambda2
+        ),
         rounds=tuple(rounds),
         rejected=sum(sum(o.rejected.values()) for o in outcomes),
         node_results=nodes,

@@ -91,6 +91,7 @@ def build_node(
             samples_per_round=config.train.local_steps * config.train.batch_size,
             eval_every=config.gossip.eval_every,
             snapshot_every=config.gossip.snapshot_every,
+            partners=config.partners,
         ),
         learner=learner,
         transport=transport if transport is not None else zmq_transport,

@@ -60,6 +60,8 @@ class RoundPlan:
     samples_per_round: int  # what an update claims (local_steps x batch_size)
     eval_every: int = 1  # 1 also evaluates before training (round 0)
     snapshot_every: int = 0  # 0: never
+    # A time-varying topology: the neighbours each round mixes with (None: all of them, every round).
+    partners: Callable[[int], tuple[PeerId, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,8 @@ class Node:
         """Start round ``round_`` and send this node's messages (recorded as sent first, see above)."""
         assert self.transport is not None
         self.judge(0.0)  # what arrived while we trained
-        self.protocol.start_round(round_, self.clock.now_s())
+        partners = None if self.plan.partners is None else self.plan.partners(round_)
+        self.protocol.start_round(round_, self.clock.now_s(), partners=partners)
         self._own = self.learner.get_state()
         messages = self.publisher.messages(
             self.protocol, self._own, samples=self.plan.samples_per_round, wall_time_ms=self.clock.wall_ms()
@@ -240,7 +243,7 @@ class Node:
         for i, message in enumerate(messages):
             if i:
                 self.clock.sleep(self.publisher.gap_s)
-            self.transport.send(message)
+            self.transport.send(message, None if partners is None else list(partners))
 
     def judge(self, timeout_s: float) -> None:
         """Hand what the transport has (waiting up to ``timeout_s``) to the protocol."""
