@@ -173,6 +173,10 @@ class GossipSettings(Schema, frozen=True, kw_only=True):
     byzantine_weight: Annotated[float, Meta(ge=0, lt=1)] = 0.25  # clip: weight share that gets clipped
     # Updates further ahead than this are refused (future_round); a neighbour is up to one round ahead.
     max_rounds_ahead: Annotated[int, Meta(ge=1)] = 3
+    # "adaptive": wait as long as the neighbours have been taking (at most round_timeout_s;
+    # p2pfm/core/deadline.py); "fixed": always round_timeout_s.
+    deadline: Literal["adaptive", "fixed"] = "adaptive"
+    deadline_margin_s: Annotated[float, number(ge=0)] = 1.0  # an adaptive wait's least slack
 
 
 class FaultSettings(Schema, frozen=True, kw_only=True):

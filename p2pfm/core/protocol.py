@@ -39,12 +39,17 @@ import numpy as np
 
 from p2pfm.core import wire
 from p2pfm.core.consensus import MIX_RULES, MixRule, metropolis_weights, robust_mix
+from p2pfm.core.deadline import ArrivalTracker
 from p2pfm.core.errors import LocalProtocolError, RejectReason, RemoteProtocolError
 from p2pfm.core.identity import Identity, PeerId
 from p2pfm.core.wire import Buffer, ProofHeader, TensorSpec, Update, UpdateHeader, WireLimits
 
 # How long a neighbour's round claim counts as "heard recently", in deadlines.
 _CLAIM_FRESH_DEADLINES = 2.0
+
+
+_TIMED_ROUNDS = 3  # rounds back whose start is kept: a late update of those still counts as a delay
+_MAX_EARLY = 4096  # bound on updates that came before their round
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,14 @@ class ProtocolConfig:
     # only our neighbours. A proof about anyone else is refused, so that a
     # neighbour cannot grow our ban list with keys it made up.
     members: frozenset[PeerId] | None = None
+    # Wait for neighbours as long as they have been taking (core/deadline.py),
+    # never longer than round_timeout_s; False: always round_timeout_s.
+    adaptive_deadline: bool = True
+    deadline_margin_s: float = 1.0  # an adaptive wait is at least the slowest expected delay plus this
 
     def __post_init__(self) -> None:
+        if not self.deadline_margin_s >= 0:
+            raise LocalProtocolError(f"deadline_margin_s must be >= 0, got {self.deadline_margin_s}")
         if self.max_messages_per_s <= 0 or self.message_burst < 1:
             raise LocalProtocolError("max_messages_per_s must be > 0 and message_burst >= 1")
         if not self.round_timeout_s > 0:
@@ -204,6 +215,11 @@ class GossipProtocol:
         # per round. Their updates still count whenever they do arrive in time.
         self.absent: set[PeerId] = set()
         self.partners: frozenset[PeerId] | None = None  # this round's, on a time-varying topology
+        # Arrival delays for adaptive deadlines: when recent rounds started,
+        # and updates that came before their round did (delay 0 once it starts).
+        self._arrivals: ArrivalTracker[PeerId] = ArrivalTracker(margin_s=config.deadline_margin_s)
+        self._started_s: dict[int, float] = {}
+        self._early: set[tuple[PeerId, int]] = set()
 
     # ------------------------------------------------------------ sending
 
@@ -227,7 +243,17 @@ class GossipProtocol:
             for old in [r for r in heads if r < round - 1]:
                 del heads[old]
         self.phase = Phase.COLLECTING
-        self.deadline_s = now_s + self.config.round_timeout_s
+        self._started_s = {r: s for r, s in self._started_s.items() if r >= round - _TIMED_ROUNDS}
+        self._started_s[round] = now_s
+        for peer, early_round in self._early:
+            if early_round == round:
+                self._arrivals.record(peer, 0.0)
+        self._early = {(p, r) for p, r in self._early if r > round}
+        wait_s = self.config.round_timeout_s
+        if self.config.adaptive_deadline:
+            waited_for = (expected or self.neighbours) - self.absent - self.banned
+            wait_s = self._arrivals.wait_s(waited_for, self.config.round_timeout_s)
+        self.deadline_s = now_s + wait_s
 
     def make_update(
         self,
@@ -304,6 +330,8 @@ class GossipProtocol:
             if isinstance(refusal, EquivocationFound):
                 return refusal
             if refusal is not None:
+                if refusal[0] is RejectReason.STALE_ROUND:
+                    self._present_again(sender, behind=True)  # alive, only behind: the next round waits
                 return self._reject(sender, *refusal)
             if not self._take_token(link or sender, now_s):
                 return self._reject(sender, RejectReason.RATE_LIMITED, "message rate exceeded")
@@ -316,8 +344,9 @@ class GossipProtocol:
         by_round = self._updates.setdefault(update.sender, {})
         by_round[update.round] = update
         self._prune(by_round)
-        self.absent.discard(update.sender)
+        self._present_again(update.sender, behind=False)
         self._last_key[update.sender] = (update.round, update.seq)
+        self._time_arrival(update, now_s)
         self.accepted += 1
         return Accepted(update.sender, update.round, update.seq, update.wire_bytes)
 
@@ -378,6 +407,31 @@ class GossipProtocol:
         self.banned.add(peer)
         for table in (self._updates, self._claims, self._heads):
             table.pop(peer, None)
+        self._arrivals.forget(peer)
+
+    def _present_again(self, peer: PeerId, *, behind: bool) -> None:
+        """A neighbour that missed a deadline is heard again, so waited for again.
+
+        One that is ``behind`` (it sent a stale round: restarted, or stalled)
+        is out of phase: its old delays say nothing, and the current round
+        gets a newcomer's full round_timeout_s for it to catch up. One that is
+        in step (its message of a round was lost, say) keeps its timing.
+        """
+        if peer in self.absent:
+            self.absent.discard(peer)
+            if behind:
+                self._arrivals.forget(peer)
+                started_s = self._started_s.get(self.round)
+                if self.phase is Phase.COLLECTING and started_s is not None:
+                    self.deadline_s = max(self.deadline_s, started_s + self.config.round_timeout_s)
+
+    def _time_arrival(self, update: Update, now_s: float) -> None:
+        """Note how long after its round started an update came (late ones too: they set the next wait)."""
+        started_s = self._started_s.get(update.round)
+        if started_s is not None:
+            self._arrivals.record(update.sender, now_s - started_s)
+        elif update.round > self.round and len(self._early) < _MAX_EARLY:
+            self._early.add((update.sender, update.round))
 
     def _content_gate(self, update: Update, wall_time_ms: int | None) -> tuple[RejectReason, str] | None:
         skew_s = self.config.max_clock_skew_s

@@ -70,6 +70,7 @@ class SimConfig:
     spread: float = 1.0  # how far apart the nodes' optima are (local_steps > 0)
     faults: Faults = field(default_factory=Faults)  # scenario faults: attack, crash, slow, drop
     round_timeout_s: float = 30.0  # virtual seconds
+    deadline: Literal["adaptive", "fixed"] = "adaptive"  # gossip.deadline (core/deadline.py)
     step_s: float = 0.5  # virtual seconds per local step
     latency_s: float = 0.25  # virtual one-way latency of every link (receivers rate-limit: 10 messages/s)
     max_rounds_ahead: int = 3
@@ -129,6 +130,7 @@ class SimResult:
     initial_states: tuple[dict[str, Any], ...] = field(repr=False, default=())
     final_states: tuple[dict[str, Any], ...] = field(repr=False, default=())
     workers: int = 1
+    virtual_time_s: float = 0.0  # when the last node finished, in virtual seconds
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +141,7 @@ class SimResult:
             "rejected": self.rejected,
             "node_results": [asdict(n) for n in self.node_results],
             "workers": self.workers,
+            "virtual_time_s": self.virtual_time_s,
         }
 
 
@@ -192,7 +195,7 @@ def build_part(
     gossip = GossipSettings(
         rounds=config.rounds, round_timeout_s=config.round_timeout_s, rule=config.rule, trim=config.trim,
         byzantine_weight=config.byzantine_weight, max_rounds_ahead=config.max_rounds_ahead,
-        eval_every=max(1, config.rounds),
+        eval_every=max(1, config.rounds), deadline=config.deadline,
     )  # fmt: skip
     plan = RoundPlan(
         rounds=config.rounds, local_steps=config.local_steps, samples_per_round=max(1, config.local_steps),
@@ -342,6 +345,7 @@ def _result(
         initial_states=tuple({"x": o.initial} for o in outcomes) if keep else (),
         final_states=tuple({"x": o.final} for o in outcomes) if keep else (),
         workers=workers,
+        virtual_time_s=max((o.finished_s for o in outcomes), default=0.0),
     )
 
 

@@ -106,6 +106,7 @@ class NodeOutcome:
     rejected: dict[str, int]
     banned: list[str]
     crashes: int
+    finished_s: float = 0.0  # virtual time at which it finished (or crashed for good)
     initial: Array | None = None
     final: Array | None = None
 
@@ -290,6 +291,7 @@ class VirtualScheduler:
             rejected={reason.value: n for reason, n in protocol.rejections.items()},
             banned=sorted(slot.node.peer_names.get(p, p.short) for p in protocol.banned),
             crashes=slot.crashes,
+            finished_s=self.clock.now_s(),
             initial=slot.initial if self.keep_states else None,
             final=slot.node.learner.get_state()["x"] if self.keep_states else None,
         )

@@ -158,6 +158,8 @@ def assemble_node(
             limits=limits,
             schema=schema,
             max_rounds_ahead=gossip.max_rounds_ahead,
+            adaptive_deadline=gossip.deadline == "adaptive",
+            deadline_margin_s=gossip.deadline_margin_s,
             members=None if members is None else frozenset(members),
         ),
     )
