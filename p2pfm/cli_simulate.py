@@ -54,6 +54,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="node NODE dies after round ROUND and resumes RESTART_S virtual seconds later (default 5)",
     )  # fmt: skip
     sim.add_argument("--drop-link", action="append", default=[], metavar="A:B:P", help="a lossy link")
+    sim.add_argument(
+        "--deadline", choices=["adaptive", "fixed"],
+        help="as gossip.deadline: wait as long as neighbours take, or always the timeout (default adaptive)",
+    )  # fmt: skip
     sim.add_argument("--workers", type=int, help="processes (default: one per core for big networks)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(run=run, simulate_parser=sim)
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         local_steps=args.steps, lr=args.lr, noise=args.noise,
         faults=_with_flags(faults, args, parse_topology(spec)),
         workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
+        deadline=_pick(args.deadline, gossip.get("deadline", "adaptive")),
     )  # fmt: skip
     result = simulate(config)
     if args.json:
@@ -179,7 +184,7 @@ def _print_nodes(console: Console, result: object) -> None:
         distances = [n.distance for n in honest]
         console.print(
             f"honest nodes: distance to the optimum mean {sum(distances) / len(distances):.3e}, "
-            f"worst {max(distances):.3e}"
+            f"worst {max(distances):.3e}; virtual time {result.virtual_time_s:.1f} s"
         )
 
 
