@@ -109,6 +109,17 @@ def _connect(address: Address, timeout_s: float = 3.0) -> socket.socket:
     return sock
 
 
+def _connect_counted(address: Address, result: AttackResult) -> socket.socket | None:
+    """A connection for an attack, counted in ``result`` (None: it was refused, also counted)."""
+    try:
+        sock = _connect(address)
+    except OSError:
+        result.connect_failures += 1
+        return None
+    result.connections += 1
+    return sock
+
+
 def _is_closed(sock: socket.socket) -> bool:
     """Drain what the endpoint sent (its greeting) without blocking; True on EOF or reset."""
     sock.setblocking(False)
@@ -305,12 +316,9 @@ def _send_variants(
     kinds: dict[str, int] = {}
     for i in range(count):
         name, make = variants[i % len(variants)]
-        try:
-            sock = _connect(address)
-        except OSError:
-            result.connect_failures += 1
+        sock = _connect_counted(address, result)
+        if sock is None:
             continue
-        result.connections += 1
         try:
             payload = prefix + make()
             sock.sendall(payload)
@@ -368,13 +376,10 @@ def partial_frame(
     """
     result = AttackResult("partial_frame", notes={"announced": announce})
     started = time.monotonic()
-    try:
-        sock = _connect(address)
-    except OSError:
-        result.connect_failures += 1
+    sock = _connect_counted(address, result)
+    if sock is None:
         result.seconds = time.monotonic() - started
         return result
-    result.connections = 1
     try:
         head = greeting(mechanism) + frame_header(announce, command=command_frame, long=True)
         sock.sendall(head)
@@ -471,13 +476,10 @@ def multipart_bomb(
     result = AttackResult("multipart_bomb", notes={"frames": frames, "frame_bytes": frame_bytes})
     started = time.monotonic()
     deadline = started + seconds
-    try:
-        sock = _connect(address)
-    except OSError:
-        result.connect_failures += 1
+    sock = _connect_counted(address, result)
+    if sock is None:
         result.seconds = time.monotonic() - started
         return result
-    result.connections = 1
     closed = False
     try:
         sock.sendall(greeting())
