@@ -24,11 +24,12 @@ import json
 import math
 import os
 import time
+from typing import Any
 
-from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate
+from p2pfm.lab.sim import SimConfig, SimResult, fit_decay_rate, float_floor, simulate
 
 
-def _timed(config: SimConfig) -> tuple[float, object]:
+def _timed(config: SimConfig) -> tuple[float, SimResult]:
     started = time.perf_counter()
     result = simulate(config)
     return time.perf_counter() - started, result
@@ -47,31 +48,31 @@ def main() -> int:
     gossip = SimConfig(f"exp:{nodes}", rounds=rounds, dim=dim, workers=1)
     one_s, one = _timed(gossip)
     many_s, many = _timed(SimConfig(f"exp:{nodes}", rounds=rounds, dim=dim, workers=cores))
-    distances = [r.consensus_distance for r in many.rounds]  # type: ignore[attr-defined]
+    distances = [r.consensus_distance for r in many.rounds]
     # Equal up to the order of float sums (the parts' tallies merge in another order).
     same = all(
         math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-30)
-        for a, b in zip(distances, [r.consensus_distance for r in one.rounds], strict=True)  # type: ignore[attr-defined]
+        for a, b in zip(distances, [r.consensus_distance for r in one.rounds], strict=True)
     )
     try:
         decay = fit_decay_rate(distances, floor=float_floor("float32"))
     except Exception:  # noqa: BLE001  too few rounds in range (--quick): reported as missing
         decay = float("nan")
-    predicted = many.lambda2**2  # type: ignore[attr-defined]
-    messages = sum(r.messages for r in many.rounds)  # type: ignore[attr-defined]
+    predicted = many.lambda2**2
+    messages = sum(r.messages for r in many.rounds)
     train_nodes = max(4, nodes // 4)
     train_s, trained = _timed(
         SimConfig(f"exp:{train_nodes}", rounds=rounds, dim=dim, local_steps=4, workers=1)
     )
-    honest = [n.distance for n in trained.node_results]  # type: ignore[attr-defined]
-    doc = {
+    honest = [n.distance for n in trained.node_results]
+    doc: dict[str, Any] = {
         "cores": cores,
         "gossip": {
             "topology": f"exp:{nodes}", "rounds": rounds, "dim": dim, "messages": messages,
-            "one_worker_s": one_s, "workers": many.workers, "many_workers_s": many_s,  # type: ignore[attr-defined]
+            "one_worker_s": one_s, "workers": many.workers, "many_workers_s": many_s,
             "speedup": one_s / many_s, "vs_target_20s": many_s / 20.0,
             "identical_results": same, "decay": decay, "lambda2_squared": predicted,
-            "decay_ratio": decay / predicted, "rejected": many.rejected,  # type: ignore[attr-defined]
+            "decay_ratio": decay / predicted, "rejected": many.rejected,
             "us_per_message_cpu": 1e6 * one_s / max(messages, 1),
         },
         "training": {

@@ -21,6 +21,7 @@ from p2pfm.core.errors import ConfigError, LocalProtocolError
 if TYPE_CHECKING:
     from p2pfm.core.topology import Topology
     from p2pfm.lab.scenario import Faults
+    from p2pfm.lab.sim import SimResult
 
 _MAX_NODE_ROWS = 32  # larger networks get a summary line instead of one row per node
 
@@ -163,10 +164,7 @@ def _with_flags(faults: Faults, args: argparse.Namespace, topology: Topology) ->
     )
 
 
-def _print_nodes(console: Console, result: object) -> None:
-    from p2pfm.lab.sim import SimResult  # noqa: PLC0415
-
-    assert isinstance(result, SimResult)
+def _print_nodes(console: Console, result: SimResult) -> None:
     nodes = result.node_results
     honest = [n for n in nodes if not n.attack]
     if len(nodes) <= _MAX_NODE_ROWS and (len(honest) < len(nodes) or any(n.crashes for n in nodes)):

@@ -37,7 +37,8 @@ def test_one_peer_exp_on_a_power_of_two_averages_exactly_in_log2_n_rounds(n: int
         product = schedule.round_matrix(r) @ product
     np.testing.assert_allclose(product, np.full((n, n), 1.0 / n), atol=1e-15)
     assert contraction_per_round(schedule, schedule.bits) == 0.0
-    assert contraction_per_round(schedule, schedule.bits - 1) == pytest.approx(1.0) if n > 2 else True
+    if n > 2:  # one round short of a period, the halves of the cube still disagree
+        assert contraction_per_round(schedule, schedule.bits - 1) == pytest.approx(1.0)
 
 
 def test_one_peer_exp_elsewhere_still_contracts_and_skips_missing_partners() -> None:

@@ -44,7 +44,8 @@ def run_parts(
     shortest link (the length of a window).
     """
     context = multiprocessing.get_context("fork")  # the workers share this process's imports
-    owner = {peer: k for k, part in enumerate(parts) for peer, i in peers.items() if i in set(part)}
+    part_of = {i: k for k, part in enumerate(parts) for i in part}
+    owner = {peer: part_of[i] for peer, i in peers.items()}
     pipes: list[Connection] = []
     processes = []
     try:
