@@ -30,13 +30,18 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim = commands.add_parser(
         "simulate", help="run real node loops in-process on a topology, without a model (virtual time)"
     )
-    sim.add_argument("spec", nargs="?", help="topology spec or file (default: the --scenario's)")
+    sim.add_argument(
+        "spec", nargs="?",
+        help="topology spec or file (default: the --scenario's), or 'overlay' for an open network (below)",
+    )  # fmt: skip
     sim.add_argument("--rounds", type=int, help="rounds to run (default: the --scenario's gossip.rounds)")
     sim.add_argument("--scenario", type=Path, help="take topology, faults and gossip rule from this file")
     sim.add_argument("--dim", type=int, default=1000, help="vector length per node (default 1000)")
     sim.add_argument("--seed", type=int, default=0, help="seed for start vectors, keys and losses")
     sim.add_argument("--drop", type=float, default=0.0, metavar="P", help="loss probability per message")
-    sim.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="learners' dtype")
+    sim.add_argument(
+        "--dtype", choices=["float32", "float64"], help="learners' dtype (default float32; overlay float64)"
+    )
     sim.add_argument(
         "--rule", help="mixing rule, as gossip.rule: mean, trimmed-mean, median or clip (default mean)"
     )
@@ -61,10 +66,25 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )  # fmt: skip
     sim.add_argument("--workers", type=int, help="processes (default: one per core for big networks)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
+    overlay = sim.add_argument_group(
+        "overlay", "p2pfm simulate overlay --nodes N --degree D --rounds R: membership keeps the neighbours "
+        "(docs/membership.md); --crash takes FRACTION@ROUND there"
+    )  # fmt: skip
+    overlay.add_argument("--nodes", type=int, help="overlay: nodes at the start")
+    overlay.add_argument("--degree", type=int, default=6, help="overlay: active view size (default 6)")
+    overlay.add_argument(
+        "--bootstrap-only", action="store_true", help="overlay: all start knowing only node 0"
+    )
+    overlay.add_argument("--join", metavar="COUNT@ROUND", help="overlay: COUNT new nodes join after ROUND")
+    overlay.add_argument(
+        "--leave", metavar="COUNT@ROUND", help="overlay: COUNT nodes leave gracefully after ROUND"
+    )
     sim.set_defaults(run=run, simulate_parser=sim)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.spec == "overlay":
+        return run_overlay(args)
     from p2pfm.core.topology import parse_topology  # noqa: PLC0415
     from p2pfm.lab.scenario import Faults, load_scenario  # noqa: PLC0415
     from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate  # noqa: PLC0415
@@ -80,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is None or rounds is None:  # a usage error (exit status 2), as argparse's own
         args.simulate_parser.error("a topology spec and --rounds are required (or a --scenario with both)")
     config = SimConfig(
-        spec, rounds, dim=args.dim, seed=args.seed, drop_prob=args.drop, dtype=args.dtype,
+        spec, rounds, dim=args.dim, seed=args.seed, drop_prob=args.drop, dtype=args.dtype or "float32",
         rule=args.rule or gossip.get("rule", "mean"),
         trim=_pick(args.trim, gossip.get("trim", 1)),
         byzantine_weight=_pick(args.byzantine_weight, gossip.get("byzantine_weight", 0.25)),
@@ -188,3 +208,55 @@ def _print_nodes(console: Console, result: SimResult) -> None:
 
 def _pick(flag: Any, default: Any) -> Any:
     return default if flag is None else flag
+
+
+def run_overlay(args: argparse.Namespace) -> int:
+    """``p2pfm simulate overlay``: an open network whose neighbours come from membership."""
+    from p2pfm.lab.overlay_sim import OverlayConfig, simulate_overlay  # noqa: PLC0415
+
+    if args.nodes is None or args.rounds is None:
+        args.simulate_parser.error("overlay needs --nodes and --rounds")
+    if len(args.crash) > 1:
+        raise ConfigError("--crash", "overlay takes one FRACTION@ROUND")
+    try:
+        config = OverlayConfig(
+            nodes=args.nodes, rounds=args.rounds, degree=args.degree, bootstrap_only=args.bootstrap_only,
+            crash=_at("--crash", args.crash[0], float) if args.crash else None,
+            join=_at("--join", args.join, int), leave=_at("--leave", args.leave, int),
+            seed=args.seed, dim=args.dim, dtype=args.dtype or "float64",
+        )  # fmt: skip
+    except LocalProtocolError as exc:
+        raise ConfigError("simulate overlay", str(exc)) from None
+    result = simulate_overlay(config)
+    if args.json:
+        print(json.dumps(result.as_json()))
+        return 0
+    console = Console()
+    table = Table(title=f"open network: {config.nodes} nodes, degree {config.degree} (virtual time)")
+    for column in ("round", "members", "components", "min view", "mean view", "consensus distance"):
+        table.add_column(column, justify="right")
+    for row in result.rounds:
+        cells = (
+            row.round, row.members, row.components, row.min_active_view, f"{row.mean_active_view:.2f}",
+            f"{row.consensus_distance:.3e}",
+        )  # fmt: skip
+        table.add_row(*(str(cell) for cell in cells))
+    console.print(table)
+    console.print(f"control messages sent: {dict(sorted(result.control_sent.items()))}")
+    console.print(f"view changes: {dict(sorted(result.view_changes.items()))}")
+    if result.control_rejected or result.rejected:
+        console.print(f"refused: control {result.control_rejected}, updates {result.rejected}")
+    return 0
+
+
+def _at(flag: str, text: str | None, kind: type[Any]) -> tuple[Any, int] | None:
+    """``AMOUNT@ROUND`` -> (amount, round); a bad value names the flag."""
+    if text is None:
+        return None
+    amount, sep, round_ = text.partition("@")
+    try:
+        if not sep:
+            raise ValueError("expected AMOUNT@ROUND")
+        return kind(amount), int(round_)
+    except ValueError:
+        raise ConfigError(flag, f"expected AMOUNT@ROUND (e.g. 0.5@20 or 64@30), got {text!r}") from None

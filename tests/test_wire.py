@@ -584,7 +584,7 @@ def test_a_repeated_key_is_all_that_is_wrong_with_that_header(monkeypatch: pytes
     """With version 1's dict-last-wins map parsing, the same bytes would decode as round 2."""
     fields = _raw_fields(round=1)
     raw = _raw_map([*fields, ("round", msgpack.packb(2))])
-    monkeypatch.setattr(wire, "_unique_keys", dict)
+    monkeypatch.setattr(wire, "unique_keys", dict)
     header = _decode_header(_mallory(raw))
     assert isinstance(header, UpdateHeader) and header.round == 2
 

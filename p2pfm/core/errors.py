@@ -37,6 +37,7 @@ class RejectReason(str, enum.Enum):
     SENDER_MISMATCH = "sender_mismatch"  # signed by a key other than the link's authenticated one
     EQUIVOCATION = "equivocation"  # a second, different update for a round (proof kept, sender banned)
     BANNED = "banned"  # from a sender proven to equivocate
+    WRONG_RECIPIENT = "wrong_recipient"  # a control message addressed to another node (a relayed replay)
 
 
 class P2PFMError(Exception):

@@ -110,11 +110,43 @@ class GossipProtocol:
         # per round. Their updates still count whenever they do arrive in time.
         self.absent: set[PeerId] = set()
         self.partners: frozenset[PeerId] | None = None  # this round's, on a time-varying topology
+        self.members: frozenset[PeerId] | None = config.members  # who a proof may accuse (None: neighbours)
         # Arrival delays for adaptive deadlines: when recent rounds started,
         # and updates that came before their round did (delay 0 once it starts).
         self._arrivals: ArrivalTracker[PeerId] = ArrivalTracker(margin_s=config.deadline_margin_s)
         self._started_s: dict[int, float] = {}
         self._early: set[tuple[PeerId, int]] = set()
+
+    # --------------------------------------------------------- membership
+
+    def set_neighbours(self, peers: Iterable[PeerId]) -> None:
+        """The active view changed (p2pfm/core/membership.py): mix with ``peers`` from now on.
+
+        A new neighbour is *absent* until it is heard: no round waits for a
+        peer that may still be joining (the network never waits for a
+        joiner). A removed one is forgotten, except its last (round, seq),
+        which keeps refusing replays of what it sent before.
+        """
+        new = frozenset(peers)
+        if self.identity.peer_id in new:
+            raise LocalProtocolError("a node cannot be its own neighbour")
+        for peer in self.neighbours - new:
+            for table in (self._updates, self._claims, self._heads, self._buckets):
+                table.pop(peer, None)
+            self._arrivals.forget(peer)
+            self.absent.discard(peer)
+        self.absent |= new - self.neighbours
+        self.neighbours = new
+        if self.partners is not None:
+            self.partners &= new
+
+    def set_members(self, members: Iterable[PeerId] | None) -> None:
+        """The keys an equivocation proof may accuse (a newer roster); None: the neighbours."""
+        self.members = None if members is None else frozenset(members)
+
+    def newest_updates(self) -> dict[PeerId, Update]:
+        """Each neighbour's newest accepted update (what a joiner catches up from)."""
+        return {peer: by_round[max(by_round)] for peer, by_round in self._updates.items() if by_round}
 
     # ------------------------------------------------------------ sending
 
@@ -289,7 +321,7 @@ class GossipProtocol:
             return self._reject(
                 via, RejectReason.MALFORMED, "equivocation proof for another network or model"
             )
-        members = self.neighbours if self.config.members is None else self.config.members
+        members = self.neighbours if self.members is None else self.members
         if facts.accused not in members and facts.accused != self.identity.peer_id:
             return self._reject(via, RejectReason.UNKNOWN_SENDER, "equivocation proof about a non-member")
         new = facts.accused not in self.banned and facts.accused != self.identity.peer_id

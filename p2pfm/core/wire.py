@@ -560,7 +560,7 @@ def _unpack_header(frame: memoryview, limits: WireLimits) -> dict[str, Any]:
             raw=False,
             strict_map_key=True,
             use_list=False,  # arrays as tuples: hashable, so a header's tensor list can key a cache
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=unique_keys,
             max_str_len=max(limits.max_name_bytes, limits.max_network_id_bytes, 16),
             max_bin_len=max(limits.max_head_bytes, DIGEST_BYTES),
             max_array_len=max(limits.max_tensors, limits.max_ndim, 3),
@@ -577,7 +577,7 @@ def _unpack_header(frame: memoryview, limits: WireLimits) -> dict[str, Any]:
     return header
 
 
-def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     """A map with a repeated key is refused: which value wins would be up to the parser."""
     out = dict(pairs)
     if len(out) != len(pairs):

@@ -211,7 +211,7 @@ def build_part(
             slow_factor=slow.get(i, 1.0), drop={k: p for k, p in drop.items() if p > 0.0},
             attack=attack.kind if attack else "", attack_factor=attack.factor if attack else None,
         )  # fmt: skip
-        learner = _TimedQuadratic(
+        learner = TimedQuadratic(
             centres[i], optimum, lr=config.lr, noise=config.noise, start=starts[i],
             seed=config.seed * 1_000_003 + i, dtype=config.dtype, clock=clock, step_s=config.step_s,
         )  # fmt: skip
@@ -249,7 +249,7 @@ def build_part(
     )
 
 
-class _TimedQuadratic(QuadraticLearner):
+class TimedQuadratic(QuadraticLearner):
     """A quadratic learner whose local steps take ``step_s`` virtual seconds each.
 
     A round without local steps (pure gossip) takes one step's time too: a

@@ -112,6 +112,7 @@ class NodeOutcome:
 
 
 NodeMaker = Callable[[int, VirtualClock, MemoryNetwork, bool], Node]  # (index, clock, network, resume)
+OnRecord = Callable[[int, int, Node], None]  # (index, round, node): a node recorded a round
 
 
 @dataclass
@@ -120,13 +121,14 @@ class _Slot:
     peer: PeerId
     node: Node
     round: int = 0
-    phase: str = "open"  # open, train, wait, listen, crashed, done
+    phase: str = "open"  # open, join, train, wait, listen, crashed, done
     trained: Trained | None = None
     waiting_since_s: float = 0.0
     listen_until_s: float = 0.0
     next_wake_s: float = math.inf
     completed: int = 0
     crash_after: int | None = None  # crash once this round is recorded
+    leave_after: int | None = None  # leave gracefully once this round is recorded
     restart_after_s: float | None = None
     crashes: int = 0
     sent_before: tuple[int, int, int] = (0, 0, 0)  # messages, fault drops, bytes at the last record
@@ -148,14 +150,28 @@ class VirtualScheduler:
         crashes: Mapping[int, tuple[int, float | None]] | None = None,
         forward: Forward | None = None,
         keep_states: bool = False,
+        leaves: Mapping[int, int] | None = None,
+        joins: Mapping[int, Sequence[int]] | None = None,
+        on_record: OnRecord | None = None,
     ) -> None:
+        """``leaves``: node -> the round after which it leaves gracefully; ``joins``: round -> nodes
+        that start (and join) once the first node has recorded that round; ``on_record`` is called
+        after every recorded round. Any two nodes can reach each other (an open network's control
+        messages), every link after ``latency_s``."""
         self.clock = VirtualClock()
-        self.network = MemoryNetwork(clock=self.clock.now_s, forward=forward, on_arrival=self._arrival)
+        self.network = MemoryNetwork(
+            clock=self.clock.now_s, forward=forward, on_arrival=self._arrival,
+            default_faults=LinkFaults(delay_s=latency_s),
+        )  # fmt: skip
         for i in indices:
             for j in links[i]:
                 self.network.set_faults(peers[i], peers[j], LinkFaults(delay_s=latency_s))
         self.make_node = make_node
         self.keep_states = keep_states
+        self.peers = dict(peers)
+        self.on_record = on_record
+        self._leaves = dict(leaves or {})
+        self._joins = {r: list(nodes) for r, nodes in (joins or {}).items()}
         self.tallies: dict[int, RoundTally] = {}
         self._heap: list[tuple[float, int, int]] = []
         self._by_peer: dict[PeerId, _Slot] = {}
@@ -165,9 +181,13 @@ class VirtualScheduler:
             crash = (crashes or {}).get(i)
             if crash is not None:
                 slot.crash_after, slot.restart_after_s = crash
-            self.slots[i] = slot
-            self._by_peer[slot.peer] = slot
-            self._push(0.0, slot, _OPEN)
+            self._add(slot, 0.0)
+
+    def _add(self, slot: _Slot, at_s: float) -> None:
+        slot.leave_after = self._leaves.get(slot.index)
+        self.slots[slot.index] = slot
+        self._by_peer[slot.peer] = slot
+        self._push(at_s, slot, _OPEN)
 
     # ------------------------------------------------------------ driving
 
@@ -199,7 +219,10 @@ class VirtualScheduler:
             if slot.initial is None:  # not after a restart
                 slot.initial = node.learner.get_state()["x"]
                 self._tally(0).add(slot.initial)
-            if opening.resumed and opening.listen_until_s is not None:
+            if opening.joining:
+                slot.phase, slot.listen_until_s = "join", opening.listen_until_s or 0.0
+                self._check(slot)
+            elif opening.resumed and opening.listen_until_s is not None:
                 slot.phase, slot.listen_until_s = "listen", opening.listen_until_s
                 self._check(slot)
             else:
@@ -228,6 +251,17 @@ class VirtualScheduler:
         """A waiting node looks at its inbox: done with the round (or listening), or sleeps again."""
         node, now_s = slot.node, self.clock.now_s()
         node.judge(0.0)
+        if slot.phase == "join":
+            joined = node.joined(timed_out=now_s >= slot.listen_until_s)
+            if joined is not None:
+                slot.next_wake_s = math.inf
+                slot.round = joined
+                self._push(now_s, slot, _TRAIN)
+                return
+            if now_s >= slot.listen_until_s:
+                slot.listen_until_s = now_s + node.protocol.config.round_timeout_s
+            self._sleep(slot, slot.listen_until_s)
+            return
         if slot.phase == "listen":
             if now_s >= slot.listen_until_s or node.heard_enough(slot.round):
                 slot.next_wake_s = math.inf  # pending wakes are stale now
@@ -246,7 +280,12 @@ class VirtualScheduler:
         node.mix(done)
         assert slot.trained is not None
         node.record(slot.round, slot.trained, done, wait_s=now_s - slot.waiting_since_s)
+        node.round_ended()
         self._recorded(slot, done)
+        if slot.leave_after is not None and slot.round >= slot.leave_after:
+            node.leave()
+            self._finish(slot)
+            return
         if slot.crash_after is not None and slot.round >= slot.crash_after and not slot.crashes:
             self._crash(slot)
             return
@@ -265,6 +304,13 @@ class VirtualScheduler:
             tally.bytes += now[2] - before[2]
             slot.sent_before = now
         tally.delivered += len(done.updates)
+        if self.on_record is not None:
+            self.on_record(slot.index, slot.round, slot.node)
+        for index in self._joins.pop(slot.round, []):
+            self._add(
+                _Slot(index, self.peers[index], self.make_node(index, self.clock, self.network, False)),
+                self.clock.now_s(),
+            )
 
     def _crash(self, slot: _Slot) -> None:
         """The node's process dies: its inbox is lost; its store (the disk) survives for the restart."""
@@ -302,11 +348,14 @@ class VirtualScheduler:
         """Wake ``slot`` at ``until_s`` or at its next arrival, whichever is first."""
         arrival_s = self.network.next_arrival_s(slot.peer)
         at_s = min(until_s, math.inf if arrival_s is None else arrival_s)
+        timer_s = None if slot.node.overlay is None else slot.node.overlay.next_timer_s()
+        if timer_s is not None:
+            at_s = min(at_s, timer_s)
         self._wake(slot, max(at_s, self.clock.now_s()))
 
     def _arrival(self, receiver: PeerId, deliver_at_s: float) -> None:
         slot = self._by_peer.get(receiver)
-        if slot is not None and slot.phase in ("wait", "listen"):
+        if slot is not None and slot.phase in ("wait", "listen", "join"):
             self._wake(slot, deliver_at_s)
 
     def _wake(self, slot: _Slot, at_s: float) -> None:

@@ -144,16 +144,15 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
 
         # The classifier head is initialised inside from_pretrained: seed right before it.
         torch.manual_seed(seed)
+        model_kwargs: dict[str, Any] = {_DTYPE_KWARG: torch.float32, **load_kwargs}
         try:
             base: PreTrainedModel
             if settings.task == "classification":
                 base = AutoModelForSequenceClassification.from_pretrained(
-                    model_dir, num_labels=settings.num_labels, **{_DTYPE_KWARG: torch.float32}, **load_kwargs
+                    model_dir, num_labels=settings.num_labels, **model_kwargs
                 )
             else:
-                base = AutoModelForCausalLM.from_pretrained(
-                    model_dir, **{_DTYPE_KWARG: torch.float32}, **load_kwargs
-                )
+                base = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
         except Exception as exc:
             raise ConfigError(
                 "model.path", f"cannot load a {settings.task} model from {model_dir}: {_one_line(exc)}"

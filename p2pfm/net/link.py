@@ -11,9 +11,9 @@ on the network. Nothing here imports zmq.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from p2pfm.core.identity import PeerId
 from p2pfm.core.wire import Buffer
@@ -28,6 +28,7 @@ class Received:
 
     link: PeerId | None
     message: memoryview
+    control: bool = False  # came on the control channel (membership), not the updates' one
 
 
 @dataclass
@@ -60,4 +61,25 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release everything; idempotent."""
+        ...
+
+
+@runtime_checkable
+class ControlTransport(Transport, Protocol):
+    """A transport that also carries membership control messages (p2pfm/core/control.py).
+
+    Control messages travel apart from updates: the updates' inbox keeps only
+    the newest message per link (it conflates), and a join request must not
+    replace an update, nor the other way round. The control channel keeps a
+    small bounded queue per link instead, and reaches any peer whose address
+    is known, not only the neighbours. ``set_peers`` replaces the neighbours
+    that ``send`` reaches when the membership changes the active view.
+    """
+
+    def send_control(self, peer: PeerId, address: str, message: Buffer) -> bool:
+        """Queue one control message to ``peer`` at ``address``; False when it was dropped."""
+        ...
+
+    def set_peers(self, peers: Mapping[PeerId, str]) -> None:
+        """The neighbours (peer -> address) that updates go to from now on."""
         ...

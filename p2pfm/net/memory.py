@@ -71,8 +71,10 @@ class MemoryNetwork:
         seed: int = 0,
         forward: Forward | None = None,
         on_arrival: Arrival | None = None,
+        default_faults: LinkFaults | None = None,
     ) -> None:
         self.clock = clock
+        self.default_faults = default_faults or _NO_FAULTS  # of every link without faults of its own
         self.real_time = clock is time.monotonic  # only then may receive() sleep
         self.forward, self.on_arrival = forward, on_arrival
         self._rng = random.Random(seed)  # fault injection only; not security relevant
@@ -82,6 +84,8 @@ class MemoryNetwork:
         # in flight, and at most one that has arrived and is not yet read (the
         # newest: a conflating socket keeps no other).
         self._links: dict[PeerId, dict[PeerId, list[_InFlight]]] = {}
+        # receiver -> sender -> control messages in send order (not conflated; at most _MAX_CONTROL kept)
+        self._control: dict[PeerId, dict[PeerId, list[_InFlight]]] = {}
         self._link_free_at_s: dict[tuple[PeerId, PeerId], float] = {}
         self._nodes: dict[PeerId, MemoryTransport] = {}  # attached and up
 
@@ -96,10 +100,11 @@ class MemoryNetwork:
                 raise LocalProtocolError(f"node {peer.short} is already attached")
             transport = MemoryTransport(self, peer, tuple(neighbours))
             self._nodes[peer] = transport
-            links = self._links.setdefault(peer, {})
             now_s = self.clock()
-            for sender, flights in links.items():  # what arrived while it was down is lost
-                links[sender] = [f for f in flights if f.deliver_at_s > now_s]
+            for table in (self._links, self._control):
+                links = table.setdefault(peer, {})
+                for sender, flights in links.items():  # what arrived while it was down is lost
+                    links[sender] = [f for f in flights if f.deliver_at_s > now_s]
             return transport
 
     def detach(self, peer: PeerId) -> None:
@@ -117,7 +122,8 @@ class MemoryNetwork:
             now_s = self.clock()
             due = [
                 f.deliver_at_s
-                for flights in self._links.get(receiver, {}).values()
+                for table in (self._links, self._control)
+                for flights in table.get(receiver, {}).values()
                 for f in flights
                 if f.deliver_at_s > now_s
             ]
@@ -130,10 +136,10 @@ class MemoryNetwork:
         if stored and self.on_arrival is not None:
             self.on_arrival(receiver, deliver_at_s)
 
-    def _send(self, sender: PeerId, receiver: PeerId, message: bytes) -> bool:
+    def _send(self, sender: PeerId, receiver: PeerId, message: bytes, *, control: bool = False) -> bool:
         """Put ``message`` on the link; False when the link's loss took it."""
         with self._lock:
-            faults = self._faults.get((sender, receiver), _NO_FAULTS)
+            faults = self._faults.get((sender, receiver), self.default_faults)
             if faults.loss and self._rng.random() < faults.loss:
                 return False
             deliver_at_s = self.clock() + faults.delay_s
@@ -142,11 +148,14 @@ class MemoryNetwork:
                 deliver_at_s = max(deliver_at_s, self._link_free_at_s.get((sender, receiver), 0.0))
                 deliver_at_s += len(message) / faults.bytes_per_s
                 self._link_free_at_s[(sender, receiver)] = deliver_at_s
-            if receiver not in self._links:  # never attached here
+            if control:
+                self._put_control(sender, receiver, deliver_at_s, message)
+            elif receiver not in self._links:  # never attached here
                 if self.forward is not None:
                     self.forward(sender, receiver, deliver_at_s, message)
                 return True
-            self._put(sender, receiver, deliver_at_s, message)
+            else:
+                self._put(sender, receiver, deliver_at_s, message)
         if self.on_arrival is not None:
             self.on_arrival(receiver, deliver_at_s)
         return True
@@ -164,12 +173,42 @@ class MemoryNetwork:
         self._lock.notify_all()
         return True
 
+    def _put_control(self, sender: PeerId, receiver: PeerId, deliver_at_s: float, message: bytes) -> None:
+        links = self._control.get(receiver)
+        if links is None:
+            return  # nobody was ever attached there: lost, as a connect to a dead address
+        flights = links.setdefault(sender, [])
+        if len(flights) >= _MAX_CONTROL:
+            return  # the link's queue is full: dropped (a bounded high-water mark, as ZeroMQ's)
+        flights.append(_InFlight(deliver_at_s, message))
+        flights.sort(key=lambda f: f.deliver_at_s)
+        self._lock.notify_all()
+
+    def _take_control(self, receiver: PeerId, max_messages: int, now_s: float) -> list[Received]:
+        out: list[tuple[float, PeerId, int, Received]] = []
+        for sender, flights in self._control.get(receiver, {}).items():
+            for k, flight in enumerate(flights):
+                if flight.deliver_at_s > now_s:
+                    break
+                out.append(
+                    (flight.deliver_at_s, sender, k, Received(sender, memoryview(flight.message), True))
+                )
+        out.sort(key=lambda item: (item[0], item[1].key, item[2]))
+        taken = out[:max_messages]
+        for _, sender, _, _ in taken:
+            del self._control[receiver][sender][0]
+        return [item[3] for item in taken]
+
     def _take(self, receiver: PeerId, max_messages: int) -> list[Received]:
         with self._lock:
-            links = self._links.get(receiver)
-            if not links or receiver not in self._nodes:
+            if receiver not in self._nodes:
                 return []
             now_s = self.clock()
+            control = self._take_control(receiver, max_messages, now_s)
+            links = self._links.get(receiver)
+            if not links:
+                return control
+            max_messages -= len(control)
             ready = []
             for sender, flights in links.items():
                 arrived = sum(1 for f in flights if f.deliver_at_s <= now_s)
@@ -181,12 +220,17 @@ class MemoryNetwork:
                 flights = links[sender]
                 out.append(Received(sender, memoryview(flights[arrived - 1].message)))
                 del flights[:arrived]
-            return out
+            return control + out
 
     def _wait(self, receiver: PeerId, timeout_s: float) -> None:
         """Sleep until a message to ``receiver`` may be ready, at most ``timeout_s``."""
         with self._lock:
-            due = [f.deliver_at_s for flights in self._links.get(receiver, {}).values() for f in flights]
+            due = [
+                f.deliver_at_s
+                for table in (self._links, self._control)
+                for flights in table.get(receiver, {}).values()
+                for f in flights
+            ]
             if due:
                 timeout_s = min(timeout_s, max(0.0, min(due) - self.clock()))
             self._lock.wait(timeout_s)
@@ -194,6 +238,7 @@ class MemoryNetwork:
 
 _NO_FAULTS = LinkFaults()
 _MAX_IN_FLIGHT = 64  # messages kept per link, in flight or arrived and unread
+_MAX_CONTROL = 64  # control messages queued per link
 
 
 class MemoryTransport:
@@ -219,6 +264,22 @@ class MemoryTransport:
             self.stats.messages_sent += 1
             self.stats.bytes_sent += message_bytes(data)
         return taken
+
+    def send_control(self, peer: PeerId, address: str, message: Buffer) -> bool:
+        """A control message to any peer on this network (``address`` is not needed in memory)."""
+        del address
+        if self.closed:
+            return False
+        data = bytes(message)
+        if not self.network._send(self.peer, peer, data, control=True):
+            self.stats.dropped[DROP_FAULT] += 1
+            return False
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += len(data)
+        return True
+
+    def set_peers(self, peers: Mapping[PeerId, str]) -> None:
+        self.neighbours = tuple(peers)
 
     def receive(self, timeout_s: float, max_messages: int = 64) -> list[Received]:
         got = self.network._take(self.peer, max_messages)

@@ -14,17 +14,20 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
-from p2pfm.core.errors import ConfigError
+from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.identity import Identity, PeerId, load_key_file
+from p2pfm.core.membership import Membership
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
+from p2pfm.core.records import PeerRecord
 from p2pfm.core.wire import WireLimits, limits_for_schema
 from p2pfm.learn.learner import Learner
-from p2pfm.net.link import Transport
+from p2pfm.net.link import ControlTransport, Transport
 from p2pfm.net.zmq_transport import ZmqTransport, raise_open_files_limit
 from p2pfm.node.attacks import Attacker
 from p2pfm.node.clock import Clock, SystemClock
 from p2pfm.node.faults import LossyTransport, SlowLearner
 from p2pfm.node.loop import Node, RoundPlan
+from p2pfm.node.overlay import JoinSettings, Overlay
 from p2pfm.node.publishing import Honest, Publisher
 from p2pfm.node.store import DiskStore, NodeStore
 
@@ -124,13 +127,18 @@ def assemble_node(
     stop: threading.Event | None = None,
     log: Callable[[str], None] = print,
     facts: Mapping[str, Any] | None = None,
+    membership: Membership | None = None,
+    contacts: Sequence[PeerRecord] = (),
+    join: JoinSettings | None = None,
 ) -> Node:
     """A node from explicit parts: what ``build_node`` and the simulator share.
 
     ``transport`` is a transport, or a function that builds one for the
     derived wire limits (the ZeroMQ one bounds its inbound frames by them);
     it is not used when ``gossip.mix`` is false. ``seed`` seeds the node's
-    fault and attack randomness.
+    fault and attack randomness. ``membership`` makes the neighbours its
+    active view (an open network; ``peers`` are then its seeded neighbours),
+    joining through ``contacts``; the transport must carry control messages.
     """
     if faults.slow_factor > 1.0:
         learner = SlowLearner(learner, faults.slow_factor, clock)
@@ -172,6 +180,11 @@ def assemble_node(
             link = LossyTransport(link, [peer.id for peer in peers], loss, seed=seed)
     elif not callable(transport):
         transport.close()  # given but never used: the node owns it
+    overlay = None
+    if membership is not None and link is not None:
+        if not isinstance(link, ControlTransport):
+            raise LocalProtocolError("open membership needs a transport with a control channel")
+        overlay = Overlay(membership, protocol, link, contacts=contacts, join=join)
     publisher: Publisher = Honest(wire_dtypes)
     if faults.attack:
         publisher = Attacker(faults.attack, faults.attack_factor, seed)
@@ -198,4 +211,5 @@ def assemble_node(
             "attack": faults.attack,
             **(facts or {}),
         },
+        overlay=overlay,
     )

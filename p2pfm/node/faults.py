@@ -16,7 +16,7 @@ from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import PeerId
 from p2pfm.core.wire import Buffer, TensorSpec
 from p2pfm.learn.learner import Array, Learner
-from p2pfm.net.link import DROP_FAULT, Received, Transport, TransportStats
+from p2pfm.net.link import DROP_FAULT, ControlTransport, Received, Transport, TransportStats
 from p2pfm.node.clock import Clock
 
 
@@ -47,6 +47,21 @@ class LossyTransport:
 
     def receive(self, timeout_s: float, max_messages: int = 64) -> list[Received]:
         return self.inner.receive(timeout_s, max_messages)
+
+    def send_control(self, peer: PeerId, address: str, message: Buffer) -> bool:
+        """Control messages cross the same lossy link (only when the inner transport has the channel)."""
+        if not isinstance(self.inner, ControlTransport):
+            raise LocalProtocolError("the wrapped transport has no control channel")
+        if self.loss.get(peer) and self._rng.random() < self.loss[peer]:
+            self.stats.dropped[DROP_FAULT] += 1
+            return False
+        return self.inner.send_control(peer, address, message)
+
+    def set_peers(self, peers: Mapping[PeerId, str]) -> None:
+        if not isinstance(self.inner, ControlTransport):
+            raise LocalProtocolError("the wrapped transport has no control channel")
+        self.neighbours = tuple(peers)
+        self.inner.set_peers(peers)
 
     def close(self) -> None:
         self.inner.close()

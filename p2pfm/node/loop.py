@@ -37,13 +37,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfm.core.errors import RejectReason
 from p2pfm.core.evidence import encode_evidence
 from p2pfm.core.identity import PeerId
-from p2pfm.core.protocol import EquivocationFound, GossipProtocol, MixSettings, Rejected, RoundComplete
+from p2pfm.core.protocol import EquivocationFound, GossipProtocol, MixSettings, Phase, Rejected, RoundComplete
 from p2pfm.learn.checkpoint import Checkpoint
 from p2pfm.learn.learner import Array, Learner
 from p2pfm.net.link import Transport, TransportStats
 from p2pfm.node.clock import Clock
+from p2pfm.node.overlay import Overlay, catch_up_state
 from p2pfm.node.publishing import Publisher
 from p2pfm.node.store import NodeStore
 
@@ -77,6 +79,9 @@ class Opening:
     next_round: int
     resumed: bool = False  # restored from the store: call ``Node.opened`` before the first round
     listen_until_s: float | None = None  # a resumed node with neighbours listens for their rounds until then
+    joining: bool = (
+        False  # a fresh member of an open network: listen, then ``Node.joined`` says where to start
+    )
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,14 @@ class Node:
         stop: threading.Event | None = None,
         log: Callable[[str], None] = print,
         facts: Mapping[str, Any] | None = None,  # extra fields of the start/resume record
+        overlay: Overlay | None = None,  # open membership (p2pfm/node/overlay.py); None: fixed neighbours
     ) -> None:
         self.name, self.protocol, self.learner, self.transport = name, protocol, learner, transport
         self.publisher, self.mix_settings, self.plan, self.store = publisher, mix_settings, plan, store
         self.clock, self.peer_names, self.resume, self.log = clock, dict(peer_names), resume, log
         self.stop = stop or threading.Event()
         self.facts = dict(facts or {})
+        self.overlay = overlay
         self.rounds_trained = 0
         self.last_eval: dict[str, float] = {}
         self._own: dict[str, Array] = {}  # the state this round published, which the mix starts from
@@ -137,7 +144,17 @@ class Node:
         try:
             opening = self.open()
             next_round = opening.next_round
-            if opening.resumed:
+            if opening.joining:
+                until_s = opening.listen_until_s or 0.0
+                while not self.stop.is_set():
+                    self.judge(POLL_S)
+                    joined = self.joined(timed_out=self.clock.now_s() >= until_s)
+                    if joined is not None:
+                        next_round = joined
+                        break
+                    if self.clock.now_s() >= until_s:
+                        until_s = self.clock.now_s() + self.protocol.config.round_timeout_s
+            elif opening.resumed:
                 until_s = opening.listen_until_s or 0.0
                 while (
                     self.clock.now_s() < until_s
@@ -155,6 +172,7 @@ class Node:
                 if done is not None:
                     self.mix(done)
                 self.record(next_round, trained, done, wait_s=wait_s)
+                self.round_ended()
                 completed = next_round
                 next_round = self.catch_up(next_round + 1)
             return self.finish(completed)
@@ -187,6 +205,10 @@ class Node:
                 self.last_eval = self.learner.evaluate()
                 self.store.write("round", round=0, eval=self.last_eval, train_loss=None, **self.counters())
                 self.log(f"[{self.name}] round 0 (before training): {_fmt(self.last_eval)}")
+            if self.overlay is not None and self.overlay.joining:
+                self.overlay.start(self.clock.now_s())
+                until_s = self.clock.now_s() + self.protocol.config.round_timeout_s
+                return Opening(1, listen_until_s=until_s, joining=True)
             return Opening(1)
         last_round, last_seq = (checkpoint.round, checkpoint.seq) if checkpoint else (0, 0)
         if checkpoint is not None:
@@ -212,6 +234,49 @@ class Node:
             len(heard) >= neighbours // 2 + 1
             and self.protocol.catch_up_target(next_round, now_s) > next_round
         )
+
+    def joined(self, *, timed_out: bool) -> int | None:
+        """While joining: the round to play first, once the node holds the network's state (None: listen on).
+
+        The node follows the round a majority of its neighbours claim, takes
+        the state of the newest round that several of them sent, combined
+        robustly (``p2pfm.node.overlay.catch_up_state``), and trains from the
+        round after. When nobody has sent anything by ``timed_out`` and it
+        has neighbours, the network is just starting: it starts at round 1
+        from its own state. Alone, it listens on (the membership retries).
+        """
+        assert self.overlay is not None
+        now_s = self.clock.now_s()
+        target = min(self.protocol.catch_up_target(1, now_s), self.plan.rounds)
+        if self.protocol.phase is Phase.IDLE and self.protocol.round < target - 1:
+            self.protocol.restore(target - 1, self.protocol.seq)  # accept the rounds the neighbours are in
+        found = catch_up_state(
+            self.protocol.newest_updates(), self.overlay.join_settings, timed_out=timed_out
+        )
+        if found is not None:
+            round_, state = found
+            self.learner.set_state(state)
+            sources = len([u for u in self.protocol.newest_updates().values() if u.round == round_])
+            self.store.write(
+                "joined", round=round_, sources=sources, neighbours=len(self.protocol.neighbours)
+            )
+            self.log(f"[{self.name}] joined: holds round {round_}'s state from {sources} members")
+            return min(round_ + 1, self.plan.rounds + 1)
+        if timed_out and self.protocol.neighbours and not self.protocol.heard_claims(now_s):
+            self.store.write("joined", round=0, sources=0, neighbours=len(self.protocol.neighbours))
+            self.log(f"[{self.name}] joined a network that is just starting: from round 1")
+            return 1
+        return None
+
+    def round_ended(self) -> None:
+        """After a round's record: membership's failure detection, shuffle and refill."""
+        if self.overlay is not None:
+            self.overlay.round_ended(self.clock.now_s())
+
+    def leave(self) -> None:
+        """Leave the network gracefully (the neighbours hear it at once)."""
+        if self.overlay is not None:
+            self.overlay.leave()
 
     def opened(self, next_round: int) -> int:
         """After the listening: the round to play first."""
@@ -249,19 +314,29 @@ class Node:
         """Hand what the transport has (waiting up to ``timeout_s``) to the protocol."""
         if self.transport is None:
             return
+        overlay = self.overlay
         for received in self.transport.receive(timeout_s):
             try:
+                if overlay is not None:
+                    if received.control:
+                        overlay.on_control(received, self.clock.now_s())
+                        continue
+                    overlay.heard(received.link)
                 event = self.protocol.receive(
                     received.message, self.clock.now_s(), self.clock.wall_ms(), link=received.link
                 )
                 if isinstance(event, EquivocationFound):
                     self._on_equivocation(event)
+                elif isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and overlay:
+                    overlay.stranger(received.link)
             except Exception as exc:  # noqa: BLE001  a bug must not let one message stop a node
                 self._internal_errors += 1
                 self.log(f"[{self.name}] BUG: a message raised {exc!r}; dropped it and carried on")
                 continue
             if isinstance(event, Rejected):
                 self._log_rejection(event)
+        if overlay is not None:
+            overlay.tick(self.clock.now_s())
 
     def poll(self) -> RoundComplete | None:
         return self.protocol.poll(self.clock.now_s())
@@ -286,8 +361,8 @@ class Node:
         )
         snapshot = bool(plan.snapshot_every) and round_ % plan.snapshot_every == 0
         self.store.save_round(checkpoint, snapshot=snapshot)
-        heard = sorted(self.peer_names[p] for p in done.updates) if done else []
-        missing = sorted(self.peer_names[p] for p in done.missing) if done else []
+        heard = sorted(self._name(p) for p in done.updates) if done else []
+        missing = sorted(self._name(p) for p in done.missing) if done else []
         round_s = trained.train_s + wait_s
         counters = self.counters()
         self.store.write(
@@ -298,7 +373,7 @@ class Node:
         loss = "" if trained.loss is None else f"loss {trained.loss:.3f} "
         self.log(
             f"[{self.name}] round {round_}/{plan.rounds} {loss}{_fmt(evaluation)} "
-            f"heard {len(heard)}/{len(self.peer_names)} sent {counters['bytes_sent'] / 1e6:.2f} MB "
+            f"heard {len(heard)}/{len(self.protocol.neighbours)} sent {counters['bytes_sent'] / 1e6:.2f} MB "
             f"recv {counters['bytes_received'] / 1e6:.2f} MB {round_s:.1f} s"
         )
 
@@ -351,7 +426,23 @@ class Node:
             "banned": sorted(self.peer_names.get(p, p.short) for p in self.protocol.banned),
             "internal_errors": self._internal_errors,
             "io_errors": dict(self.store.io_errors),
+            **self._membership_counters(),
         }
+
+    def _membership_counters(self) -> dict[str, Any]:
+        if self.overlay is None:
+            return {}
+        membership = self.overlay.membership
+        return {
+            "active_view": sorted(self._name(p) for p in membership.active),
+            "passive_view_size": len(membership.passive),
+            "view_changes": dict(self.overlay.changes),
+            "control_rejected": {reason.value: n for reason, n in membership.refusals.items()},
+            "roster_version": membership.roster.version,
+        }
+
+    def _name(self, peer: PeerId) -> str:
+        return self.peer_names.get(peer, peer.short)
 
     def _log_rejection(self, event: Rejected) -> None:
         sender = event.sender.short if event.sender else "?"
@@ -363,7 +454,7 @@ class Node:
     def _on_equivocation(self, event: EquivocationFound) -> None:
         if not event.new:
             return
-        accused = self.peer_names.get(event.accused, event.accused.short)
+        accused = self._name(event.accused)
         via = (
             "seen here"
             if event.reporter is None
