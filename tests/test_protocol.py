@@ -437,3 +437,23 @@ def test_round_mix_follows_the_rule_and_bad_rules_are_refused() -> None:
     np.testing.assert_allclose(done.mix(_state(3.0), MixSettings("median"))["x"], 3.0)
     with pytest.raises(LocalProtocolError, match="unknown mixing rule"):
         MixSettings("krum")  # type: ignore[arg-type]
+
+
+def test_a_new_neighbour_is_not_waited_for_until_heard_and_a_removed_one_is_forgotten() -> None:
+    a, b, c = _line(3)
+    d = IDS[3].peer_id
+    b.set_neighbours([IDS[0].peer_id, IDS[2].peer_id, d])  # d joins b's active view
+    for proto in (a, b, c):
+        proto.start_round(1, now_s=0.0)
+    old = _send(a, 1.0)
+    b.receive(old, 0.1)
+    b.receive(_send(c, 2.0), 0.1)
+    done = b.poll(0.2)  # d, never heard, is absent: the round does not wait for it
+    assert isinstance(done, RoundComplete) and not done.timed_out and done.missing == {d}
+    b.set_neighbours([IDS[2].peer_id])  # a is dropped: its messages are refused from now on
+    b.start_round(2, now_s=1.0)
+    assert _rejected_reason(b, old) is RejectReason.UNKNOWN_SENDER
+    b.set_neighbours([IDS[0].peer_id, IDS[2].peer_id])  # back again: its old message is still a replay
+    assert _rejected_reason(b, old) is RejectReason.REPLAY
+    with pytest.raises(LocalProtocolError):
+        b.set_neighbours([IDS[1].peer_id])

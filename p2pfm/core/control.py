@@ -118,6 +118,11 @@ def _encode_field(kind: str, name: str, value: Any) -> Any:
             raise LocalProtocolError(f"{name} must be a PeerRecord")
         return value.signed
     if kind == "records":
+        most = ControlLimits().max_records
+        if not isinstance(value, (list, tuple)) or len(value) > most:
+            raise LocalProtocolError(
+                f"{name} must be a list of at most {most} PeerRecords (receivers refuse more)"
+            )
         if not all(isinstance(r, PeerRecord) for r in value):
             raise LocalProtocolError(f"{name} must be PeerRecords")
         return [r.signed for r in value]

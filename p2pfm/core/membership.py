@@ -155,6 +155,9 @@ class Membership:
         self._tried: OrderedDict[PeerId, float] = OrderedDict()  # peer -> when it refused or timed out
         self._buckets: dict[PeerId, tuple[float, float]] = {}
         self._roster_sent: OrderedDict[PeerId, int] = OrderedDict()
+        # Peers that left, with their record's seq then: relayed copies of that record are not believed
+        # again (a member that rejoins signs a newer record).
+        self._gone: OrderedDict[PeerId, int] = OrderedDict()
         self._book: OrderedDict[PeerId, PeerRecord] = OrderedDict()  # every record seen, newest kept (LRU)
         self._contacts: list[PeerRecord] = []  # the bootstrap records, for a rejoin when all views are empty
         self._last_join_s = -float("inf")
@@ -406,7 +409,10 @@ class Membership:
             if not c.leave:
                 self._learn(record)
         if c.leave:
-            self.passive.pop(c.sender, None)
+            gone = self.passive.pop(c.sender, None) or self._book.get(c.sender)
+            self._gone[c.sender] = gone.seq if gone is not None else 0
+            if len(self._gone) > _MAX_TRIED:
+                self._gone.popitem(last=False)
             self._note_tried(c.sender, now_s)
         else:
             self._note_tried(c.sender, now_s)  # it just dropped us: do not ask it straight back
@@ -494,6 +500,8 @@ class Membership:
             if peer != self.me:
                 self.refusals[RejectReason.UNKNOWN_SENDER] += 1
             return
+        if record.seq <= self._gone.get(peer, -1):
+            return  # a relayed copy of the record of a peer that left
         self._remember(record)
         if peer in self.active:
             if record.seq > self.active[peer].seq:
