@@ -33,6 +33,7 @@ from p2pfm.config.settings import (
     FaultSettings,
     GossipSettings,
     LoraSettings,
+    MembershipSettings,
     ModelSettings,
     NodeSection,
     Peer,
@@ -60,10 +61,16 @@ class NodeDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     gossip: GossipSettings = msgspec.field(default_factory=GossipSettings)
     faults: FaultSettings = msgspec.field(default_factory=FaultSettings)
     transport: TransportSettings = msgspec.field(default_factory=TransportSettings)
+    membership: MembershipSettings | None = None
 
     def __post_init__(self) -> None:
-        if (self.peers is None) == (self.topology is None):
-            raise ConfigError("peers", "give either [[peers]] entries or a [topology] section (exactly one)")
+        if self.peers is not None and self.topology is not None:
+            raise ConfigError("peers", "give [[peers]] entries or a [topology] section, not both")
+        if self.peers is None and self.topology is None and self.membership is None:
+            raise ConfigError(
+                "peers",
+                "give [[peers]] entries, a [topology] section, or a [membership] section (an open network)",
+            )
         if self.data.task != self.model.task:
             raise ConfigError("data.task", f"must match model.task ({self.model.task!r})")
 
@@ -85,6 +92,7 @@ class NodeConfig:
     path: Path  # the config file itself
     roster: Roster | None = None
     partners: PeerSchedule | None = None  # a time-varying topology: this node's partner(s) per round
+    membership: MembershipSettings | None = None  # an open network: the neighbours come from membership
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -114,6 +122,11 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
                 raise ConfigError(
                     f"peers[{i}].id", f"{peer.name} ({peer.id.short}) is not a member of the roster"
                 )
+    if checked.membership is not None and checked.membership.roster is None and node.roster is None:
+        raise ConfigError(
+            "membership.roster",
+            "an open network needs a roster: a signed one (p2pfm roster sign) or node.roster",
+        )
     data = checked.data
     return NodeConfig(
         node=node,
@@ -129,6 +142,7 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
         path=path,
         roster=roster,
         partners=partners,
+        membership=checked.membership,
     )
 
 
@@ -140,6 +154,7 @@ _PATHS = (
     ("model", "path", MINILM),
     ("data", "source", BBC_NEWS),
     ("topology", "spec", None),
+    ("membership", "roster", None),
 )
 
 
@@ -199,6 +214,7 @@ __all__ = [
     "FaultSettings",
     "GossipSettings",
     "LoraSettings",
+    "MembershipSettings",
     "ModelSettings",
     "NodeConfig",
     "NodeDocument",

@@ -188,6 +188,27 @@ class FaultSettings(Schema, frozen=True, kw_only=True):
     attack_factor: Finite | None = None  # default per attack (scale 10, noise 1, signflip 1)
 
 
+class MembershipSettings(Schema, frozen=True, kw_only=True):
+    """``[membership]``: an open network whose neighbours come from membership (docs/membership.md).
+
+    The node listens for control messages on ``node.listen``'s port + 1 and
+    serves its signed peer record ("hello") on port + 2.
+    """
+
+    # Members' node.listen addresses to join through: tcp://HOST:PORT (their hello at PORT + 2 tells
+    # their peer id). Empty: this node starts a network, or rejoins from the peers it kept in node.out.
+    bootstrap: tuple[Address, ...] = ()
+    # The host other nodes reach this one at; default: node.listen's host (which must then not be a
+    # wildcard such as 0.0.0.0 or *).
+    advertise_host: Annotated[str, Meta(pattern=r"\A[A-Za-z0-9.:\[\]_-]{1,253}\Z")] | None = None
+    # A signed roster document (p2pfm roster sign); default: node.roster, a static roster (version 0).
+    roster: Path | None = None
+    degree: Annotated[int, Meta(ge=1, le=64)] = 6  # active view size (docs/membership.md: why 6)
+    passive_size: Annotated[int, Meta(ge=1, le=1024)] = 32
+    suspect_rounds: Annotated[int, Meta(ge=1)] = 2  # rounds of silence after which a neighbour is dead
+    join_timeout_s: Annotated[float, number(gt=0)] = 60.0  # how long to keep asking a bootstrap address
+
+
 class TransportSettings(Schema, frozen=True, kw_only=True):
     """``[transport]``: ZeroMQ queue, reconnect and handshake settings."""
 

@@ -79,7 +79,13 @@ class PeerRecord:
 
     @property
     def address(self) -> str:
+        """Where control messages go (the first address)."""
         return self.addresses[0]
+
+    @property
+    def update_address(self) -> str:
+        """Where updates go: the second address, or the first when there is one only (in memory)."""
+        return self.addresses[1] if len(self.addresses) > 1 else self.addresses[0]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ on the network. Nothing here imports zmq.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -82,4 +82,8 @@ class ControlTransport(Transport, Protocol):
 
     def set_peers(self, peers: Mapping[PeerId, str]) -> None:
         """The neighbours (peer -> address) that updates go to from now on."""
+        ...
+
+    def admit(self, peers: Collection[PeerId]) -> None:
+        """The keys allowed to connect from now on (a newer roster)."""
         ...

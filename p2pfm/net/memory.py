@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from p2pfm.core.errors import LocalProtocolError
@@ -280,6 +280,10 @@ class MemoryTransport:
 
     def set_peers(self, peers: Mapping[PeerId, str]) -> None:
         self.neighbours = tuple(peers)
+
+    def admit(self, peers: Collection[PeerId]) -> None:
+        """In memory nobody connects: admission is the membership's and the protocol's checks alone."""
+        del peers
 
     def receive(self, timeout_s: float, max_messages: int = 64) -> list[Received]:
         got = self.network._take(self.peer, max_messages)

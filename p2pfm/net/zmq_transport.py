@@ -48,6 +48,7 @@ from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity, PeerId, curve_public_key
 from p2pfm.core.wire import Buffer, WireLimits, message_bytes
 from p2pfm.net.link import DROP_FAULT, DROP_QUEUE_FULL, Received, TransportStats
+from p2pfm.net.zmq_control import ControlLinks, HelloServer
 
 # A PUSH socket only ever receives CurveZMQ handshake commands (WELCOME,
 # READY: a few hundred bytes); anything larger is an attack on our memory.
@@ -71,13 +72,16 @@ _RELINK_GRACE_S = 1.0
 # CurveZMQ wraps a frame of n bytes into a MESSAGE command of n + 33 bytes
 # (name 8, nonce 8, MAC 16, flags 1), and libzmq bounds the wrapped size.
 CURVE_FRAME_OVERHEAD_BYTES = 33
+CONTROL_QUEUE_MESSAGES = 16  # control messages queued per connection (the channel does not conflate)
 
 
 class _Admission:
     """ZAP credentials provider: admits the CurveZMQ keys of allowed peers only."""
 
     def __init__(self, allowed: frozenset[bytes], stats: TransportStats) -> None:
-        self._allowed = allowed  # Z85-encoded X25519 public keys
+        # Z85-encoded X25519 public keys; replaced whole (one reference swap) when the roster changes,
+        # so the authenticator thread never sees a half-updated set.
+        self._allowed = allowed
         self._stats = stats
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -119,11 +123,19 @@ class ZmqTransport:
         identity: Identity | None = None,
         allowed: Collection[PeerId] | None = None,
         max_message_bytes: int = WireLimits().max_message_bytes,
+        control_listen: str | None = None,
+        hello_listen: str | None = None,
+        record: bytes | None = None,
+        max_control_bytes: int = 0,
     ) -> None:
         """``identity`` is required unless ``settings.insecure``; ``allowed``
         (default: ``peers``) are the keys admitted to connect to us;
         ``max_message_bytes`` is the largest message accepted (frames above it
-        cost the sender its connection)."""
+        cost the sender its connection). ``control_listen`` opens the
+        membership control channel there (messages of at most
+        ``max_control_bytes``); ``hello_listen`` serves ``record`` (this
+        node's signed peer record) in plaintext to whoever asks
+        (p2pfm/net/zmq_control.py)."""
         self.settings = settings or TransportSettings()
         self.stats = TransportStats()
         self.max_message_bytes = max_message_bytes
@@ -141,7 +153,8 @@ class ZmqTransport:
             self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
             self._auth.start()
             admitted = frozenset(key.encode() for key in self._links)
-            self._auth.configure_curve_callback("*", _Admission(admitted, self.stats))
+            self._admission = _Admission(admitted, self.stats)
+            self._auth.configure_curve_callback("*", self._admission)
         try:
             self._inbound = self._make_inbound(listen, own_keys)
             self._monitor = self._inbound.get_monitor_socket(_MONITORED)
@@ -152,6 +165,15 @@ class ZmqTransport:
             self._lost_since: dict[PeerId, float] = {}  # disconnected, no retry seen yet (monotonic s)
             for peer in peers:
                 self._open_outbound(peer)
+            self._control_in: zmq.Socket[bytes] | None = None
+            if control_listen is not None:
+                self._control_in = self._make_control_inbound(control_listen, own_keys, max_control_bytes)
+            self._hello = (
+                None if hello_listen is None or record is None else self._make_hello(hello_listen, record)
+            )
+            self._control_out = ControlLinks(
+                self._context, own_keys, self.stats, handshake_timeout_ms=self.settings.handshake_timeout_ms
+            )
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()
@@ -159,6 +181,10 @@ class ZmqTransport:
             raise
         self._poller = zmq.Poller()
         self._poller.register(self._inbound, zmq.POLLIN)
+        if self._control_in is not None:
+            self._poller.register(self._control_in, zmq.POLLIN)
+        if self._hello is not None:
+            self._poller.register(self._hello.socket, zmq.POLLIN)
         self.closed = False
 
     def _make_inbound(self, listen: str, own_keys: tuple[bytes, bytes] | None) -> zmq.Socket[bytes]:
@@ -177,6 +203,70 @@ class ZmqTransport:
             sock.close(linger=0)
             raise ConfigError("node.listen", f"cannot listen on {listen}: {exc}") from None
         return sock
+
+    def _make_control_inbound(
+        self, listen: str, own_keys: tuple[bytes, bytes] | None, max_control_bytes: int
+    ) -> zmq.Socket[bytes]:
+        """The control channel's PULL: not conflating (a join must not replace a reply), a small queue."""
+        sock = self._context.socket(zmq.PULL)
+        if own_keys is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = own_keys
+        overhead = 0 if own_keys is None else CURVE_FRAME_OVERHEAD_BYTES
+        sock.setsockopt(zmq.MAXMSGSIZE, max_control_bytes + overhead)
+        sock.setsockopt(zmq.RCVHWM, CONTROL_QUEUE_MESSAGES)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(listen)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError("membership.control_listen", f"cannot listen on {listen}: {exc}") from None
+        return sock
+
+    def _make_hello(self, listen: str, record: bytes) -> HelloServer:
+        try:
+            return HelloServer(self._context, listen, record)
+        except zmq.ZMQError as exc:
+            raise ConfigError("membership.hello_listen", f"cannot listen on {listen}: {exc}") from None
+
+    # ----------------------------------------------------------- membership
+
+    def send_control(self, peer: PeerId, address: str, message: Buffer) -> bool:
+        """A control message to ``peer``'s control endpoint ``address`` (CurveZMQ to its key)."""
+        if self.closed:
+            return False
+        return self._control_out.send(peer, address, message)
+
+    def set_peers(self, peers: Mapping[PeerId, str]) -> None:
+        """The neighbours updates go to from now on: PUSH sockets opened and closed to match."""
+        for peer in [p for p in self._outbound if p not in peers or peers[p] != self._addresses.get(p)]:
+            self._outbound[peer].disable_monitor()
+            self._push_monitors.pop(peer).close(linger=0)
+            self._outbound.pop(peer).close()
+            self._lost_since.pop(peer, None)
+        self._addresses = dict(peers)
+        for peer in peers:
+            if peer not in self._outbound:
+                self._open_outbound(peer)
+
+    def admit(self, peers: Collection[PeerId]) -> None:
+        """The keys allowed to connect from now on (a newer roster); open connections are not cut."""
+        if self._auth is None:
+            return
+        self._links = {z85.encode(curve_public_key(peer)).decode(): peer for peer in peers}
+        self._admission._allowed = frozenset(key.encode() for key in self._links)
+
+    @property
+    def hello_address(self) -> str | None:
+        return None if self._hello is None else self._hello.address
+
+    @property
+    def control_address(self) -> str | None:
+        if self._control_in is None:
+            return None
+        endpoint = self._control_in.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
 
     def _open_outbound(self, peer: PeerId) -> None:
         sock = self._make_outbound(peer, self._addresses[peer], self._own_keys)
@@ -248,6 +338,16 @@ class ZmqTransport:
         self._check_links()
         if not ready:
             return out
+        if self._hello is not None:
+            self._hello.serve()
+        while self._control_in is not None and len(out) < max_messages:
+            try:
+                frame = self._control_in.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.stats.messages_received += 1
+            self.stats.bytes_received += frame.buffer.nbytes
+            out.append(Received(self._link_of(frame), frame.buffer, control=True))
         while len(out) < max_messages:
             try:
                 frame = self._inbound.recv(flags=zmq.NOBLOCK, copy=False)
@@ -310,6 +410,11 @@ class ZmqTransport:
             self._outbound[peer].disable_monitor()
             monitor.close(linger=0)
         self._inbound.close(linger=0)
+        if self._control_in is not None:
+            self._control_in.close(linger=0)
+        if self._hello is not None:
+            self._hello.close()
+        self._control_out.close()
         for sock in self._outbound.values():
             sock.close()
         if self._auth is not None:

@@ -8,7 +8,7 @@ thing on a real network and in a simulation.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ class LossyTransport:
             raise LocalProtocolError("the wrapped transport has no control channel")
         self.neighbours = tuple(peers)
         self.inner.set_peers(peers)
+
+    def admit(self, peers: Collection[PeerId]) -> None:
+        if not isinstance(self.inner, ControlTransport):
+            raise LocalProtocolError("the wrapped transport has no control channel")
+        self.inner.admit(peers)
 
     def close(self) -> None:
         self.inner.close()

@@ -111,11 +111,13 @@ class Overlay:
         membership.changes.clear()
         if membership.neighbours != self.protocol.neighbours:
             self.protocol.set_neighbours(membership.neighbours)
-            self.transport.set_peers({p: r.address for p, r in membership.active.items()})
+            self.transport.set_peers({p: r.update_address for p, r in membership.active.items()})
         if membership.roster.version != self._roster_version:
             self._roster_version = membership.roster.version
             roster = membership.roster
             self.protocol.set_members(None if roster.open else roster.members | roster.admins)
+            if not roster.open:
+                self.transport.admit(roster.members | roster.admins)
 
 
 def catch_up_state(

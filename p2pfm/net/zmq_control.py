@@ -1,0 +1,187 @@
+"""ZeroMQ pieces of the membership control channel (used by ``ZmqTransport``).
+
+- :class:`ControlLinks`: outbound control messages. One CurveZMQ PUSH socket
+  per recently addressed peer (a join reaches a member that is nobody's
+  neighbour yet), at most ``max_links`` of them, least recently used closed
+  first; each queues at most ``queue_messages`` and never blocks.
+- :class:`HelloServer` / :func:`fetch_record`: how a node that knows only a
+  member's address learns its peer id. CurveZMQ needs the server's key before
+  the first byte, so a plaintext ROUTER answers any request with the node's
+  own **signed** peer record: the asker checks the signature and that the
+  roster admits the key, then talks CurveZMQ to it. The answer is a public
+  document; nothing else is served, requests are bounded to 64 bytes, and a
+  wrong answer (someone else's record, or garbage) costs the asker only a
+  failed bootstrap attempt, never a wrong belief.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+from p2pfm.core.errors import RemoteProtocolError
+from p2pfm.core.identity import PeerId, curve_public_key
+from p2pfm.core.records import PeerRecord, open_peer_record
+from p2pfm.core.wire import Buffer
+from p2pfm.net.link import DROP_QUEUE_FULL, TransportStats
+
+HELLO_REQUEST = b"p2pfm-hello"
+_MAX_HELLO_REQUEST_BYTES = 64
+_MAX_HELLO_ANSWER_BYTES = 4096
+_HELLOS_PER_CALL = 64  # answers per receive() call: a flood costs bounded work per poll
+# libzmq gives up on a connection whose handshake failed (the peer did not admit us yet, say): such a
+# socket is rebuilt before the next message to that peer, so a newly admitted key gets through.
+_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+class ControlLinks:
+    """Control PUSH sockets by (peer, address), LRU-bounded."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        own_keys: tuple[bytes, bytes] | None,
+        stats: TransportStats,
+        *,
+        max_links: int = 64,
+        queue_messages: int = 16,
+        handshake_timeout_ms: int = 5000,
+        linger_ms: int = 1000,
+    ) -> None:
+        self._context, self._own_keys, self.stats = context, own_keys, stats
+        self.max_links, self.queue_messages = max_links, queue_messages
+        self.handshake_timeout_ms, self.linger_ms = handshake_timeout_ms, linger_ms
+        # (peer, address) -> (PUSH socket, its monitor)
+        self._links: OrderedDict[tuple[PeerId, str], tuple[zmq.Socket[bytes], zmq.Socket[bytes]]] = (
+            OrderedDict()
+        )
+        self.rebuilt = 0
+
+    def send(self, peer: PeerId, address: str, message: Buffer) -> bool:
+        key = (peer, address)
+        link = self._links.get(key)
+        if link is not None and _handshake_failed(link[1]):
+            self._close(self._links.pop(key))
+            self.rebuilt += 1
+            link = None
+        if link is None:
+            link = self._open(peer, address)
+            self._links[key] = link
+            while len(self._links) > self.max_links:
+                self._close(self._links.popitem(last=False)[1])
+        self._links.move_to_end(key)
+        sock = link[0]
+        try:
+            sock.send(message, flags=zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            self.stats.dropped[DROP_QUEUE_FULL] += 1
+            return False
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += memoryview(message).nbytes
+        return True
+
+    def _open(self, peer: PeerId, address: str) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        sock = self._context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, self.queue_messages)
+        sock.setsockopt(zmq.LINGER, self.linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 2**10)  # a PUSH socket only ever receives handshake commands
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_timeout_ms)
+        if self._own_keys is not None:
+            sock.curve_serverkey = z85.encode(curve_public_key(peer))
+            sock.curve_publickey, sock.curve_secretkey = self._own_keys
+        monitor = sock.get_monitor_socket(_FAILED)
+        sock.connect(address)
+        return sock, monitor
+
+    @staticmethod
+    def _close(link: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
+        sock, monitor = link
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+    def close(self) -> None:
+        for sock, monitor in self._links.values():
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close()
+        self._links.clear()
+
+
+def _handshake_failed(monitor: zmq.Socket[bytes]) -> bool:
+    failed = False
+    while True:
+        try:
+            event = parse_monitor_message(monitor.recv_multipart(flags=zmq.NOBLOCK))
+        except zmq.Again:
+            return failed
+        failed = failed or bool(event["event"] & _FAILED)
+
+
+class HelloServer:
+    """A plaintext ROUTER that answers every well-formed request with the node's signed record."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, record: bytes) -> None:
+        self.record = record
+        self.answered = 0
+        self.refused = 0
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, _MAX_HELLO_REQUEST_BYTES)
+        self.socket.setsockopt(zmq.RCVHWM, 16)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.socket.bind(address)
+
+    @property
+    def address(self) -> str:
+        endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    def serve(self) -> None:
+        for _ in range(_HELLOS_PER_CALL):
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2 or frames[1] != HELLO_REQUEST:
+                self.refused += 1
+                continue
+            try:
+                self.socket.send_multipart([frames[0], self.record], flags=zmq.NOBLOCK)
+                self.answered += 1
+            except zmq.Again:
+                self.refused += 1
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def fetch_record(address: str, network: str, *, timeout_s: float = 5.0) -> PeerRecord:
+    """Ask the hello endpoint at ``address`` for its node's signed record and check it.
+
+    Raises RemoteProtocolError (a bad answer) or TimeoutError (no answer).
+    """
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, _MAX_HELLO_ANSWER_BYTES)
+        sock.connect(address)
+        sock.send(HELLO_REQUEST)
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no answer from {address} within {timeout_s:g} s")
+        answer = sock.recv()
+    finally:
+        sock.close(linger=0)
+    try:
+        return open_peer_record(answer, network)
+    except RemoteProtocolError as exc:
+        raise type(exc)(f"{address} answered with no valid peer record: {exc}", exc.reason) from None
