@@ -57,6 +57,11 @@ def _build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser("node", help="run one gossip node from a config file")
     node.add_argument("--config", type=Path, required=True, help="node TOML file (docs/node.md)")
     node.add_argument("--resume", action="store_true", help="continue from the node's last checkpoint")
+    node.add_argument(
+        "--bootstrap", action="append", default=[], metavar="tcp://HOST:PORT",
+        help="join an open network through this member's node.listen address (repeatable; adds to "
+        "membership.bootstrap; docs/membership.md)",
+    )  # fmt: skip
     node.set_defaults(run=_cmd_node)
 
     run = commands.add_parser("run", help="run a local multi-node scenario and write its report")
@@ -224,10 +229,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from p2pfm.config.node_config import load_node_config
+    from p2pfm.config.node_config import load_node_config, with_bootstrap
     from p2pfm.node.factory import build_node
 
-    config = load_node_config(args.config)
+    config = with_bootstrap(load_node_config(args.config), args.bootstrap)
     stop = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:

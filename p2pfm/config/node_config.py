@@ -16,7 +16,8 @@ Every mistake raises a ConfigError naming the field, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import msgspec
 
 from p2pfm.config.roster import Roster, load_roster
-from p2pfm.config.schema import decode
+from p2pfm.config.schema import check_address, decode
 from p2pfm.config.settings import (
     BBC_NEWS,
     MINILM,
@@ -146,6 +147,19 @@ def node_config_from_dict(doc: Mapping[str, Any], path: Path) -> NodeConfig:
     )
 
 
+def with_bootstrap(config: NodeConfig, addresses: Sequence[str]) -> NodeConfig:
+    """``config`` with more bootstrap addresses (``p2pfm node --bootstrap``), each checked."""
+    if not addresses:
+        return config
+    if config.membership is None:
+        raise ConfigError("--bootstrap", "joins an open network: the config needs a [membership] section")
+    checked = tuple(check_address("--bootstrap", address) for address in addresses)
+    membership = msgspec.structs.replace(
+        config.membership, bootstrap=(*config.membership.bootstrap, *checked)
+    )
+    return dataclasses.replace(config, membership=membership)
+
+
 # (section, key, alias): a relative path there is relative to the config file; the alias is not a path.
 _PATHS = (
     ("node", "key", None),
@@ -225,4 +239,5 @@ __all__ = [
     "TransportSettings",
     "load_node_config",
     "node_config_from_dict",
+    "with_bootstrap",
 ]

@@ -116,6 +116,7 @@ class GossipProtocol:
         self._arrivals: ArrivalTracker[PeerId] = ArrivalTracker(margin_s=config.deadline_margin_s)
         self._started_s: dict[int, float] = {}
         self._early: set[tuple[PeerId, int]] = set()
+        self._newcomers: set[PeerId] = set()  # added by set_neighbours and not heard from since
 
     # --------------------------------------------------------- membership
 
@@ -136,9 +137,14 @@ class GossipProtocol:
             self._arrivals.forget(peer)
             self.absent.discard(peer)
         self.absent |= new - self.neighbours
+        self._newcomers = (self._newcomers | (new - self.neighbours)) & new
         self.neighbours = new
         if self.partners is not None:
             self.partners &= new
+
+    def _only_newcomers(self, expected: frozenset[PeerId]) -> bool:
+        live = expected - self.banned
+        return bool(live) and live <= self._newcomers
 
     def set_members(self, members: Iterable[PeerId] | None) -> None:
         """The keys an equivocation proof may accuse (a newer roster); None: the neighbours."""
@@ -177,7 +183,7 @@ class GossipProtocol:
                 self._arrivals.record(peer, 0.0)
         self._early = {(p, r) for p, r in self._early if r > round}
         wait_s = self.config.round_timeout_s
-        if self.config.adaptive_deadline:
+        if self.config.adaptive_deadline and not self._only_newcomers(expected or self.neighbours):
             waited_for = (expected or self.neighbours) - self.absent - self.banned
             wait_s = self._arrivals.wait_s(waited_for, self.config.round_timeout_s)
         self.deadline_s = now_s + wait_s
@@ -337,6 +343,10 @@ class GossipProtocol:
         self._arrivals.forget(peer)
 
     def _present_again(self, peer: PeerId, *, behind: bool) -> None:
+        self._newcomers.discard(peer)
+        self._mark_present(peer, behind=behind)
+
+    def _mark_present(self, peer: PeerId, *, behind: bool) -> None:
         """A neighbour that missed a deadline is heard again, so waited for again.
 
         One that is ``behind`` (it sent a stale round: restarted, or stalled)
@@ -418,6 +428,11 @@ class GossipProtocol:
         waiting_for = expected - self.absent - self.banned - fresh.keys()
         timed_out = now_s >= self.deadline_s
         if waiting_for and not timed_out:
+            return None
+        if not fresh and not timed_out and self._only_newcomers(expected):
+            # Every neighbour is new and none has been heard yet (they may all still be joining): wait
+            # for any of them until the deadline rather than run through rounds alone (the first node
+            # of a network would otherwise be rounds ahead before the others have joined).
             return None
         self.phase = Phase.COMPLETE
         missing = expected - fresh.keys()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import safetensors.numpy
 
@@ -22,6 +23,7 @@ from p2pfm.core.consensus import consensus_distance
 from p2pfm.lab.summary import (
     Baselines,
     ConsensusPoint,
+    MembershipPoint,
     Metric,
     NodeSummary,
     Summary,
@@ -80,6 +82,7 @@ def summarize(out: Path, setup: Setup, *, wall_s: float, ok: bool) -> Summary:
         consensus=consensus_per_round(honest_dirs),  # the attackers' models are not what is measured
         baselines=baselines,
         faults=setup.faults,
+        membership=membership_per_round(node_dirs),
     )
 
 
@@ -162,6 +165,28 @@ def consensus_per_round(node_dirs: list[Path]) -> tuple[ConsensusPoint, ...]:
         for r, states in sorted(by_round.items())
         if len(states) >= 2
     )
+
+
+def membership_per_round(node_dirs: list[Path]) -> tuple[MembershipPoint, ...]:
+    """Per round of an open network: members, components and live degrees (empty for fixed neighbours)."""
+    views: dict[int, dict[str, set[str]]] = {}  # round -> node short id -> neighbours' short ids
+    for folder in node_dirs:
+        me = ""
+        for record in read_metrics(folder / "metrics.jsonl"):
+            me = str(record.get("peer", ""))[:10] or me
+            view = record.get("active_view")
+            if record.get("event") == "round" and isinstance(view, list) and _int(record, "round") > 0:
+                views.setdefault(_int(record, "round"), {})[me] = {str(v) for v in view}
+    points = []
+    for round_, members in sorted(views.items()):
+        graph = nx.Graph()
+        graph.add_nodes_from(members)
+        live = {m: [v for v in view if v in members] for m, view in members.items()}
+        graph.add_edges_from((m, v) for m, view in live.items() for v in view)
+        degrees = [len(view) for view in live.values()]
+        low, mean = min(degrees), sum(degrees) / len(degrees)
+        points.append(MembershipPoint(round_, len(members), nx.number_connected_components(graph), low, mean))
+    return tuple(points)
 
 
 def write_report(out: Path, summary: Summary) -> None:
@@ -264,7 +289,10 @@ def _markdown(summary: Summary) -> str:
     if summary.consensus:
         lines += ["| round | consensus distance | nodes |", "|---|---|---|"]
         lines += [f"| {c.round} | {c.consensus_distance:.3e} | {c.nodes} |" for c in summary.consensus]
-    lines += ["", "![consensus distance](consensus.png)", "", "## Network and faults", ""]
+    lines += ["", "![consensus distance](consensus.png)", ""]
+    if summary.membership:
+        lines += _membership_table(summary)
+    lines += ["## Network and faults", ""]
     lines += [
         "| node | rounds trained / reached | restarts | rounds timed out | dropped | rejected | banned |",
         "|---|---|---|---|---|---|---|",
@@ -277,6 +305,31 @@ def _markdown(summary: Summary) -> str:
     lines += ["", "Faults injected: " + ("; ".join(summary.faults) or "none"), ""]
     lines += ["![bytes per node](bytes.png)", ""]
     return "\n".join(lines)
+
+
+def _membership_table(summary: Summary) -> list[str]:
+    """An open network's rounds: members and degrees beside the mean metric and the consensus distance."""
+    metric = summary.metric
+    consensus = {c.round: c.consensus_distance for c in summary.consensus}
+    values: dict[int, list[float]] = {}
+    for node in summary.nodes:
+        for round_, value in node.curve:
+            if value is not None:
+                values.setdefault(round_, []).append(value)
+    lines = [
+        "## Membership",
+        "",
+        f"| round | members | components | min degree | mean degree | mean {metric} | consensus distance |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in summary.membership:
+        mean = sum(values[m.round]) / len(values[m.round]) if values.get(m.round) else None
+        distance = consensus.get(m.round)
+        lines.append(
+            f"| {m.round} | {m.members} | {m.components} | {m.min_degree} | {m.mean_degree:.2f} | {_f(mean)} "
+            f"| {'-' if distance is None else f'{distance:.3e}'} |"
+        )
+    return [*lines, ""]
 
 
 def _f(value: float | None, digits: int = 3) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import networkx as nx
 import tomli_w
 from msgspec import Meta
 
@@ -37,8 +38,10 @@ from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml"
-_TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport")
+_TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport", "membership")
+OPEN = "open:"  # topology = "open:N": N nodes whose neighbours come from membership (docs/membership.md)
 _TICK_S = 0.2
+EXIT_STOPPED = 130  # `p2pfm node` after SIGTERM: stopped before its last round (a graceful leave)
 
 
 Baseline = Literal["local", "pooled"]
@@ -53,6 +56,15 @@ class NodeFault(Schema, frozen=True, kw_only=True):
 class Crash(NodeFault, frozen=True, kw_only=True):
     round: Annotated[int, Meta(ge=0)]  # killed once it has completed this round
     restart_after_s: Annotated[float, number(ge=0)] = 5.0
+    restart: bool = True  # false: it stays down (an open network replaces it)
+
+
+class Join(NodeFault, frozen=True, kw_only=True):
+    round: Annotated[int, Meta(ge=0)]  # started once the first node has completed this round (open networks)
+
+
+class Leave(NodeFault, frozen=True, kw_only=True):
+    round: Annotated[int, Meta(ge=0)]  # stopped (SIGTERM: a graceful leave) once it completed this round
 
 
 class Slow(NodeFault, frozen=True, kw_only=True):
@@ -74,6 +86,8 @@ class Faults(Schema, frozen=True, kw_only=True):
     crash: tuple[Crash, ...] = ()
     slow: tuple[Slow, ...] = ()
     drop: tuple[Drop, ...] = ()
+    join: tuple[Join, ...] = ()
+    leave: tuple[Leave, ...] = ()
 
 
 class ScenarioHeader(Schema, frozen=True, kw_only=True):
@@ -100,6 +114,10 @@ class Scenario:
     templates: Mapping[str, Mapping[str, Any]]
     path: Path
 
+    @property
+    def open_network(self) -> bool:
+        return self.header.topology.startswith(OPEN)
+
 
 @dataclass
 class _Proc:
@@ -124,8 +142,12 @@ def load_scenario(path: Path) -> Scenario:
     spec = header.topology
     if ":" not in spec and not Path(spec).is_absolute():
         spec = str((path.parent / spec).resolve())
-    topology = parse_topology(spec)
+    topology = _open_topology(spec) if spec.startswith(OPEN) else parse_topology(spec)
     faults = check_faults(doc.get("faults", {}), topology)
+    if (faults.join or faults.leave) and not spec.startswith(OPEN):
+        raise ConfigError("faults.join", f'join and leave faults need an open network (topology = "{OPEN}N")')
+    if "membership" in doc and not spec.startswith(OPEN):
+        raise ConfigError("membership", f'applies to open networks only (topology = "{OPEN}N")')
     # The templates are checked by each node when it loads its config; here they only need to be tables.
     templates = {k: decode(dict[str, Any], doc.get(k, {}), k) for k in _TEMPLATE_SECTIONS}
     for key in ("shard", "shards"):
@@ -143,7 +165,10 @@ def check_faults(faults: Faults | Mapping[str, Any], topology: Topology) -> Faul
     table = msgspec.to_builtins(faults) if isinstance(faults, Faults) else faults
     checked = decode(Faults, table, "faults")
     n = topology.n_nodes
-    for kind, items in (("crash", checked.crash), ("slow", checked.slow), ("attack", checked.attack)):
+    for kind, items in (
+        ("crash", checked.crash), ("slow", checked.slow), ("attack", checked.attack), ("join", checked.join),
+        ("leave", checked.leave),
+    ):  # fmt: skip
         for item in items:
             if not 0 <= item.node < n:
                 raise ConfigError(f"faults.{kind}.node", f"node {item.node} is not in 0..{n - 1}")
@@ -151,6 +176,49 @@ def check_faults(faults: Faults | Mapping[str, Any], topology: Topology) -> Faul
         if drop.link and (len(drop.link) != 2 or not topology.graph.has_edge(*drop.link)):
             raise ConfigError("faults.drop.link", f"{list(drop.link)} is not an edge of {topology.spec}")
     return checked
+
+
+def _open_topology(spec: str) -> Topology:
+    try:
+        n = int(spec[len(OPEN) :])
+    except ValueError:
+        raise ConfigError(
+            "scenario.topology", f"{spec!r}: expected {OPEN}N with N a number of nodes"
+        ) from None
+    if not 2 <= n <= 256:
+        raise ConfigError("scenario.topology", f"{spec!r}: an open network scenario runs 2..256 nodes")
+    return Topology(nx.freeze(nx.empty_graph(n)), tuple(f"node{i}" for i in range(n)), spec)
+
+
+def _free_port_runs(host: str, count: int, width: int) -> list[int]:
+    """``count`` base ports P with P .. P + width - 1 all free (an open network's node uses 3)."""
+    if width == 1:
+        return _free_ports(host, count)
+    found: list[int] = []
+    taken: set[int] = set()
+    for _ in range(50 * count):
+        if len(found) == count:
+            break
+        base = _free_ports(host, 1)[0]
+        run = range(base, base + width)
+        if base + width > 65535 or taken & set(run):
+            continue
+        try:
+            socks = []
+            for port in run[1:]:
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        found.append(base)
+        taken |= set(run)
+    if len(found) < count:
+        raise ConfigError("scenario.host", f"could not find {count} runs of {width} free ports on {host}")
+    return found
 
 
 def _free_ports(host: str, count: int) -> list[int]:
@@ -171,7 +239,7 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
     topo, header = scenario.topology, scenario.header
     n = topo.n_nodes
     names = [f"node{i}" for i in range(n)]
-    ports = _free_ports(header.host, n)
+    ports = _free_port_runs(header.host, n, 3 if scenario.open_network else 1)
     identities = [Identity.generate() for _ in range(n)]
     (out / "keys").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -189,6 +257,8 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         node_dir = out / "nodes" / names[i]
         node_dir.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {k: dict(v) for k, v in scenario.templates.items()}
+        if not scenario.open_network:
+            del doc["membership"]
         doc["node"] = {
             "key": str(key), "listen": f"tcp://{header.host}:{ports[i]}",
             "network": network, "out": str(node_dir), "name": names[i],
@@ -197,7 +267,12 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         addresses = {
             j: (identities[j].peer_id.hex, f"tcp://{header.host}:{ports[j]}") for j in topo.neighbours(i)
         }
-        if topo.schedule is None:
+        peer_name: dict[int, str] = {}
+        if scenario.open_network:  # no neighbours given: every node but node0 joins through node0
+            doc["membership"] = {**doc.get("membership", {})}
+            if i:
+                doc["membership"]["bootstrap"] = [f"tcp://{header.host}:{ports[0]}"]
+        elif topo.schedule is None:
             peer_name = {j: names[j] for j in addresses}
             doc["peers"] = [
                 {"id": id_, "address": at, "name": names[j]} for j, (id_, at) in addresses.items()
@@ -298,52 +373,40 @@ def run_processes(
     timeout_s: float,
     log: Any = print,
     max_parallel: int | None = None,
+    *,
+    joins: tuple[Join, ...] = (),
+    leaves: tuple[Leave, ...] = (),
 ) -> bool:
-    """Run ``procs`` to completion with crash faults; True if all ended cleanly in time.
+    """Run ``procs`` to completion with crash, join and leave faults; True if all ended as planned in time.
 
     At most ``max_parallel`` run at once (all by default: gossip nodes must
-    run together; independent baseline runs need not).
+    run together; independent baseline runs need not). A node that joins is
+    started once the first node has completed the join's round; one that
+    leaves gets SIGTERM once it completed its round and must then exit with
+    status 130 (stopped); one that crashes without restart stays down.
     """
-    pending = {c.node: c for c in crashes}
+    plan = _FaultPlan(
+        {c.node: c for c in crashes}, {j.node: j.round for j in joins}, {v.node: v.round for v in leaves}
+    )
     limit = max_parallel or len(procs)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             running = sum(1 for p in procs if p.running)
-            for proc in procs:
-                if proc.popen is None and running < limit:
+            furthest = max((_rounds_done(p) for p in procs if p.popen is not None), default=-1)
+            for index, proc in enumerate(procs):
+                if proc.popen is None and running < limit and furthest >= plan.joins.get(index, -1):
+                    if index in plan.joins:
+                        log(f"join fault: starting {proc.name} after round {plan.joins[index]}")
                     _start(proc)
                     running += 1
-            alive = False
-            for index, proc in enumerate(procs):
-                if proc.popen is None:
-                    alive = True
-                    continue
-                crash = pending.get(index)
-                if proc.crashed_at is not None:
-                    alive = True
-                    if crash is not None and time.monotonic() - proc.crashed_at >= crash.restart_after_s:
-                        log(f"restarting {proc.name} with --resume")
-                        proc.crashed_at = None
-                        proc.restarts += 1
-                        del pending[index]
-                        _start(proc, resume=True)
-                    continue
-                code = proc.popen.poll()
-                if code is None:
-                    alive = True
-                    if crash is not None and _rounds_done(proc) >= crash.round:
-                        pid = proc.popen.pid
-                        log(f"crash fault: SIGKILL {proc.name} (pid {pid}) after round {crash.round}")
-                        proc.popen.kill()
-                        proc.popen.wait(timeout=10.0)
-                        proc.crashed_at = time.monotonic()
-                elif proc.running:
-                    proc.running = False
-                    proc.exit_codes.append(code)
-                    log(f"{proc.name} exited with status {code}")
-            if not alive:
-                return all(p.exit_codes and p.exit_codes[-1] == 0 for p in procs)
+            alive = [_step(index, proc, plan, log) for index, proc in enumerate(procs)]
+            if not any(alive):
+                return all(
+                    i in plan.down
+                    or (p.exit_codes and p.exit_codes[-1] == (EXIT_STOPPED if i in plan.left else 0))
+                    for i, p in enumerate(procs)
+                )
             time.sleep(_TICK_S)
         log(f"scenario timed out after {timeout_s:.0f} s; stopping every node")
         return False
@@ -351,12 +414,62 @@ def run_processes(
         _stop_all(procs)
 
 
+@dataclass
+class _FaultPlan:
+    crashes: dict[int, Crash]  # still to happen (or to restart from)
+    joins: dict[int, int]  # node -> round after which it starts
+    leaves: dict[int, int]  # node -> round after which it leaves
+    left: set[int] = field(default_factory=set)
+    down: set[int] = field(default_factory=set)  # crashed for good
+
+
+def _step(index: int, proc: _Proc, plan: _FaultPlan, log: Any) -> bool:
+    """One look at one process: inject its faults; False once it is over for good."""
+    if proc.popen is None:
+        return True
+    if index in plan.down:
+        return False
+    crash = plan.crashes.get(index)
+    if proc.crashed_at is not None:
+        if crash is not None and not crash.restart:
+            plan.down.add(index)
+            del plan.crashes[index]
+            return False
+        if crash is not None and time.monotonic() - proc.crashed_at >= crash.restart_after_s:
+            log(f"restarting {proc.name} with --resume")
+            proc.crashed_at = None
+            proc.restarts += 1
+            del plan.crashes[index]
+            _start(proc, resume=True)
+        return True
+    code = proc.popen.poll()
+    if code is None:
+        if index in plan.leaves and index not in plan.left and _rounds_done(proc) >= plan.leaves[index]:
+            log(f"leave fault: SIGTERM {proc.name} (pid {proc.popen.pid}) after round {plan.leaves[index]}")
+            proc.popen.send_signal(signal.SIGTERM)
+            plan.left.add(index)
+        elif crash is not None and _rounds_done(proc) >= crash.round:
+            log(f"crash fault: SIGKILL {proc.name} (pid {proc.popen.pid}) after round {crash.round}")
+            proc.popen.kill()
+            proc.popen.wait(timeout=10.0)
+            proc.crashed_at = time.monotonic()
+        return True
+    if proc.running:
+        proc.running = False
+        proc.exit_codes.append(code)
+        log(f"{proc.name} exited with status {code}")
+    return False
+
+
 def describe_faults(faults: Faults) -> tuple[str, ...]:
     """One sentence per injected fault, as the report lists them."""
     described = [
-        f"crash node{c.node} after round {c.round}, restart after {c.restart_after_s:g} s"
+        f"crash node{c.node} after round {c.round}, "
+        + (f"restart after {c.restart_after_s:g} s" if c.restart else "no restart")
         for c in faults.crash
     ]
+    described += [f"node{j.node} joins after round {j.round}" for j in faults.join]
+    described += [f"node{lv.node} leaves gracefully after round {lv.round}" for lv in faults.leave]
     described += [f"node{s.node} trains {s.factor:g}x slower" for s in faults.slow]
     described += [f"drop p={d.prob:g} on {list(d.link) or 'every link'}" for d in faults.drop]
     described += [
@@ -389,7 +502,10 @@ def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summa
     started = time.monotonic()
     procs = write_node_configs(scenario, out)
     log(f"scenario {scenario.header.name}: {len(procs)} nodes on {scenario.header.topology}, output in {out}")
-    ok = run_processes(procs, scenario.faults.crash, scenario.header.timeout_s, log)
+    faults = scenario.faults
+    ok = run_processes(
+        procs, faults.crash, scenario.header.timeout_s, log, joins=faults.join, leaves=faults.leave
+    )
     wall_s = time.monotonic() - started
     baseline_ok = True
     if scenario.header.baselines:

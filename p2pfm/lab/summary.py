@@ -146,6 +146,30 @@ class ConsensusPoint:
 
 
 @dataclass(frozen=True)
+class MembershipPoint:
+    """An open network after one round: who recorded it and how they were linked (docs/membership.md)."""
+
+    round: int
+    members: int  # nodes that recorded the round
+    components: int  # connected components of their active views (links to members only)
+    min_degree: int  # fewest live neighbours of a member
+    mean_degree: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "round": self.round, "members": self.members, "components": self.components,
+            "min_degree": self.min_degree, "mean_degree": self.mean_degree,
+        }  # fmt: skip
+
+    @classmethod
+    def _read(cls, doc: _Reader) -> MembershipPoint:
+        return cls(
+            doc.get("round", _integer), doc.get("members", _integer), doc.get("components", _integer),
+            doc.get("min_degree", _integer), doc.get("mean_degree", _number),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Baselines:
     """Final metrics of the baseline runs (docs/scenarios.md); None where there is none."""
 
@@ -186,6 +210,7 @@ class Summary:
     consensus: tuple[ConsensusPoint, ...] = ()  # "consensus_distance" in summary.json
     baselines: Baselines | None = None  # None: the scenario asked for none
     faults: tuple[str, ...] = ()  # the faults injected, one sentence each
+    membership: tuple[MembershipPoint, ...] = ()  # an open network's, per round; () otherwise
 
     def __post_init__(self) -> None:
         metric_for_task(self.task)  # a Summary always has a metric
@@ -227,6 +252,8 @@ class Summary:
         }
         if self.baselines is not None:
             doc["baselines"] = self.baselines.to_json()
+        if self.membership:
+            doc["membership"] = [m.to_json() for m in self.membership]
         return doc
 
     @classmethod
@@ -259,6 +286,9 @@ class Summary:
             consensus=tuple(ConsensusPoint._read(point) for point in top.objects("consensus_distance")),
             baselines=Baselines._read(top.object("baselines")) if top.has("baselines") else None,
             faults=top.get("faults", _tuple_of(_string)),
+            membership=tuple(MembershipPoint._read(m) for m in top.objects("membership"))
+            if top.has("membership")
+            else (),
         )
 
 

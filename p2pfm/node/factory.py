@@ -9,14 +9,17 @@ loop has no branch for either.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.identity import Identity, PeerId, load_key_file
-from p2pfm.core.membership import Membership
+from p2pfm.core.membership import Membership, MembershipConfig
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
 from p2pfm.core.records import PeerRecord
 from p2pfm.core.wire import WireLimits, limits_for_schema
@@ -27,6 +30,7 @@ from p2pfm.node.attacks import Attacker
 from p2pfm.node.clock import Clock, SystemClock
 from p2pfm.node.faults import LossyTransport, SlowLearner
 from p2pfm.node.loop import Node, RoundPlan
+from p2pfm.node.open_network import kept_records, own_record, ports, resolve_bootstrap, roster_of
 from p2pfm.node.overlay import JoinSettings, Overlay
 from p2pfm.node.publishing import Honest, Publisher
 from p2pfm.node.store import DiskStore, NodeStore
@@ -54,6 +58,7 @@ def build_node(
         me = identity.peer_id.short
         raise ConfigError("node.key", f"this node ({me}) is not in the roster {config.node.roster}")
     name = config.node.name or identity.peer_id.short
+    stop = stop or threading.Event()
     store = DiskStore(
         config.node.out, log=log, name=name, common={"node": name, "peer": identity.peer_id.hex}
     )
@@ -63,6 +68,9 @@ def build_node(
 
         learner = AdapterLearner(config, nodes_on_machine=nodes_on_machine)
     members = None if config.roster is None else config.roster.ids
+    network_parts = None if config.membership is None else _open_network(config, identity, store, stop, log)
+    if network_parts is not None:
+        members = network_parts.admitted
 
     def zmq_transport(limits: WireLimits) -> Transport:
         if config.transport.insecure:
@@ -70,6 +78,13 @@ def build_node(
                 f"[{name}] WARNING: transport.insecure = true: links are PLAINTEXT and "
                 "unauthenticated; anyone on the path can read them. Debugging only."
             )
+        extra: dict[str, Any] = {}
+        if network_parts is not None:
+            extra = {
+                "control_listen": network_parts.control_listen, "hello_listen": network_parts.hello_listen,
+                "record": network_parts.membership.record.signed,
+                "max_control_bytes": network_parts.membership.config.limits.max_control_bytes,
+            }  # fmt: skip
         return ZmqTransport(
             config.node.listen,
             {peer.id: peer.address for peer in config.peers},
@@ -77,9 +92,9 @@ def build_node(
             identity=identity,
             allowed=members,
             max_message_bytes=limits.max_message_bytes,
+            **extra,
         )
 
-    stop = stop or threading.Event()
     return assemble_node(
         identity=identity,
         name=name,
@@ -105,6 +120,69 @@ def build_node(
         stop=stop,
         log=log,
         facts={"open_files_limit": open_files_limit, "insecure": config.transport.insecure},
+        membership=None if network_parts is None else network_parts.membership,
+        contacts=() if network_parts is None else network_parts.contacts,
+    )
+
+
+@dataclass(frozen=True)
+class _OpenNetwork:
+    membership: Membership
+    contacts: tuple[PeerRecord, ...]
+    admitted: frozenset[PeerId]
+    control_listen: str
+    hello_listen: str
+
+
+def _open_network(
+    config: NodeConfig,
+    identity: Identity,
+    store: NodeStore,
+    stop: threading.Event,
+    log: Callable[[str], None],
+) -> _OpenNetwork:
+    """The membership of a node with a ``[membership]`` section (p2pfm/node/open_network.py)."""
+    settings = config.membership
+    assert settings is not None
+    roster = roster_of(config, identity)
+    if not roster.admits(identity.peer_id):
+        raise ConfigError("node.key", f"this node ({identity.peer_id.short}) is not in the network's roster")
+    if roster.open:
+        raise ConfigError(
+            "membership.roster", "open rosters are not supported over ZeroMQ yet (docs/security.md)"
+        )
+    if config.transport.insecure:
+        raise ConfigError("transport.insecure", "an open network needs authenticated links; set it to false")
+    _, control, hello, _ = ports(config.node.listen)
+    wall_ms = int(time.time() * 1000)
+    record = own_record(config, identity, wall_ms)
+    kept = kept_records(store.load_peers(), config.node.network, roster, identity)
+    contacts = resolve_bootstrap(
+        settings.bootstrap, config.node.network, roster, timeout_s=settings.join_timeout_s, stop=stop, log=log
+    )
+    if settings.bootstrap and not contacts and not kept:
+        raise ConfigError(
+            "membership.bootstrap",
+            f"none of {', '.join(settings.bootstrap)} answered within {settings.join_timeout_s:g} s "
+            "(membership.join_timeout_s) and no peers are kept from an earlier run; is the network up?",
+        )
+    if settings.bootstrap and not contacts:
+        log(f"no bootstrap address answered: rejoining through the {len(kept)} peers kept in node.out")
+    membership = Membership(
+        identity,
+        MembershipConfig(
+            network=config.node.network, degree=settings.degree, passive_size=settings.passive_size,
+            suspect_rounds=settings.suspect_rounds,
+        ),
+        roster, record, seed=int.from_bytes(os.urandom(8), "little"), seq_start=wall_ms * 1000,
+    )  # fmt: skip
+    membership.seed_views([], kept)
+    return _OpenNetwork(
+        membership=membership,
+        contacts=tuple(contacts or kept[:8]),
+        admitted=roster.members | roster.admins,
+        control_listen=control,
+        hello_listen=hello,
     )
 
 

@@ -223,6 +223,10 @@ class Node:
         self.protocol.restore(last_round, last_seq)
         self._resumed_after = last_round
         listen = None if self.transport is None else self.clock.now_s() + self.protocol.config.round_timeout_s
+        if self.overlay is not None:  # back in an open network: rejoin, and catch up like a joiner
+            self.store.write("resume", round=last_round, **self.facts)
+            self.overlay.start(self.clock.now_s())
+            return Opening(last_round + 1, resumed=True, listen_until_s=listen, joining=True)
         return Opening(last_round + 1, resumed=True, listen_until_s=listen)
 
     def heard_enough(self, next_round: int) -> bool:
@@ -263,15 +267,17 @@ class Node:
             self.log(f"[{self.name}] joined: holds round {round_}'s state from {sources} members")
             return min(round_ + 1, self.plan.rounds + 1)
         if timed_out and self.protocol.neighbours and not self.protocol.heard_claims(now_s):
-            self.store.write("joined", round=0, sources=0, neighbours=len(self.protocol.neighbours))
-            self.log(f"[{self.name}] joined a network that is just starting: from round 1")
-            return 1
+            start = max(1, self.protocol.round + 1)  # a fresh node: 1; a resumed one: after its checkpoint
+            self.store.write("joined", round=start - 1, sources=0, neighbours=len(self.protocol.neighbours))
+            self.log(f"[{self.name}] joined; nobody has sent a round yet: starting at round {start}")
+            return start
         return None
 
     def round_ended(self) -> None:
         """After a round's record: membership's failure detection, shuffle and refill."""
         if self.overlay is not None:
             self.overlay.round_ended(self.clock.now_s())
+            self.store.save_peers(self.overlay.known_records())
 
     def leave(self) -> None:
         """Leave the network gracefully (the neighbours hear it at once)."""
@@ -393,6 +399,8 @@ class Node:
     def finish(self, completed: int) -> NodeResult:
         """After the last round (or a stop): keep the final adapter, write the ``done`` record."""
         stopped = completed < self.plan.rounds
+        if self.overlay is not None and not self.overlay.membership.left:
+            self.leave()  # done or stopped: the neighbours hear it now, not after suspect_rounds of silence
         saved = stopped or self.store.save_final(self.learner)
         self.store.write(
             "done", rounds_completed=completed, rounds_trained=self.rounds_trained, stopped=stopped,

@@ -93,6 +93,11 @@ class Overlay:
     def leave(self) -> None:
         self._send(self.membership.leave())
 
+    def known_records(self) -> list[bytes]:
+        """The signed records of the active and passive views (kept on disk to rejoin from)."""
+        membership = self.membership
+        return [r.signed for r in (*membership.active.values(), *membership.passive.values())]
+
     def next_timer_s(self) -> float | None:
         return self.membership.next_timer_s()
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgpack
 import safetensors.numpy
 
 from p2pfm.core.errors import ConfigError
@@ -27,6 +28,8 @@ from p2pfm.learn.learner import Array, Learner
 from p2pfm.node.metrics import MetricsWriter
 
 SENT_FILE = "sent.json"  # {"round": r, "seq": s} of the last update about to be sent
+PEERS_FILE = "peers.msgpack"  # the signed peer records an open network's node knew last (to rejoin)
+_MAX_PEERS_FILE_BYTES = 4 * 2**20
 _MAX_UNWRITTEN_RECORDS = 1000  # metrics records kept in memory while the disk refuses them
 _FINAL_ATTEMPTS = 3  # the final adapter gets a few tries, a second apart
 
@@ -49,6 +52,14 @@ class NodeStore(Protocol):
         ...
 
     def save_final(self, learner: Learner) -> bool: ...
+
+    def save_peers(self, records: list[bytes]) -> None:
+        """Keep the signed peer records this node knows (an open network's node rejoins from them)."""
+        ...
+
+    def load_peers(self) -> list[bytes]:
+        """The records ``save_peers`` kept (unchecked: the caller verifies each), or none."""
+        ...
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one metrics record."""
@@ -87,6 +98,19 @@ class DiskStore:
         path = self.out / "evidence" / evidence_file_name(accused_hex, round_)
         self._guard("evidence", _write_file, path, data)
         return str(path)
+
+    def save_peers(self, records: list[bytes]) -> None:
+        self._guard("peers", _write_file, self.out / PEERS_FILE, msgpack.packb(records, use_bin_type=True))
+
+    def load_peers(self) -> list[bytes]:
+        path = self.out / PEERS_FILE
+        try:
+            if path.stat().st_size > _MAX_PEERS_FILE_BYTES:
+                return []
+            value = msgpack.unpackb(path.read_bytes(), raw=False, max_array_len=4096, max_bin_len=4096)
+        except (OSError, ValueError, msgpack.UnpackException):
+            return []  # unreadable: start from the bootstrap addresses alone
+        return [v for v in value if isinstance(v, bytes)] if isinstance(value, list) else []
 
     def save_final(self, learner: Learner) -> bool:
         folder = self.out / "adapter"
@@ -147,6 +171,13 @@ class MemoryStore:
         self.records: list[dict[str, Any]] = []
         self.evidence: dict[str, bytes] = {}
         self.final: dict[str, Array] | None = None
+        self.peers: list[bytes] = []
+
+    def save_peers(self, records: list[bytes]) -> None:
+        self.peers = list(records)
+
+    def load_peers(self) -> list[bytes]:
+        return list(self.peers)
 
     def load(self) -> tuple[Checkpoint | None, tuple[int, int] | None]:
         return self.checkpoint, self.sent
