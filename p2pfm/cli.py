@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from p2pfm import __version__, cli_simulate
+from p2pfm import __version__, cli_roster, cli_simulate
 from p2pfm.core.errors import LocalProtocolError, UserInputError
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ def _add_roster_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     check = roster_commands.add_parser("check", help="validate a roster and list its members")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_cmd_roster_check)
+    cli_roster.add_parsers(roster_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

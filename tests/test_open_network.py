@@ -15,15 +15,15 @@ pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
 ROUNDS = 14
 
 
-def test_members_join_leave_and_crash_without_restarts(tmp_path: Path, tiny_bert_dir: Path) -> None:
+def _scenario(tmp_path: Path, model_dir: Path, nodes: int, faults: str, rounds: int = ROUNDS) -> Path:
     data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=3))
     scenario = tmp_path / "open.toml"
     scenario.write_text(
         f"""
 name = "open-small"
-topology = "open:6"
+topology = "open:{nodes}"
 timeout_s = 300
-{tiny_classifier_toml(tiny_bert_dir, data)}
+{tiny_classifier_toml(model_dir, data)}
 [train]
 batch_size = 8
 max_length = 16
@@ -31,12 +31,19 @@ threads = 1
 local_steps = 40
 
 [gossip]
-rounds = {ROUNDS}
+rounds = {rounds}
 round_timeout_s = 10.0
 
 [membership]
 degree = 3
+{faults}
+"""
+    )
+    return scenario
 
+
+def test_members_join_leave_and_crash_without_restarts(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    faults = """
 [[faults.join]]
 node = 4
 round = 1
@@ -54,8 +61,9 @@ node = 3
 round = 4
 restart = false
 """
+    summary = run_scenario(
+        _scenario(tmp_path, tiny_bert_dir, 6, faults), tmp_path / "run", log=lambda _: None
     )
-    summary = run_scenario(scenario, tmp_path / "run", log=lambda _: None)
     assert summary.ok  # the leaver exited 130, the crashed node stayed down, everyone else exited 0
     by_name = {n.name: n for n in summary.nodes}
     for name in ("node0", "node1", "node4", "node5"):  # everyone left in the network finishes every round
@@ -78,3 +86,31 @@ restart = false
     assert membership[ROUNDS].members == 4 and membership[ROUNDS].components == 1
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Membership" in report and "node3 after round 4, no restart" in report
+
+
+def test_a_newer_roster_removes_and_admits_members_without_restarts(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    faults = """
+[[faults.roster]]
+round = 2
+remove = [1]
+add = [4]
+"""
+    rounds = 24  # node4 starts after round 2 and needs some seconds to load torch and the model
+    summary = run_scenario(
+        _scenario(tmp_path, tiny_bert_dir, 5, faults, rounds), tmp_path / "run", log=lambda _: None
+    )
+    assert summary.ok
+    nodes = tmp_path / "run" / "nodes"
+    by_name = {n.name: n for n in summary.nodes}
+    removed = [r for r in read_metrics(nodes / "node1" / "metrics.jsonl") if r["event"] == "removed"]
+    assert removed and removed[0]["roster_version"] == 2 and by_name["node1"].rounds_completed < rounds
+    joined = [r for r in read_metrics(nodes / "node4" / "metrics.jsonl") if r["event"] == "joined"]
+    assert joined and by_name["node4"].finished and by_name["node4"].rounds_completed == rounds
+    node1 = next(r["peer"] for r in read_metrics(nodes / "node1" / "metrics.jsonl") if r.get("peer"))[:10]
+    for name in ("node0", "node2", "node3", "node4"):
+        records = list(read_metrics(nodes / name / "metrics.jsonl"))
+        assert by_name[name].finished and by_name[name].rounds_completed == rounds, name
+        last_rounds = [r for r in records if r["event"] == "round" and r["round"] >= rounds - 3]
+        assert all(node1 not in r["active_view"] and r["roster_version"] == 2 for r in last_rounds), name

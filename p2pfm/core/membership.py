@@ -301,7 +301,8 @@ class Membership:
         if control.to != self.me:
             return self._refuse(RejectReason.WRONG_RECIPIENT)
         if not self.roster.admits(sender) and control.kind != "roster":
-            return self._refuse(RejectReason.UNKNOWN_SENDER)
+            # A key an older roster admitted learns why it is refused: the newer roster (once per version).
+            return self._refuse(RejectReason.UNKNOWN_SENDER) + self._roster_for(control)
         if control.seq <= self._last_seq.get(sender, -1):
             return self._refuse(RejectReason.REPLAY)
         self._last_seq[sender] = control.seq

@@ -178,11 +178,21 @@ def make_roster_document(
     )  # fmt: skip
 
 
-def open_roster_document(data: Buffer, network: str, limits: RecordLimits | None = None) -> RosterDocument:
-    """Verify and decode a roster document (not yet whether its signer may sign it: see ``newer_roster``)."""
+def open_roster_document(
+    data: Buffer, network: str | None, limits: RecordLimits | None = None
+) -> RosterDocument:
+    """Verify and decode a roster document (not yet whether its signer may sign it: see ``newer_roster``).
+
+    ``network`` None takes the document's own (a tool that only carries it; a node always checks).
+    """
     limits = limits or RecordLimits()
     verified, header = _open(data, limits.max_roster_bytes, KIND_ROSTER, _ROSTER_KEYS)
-    _check_network(header["network"], network)
+    claimed = header["network"]
+    if network is None:
+        if not isinstance(claimed, str):
+            raise MalformedMessage("roster network must be a string")
+        network = claimed
+    _check_network(claimed, network)
     version, is_open = header["version"], header["open"]
     if type(version) is not int or not 0 <= version <= _MAX_INT or type(is_open) is not bool:
         raise MalformedMessage("roster version must be an integer in [0, 2^63) and open a boolean")

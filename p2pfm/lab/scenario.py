@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,9 +31,10 @@ from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.config.schema import AttackKind, Finite, NonEmpty, Schema, check_network_id, decode, number
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError
-from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.core.identity import Identity, load_key_file, write_key_file
 from p2pfm.core.topology import Topology, parse_topology
 from p2pfm.lab.report import Setup, report_run
+from p2pfm.lab.roster_change import SIGNED_ROSTER, RosterBook
 from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 
@@ -81,6 +82,14 @@ class Attack(NodeFault, frozen=True, kw_only=True):
     factor: Finite | None = None
 
 
+class RosterChange(Schema, frozen=True, kw_only=True):
+    """A newer signed roster, handed to one running member after ``round`` (open networks)."""
+
+    round: Annotated[int, Meta(ge=0)]
+    remove: tuple[int, ...] = ()  # nodes whose keys it drops: refused everywhere from then on
+    add: tuple[int, ...] = ()  # nodes not in the first roster: started once it is out, they join
+
+
 class Faults(Schema, frozen=True, kw_only=True):
     attack: tuple[Attack, ...] = ()
     crash: tuple[Crash, ...] = ()
@@ -88,6 +97,7 @@ class Faults(Schema, frozen=True, kw_only=True):
     drop: tuple[Drop, ...] = ()
     join: tuple[Join, ...] = ()
     leave: tuple[Leave, ...] = ()
+    roster: tuple[RosterChange, ...] = ()
 
 
 class ScenarioHeader(Schema, frozen=True, kw_only=True):
@@ -144,7 +154,7 @@ def load_scenario(path: Path) -> Scenario:
         spec = str((path.parent / spec).resolve())
     topology = _open_topology(spec) if spec.startswith(OPEN) else parse_topology(spec)
     faults = check_faults(doc.get("faults", {}), topology)
-    if (faults.join or faults.leave) and not spec.startswith(OPEN):
+    if (faults.join or faults.leave or faults.roster) and not spec.startswith(OPEN):
         raise ConfigError("faults.join", f'join and leave faults need an open network (topology = "{OPEN}N")')
     if "membership" in doc and not spec.startswith(OPEN):
         raise ConfigError("membership", f'applies to open networks only (topology = "{OPEN}N")')
@@ -249,6 +259,9 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         tuple(Member(names[i], identities[i].peer_id, f"tcp://{header.host}:{ports[i]}") for i in range(n)),
     )
     save_roster(roster, out / "roster.toml")
+    if scenario.open_network:
+        added = {i for change in scenario.faults.roster for i in change.add}
+        RosterBook.create(out, network, [identities[i].peer_id for i in range(n) if i not in added])
     slow = {s.node: s.factor for s in scenario.faults.slow}
     procs = []
     for i in range(n):
@@ -269,7 +282,7 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         }
         peer_name: dict[int, str] = {}
         if scenario.open_network:  # no neighbours given: every node but node0 joins through node0
-            doc["membership"] = {**doc.get("membership", {})}
+            doc["membership"] = {**doc.get("membership", {}), "roster": str(out / SIGNED_ROSTER)}
             if i:
                 doc["membership"]["bootstrap"] = [f"tcp://{header.host}:{ports[0]}"]
         elif topo.schedule is None:
@@ -376,6 +389,7 @@ def run_processes(
     *,
     joins: tuple[Join, ...] = (),
     leaves: tuple[Leave, ...] = (),
+    roster_changes: Sequence[tuple[int, Callable[[], None], frozenset[int], frozenset[int]]] = (),
 ) -> bool:
     """Run ``procs`` to completion with crash, join and leave faults; True if all ended as planned in time.
 
@@ -388,14 +402,22 @@ def run_processes(
     plan = _FaultPlan(
         {c.node: c for c in crashes}, {j.node: j.round for j in joins}, {v.node: v.round for v in leaves}
     )
+    changes = sorted(roster_changes, key=lambda change: change[0])
+    gated = {i for _, _, added, _ in changes for i in added}  # started once their roster is out
     limit = max_parallel or len(procs)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             running = sum(1 for p in procs if p.running)
             furthest = max((_rounds_done(p) for p in procs if p.popen is not None), default=-1)
+            while changes and furthest >= changes[0][0]:
+                _, action, added, removed = changes.pop(0)
+                action()
+                gated -= added
+                plan.left |= removed  # a node the roster removed stops by itself (status 130)
             for index, proc in enumerate(procs):
-                if proc.popen is None and running < limit and furthest >= plan.joins.get(index, -1):
+                startable = index not in gated and furthest >= plan.joins.get(index, -1)
+                if proc.popen is None and running < limit and startable:
                     if index in plan.joins:
                         log(f"join fault: starting {proc.name} after round {plan.joins[index]}")
                     _start(proc)
@@ -461,6 +483,42 @@ def _step(index: int, proc: _Proc, plan: _FaultPlan, log: Any) -> bool:
     return False
 
 
+def _roster_actions(
+    scenario: Scenario, out: Path, procs: list[_Proc], log: Any
+) -> list[tuple[int, Callable[[], None], frozenset[int], frozenset[int]]]:
+    """One action per ``[[faults.roster]]``: sign the next version, publish it to a running member."""
+    if not scenario.faults.roster:
+        return []
+    ids = [load_key_file(out / "keys" / f"{p.name}.key").peer_id for p in procs]
+    added = {i for change in scenario.faults.roster for i in change.add}
+    network = scenario.header.network or scenario.header.name
+    book = RosterBook(out, network, {ids[i] for i in range(len(ids)) if i not in added})
+    actions: list[tuple[int, Callable[[], None], frozenset[int], frozenset[int]]] = []
+    for change in scenario.faults.roster:
+
+        def act(change: RosterChange = change) -> None:
+            target = next(
+                p for i, p in enumerate(procs) if p.running and p.popen is not None and i not in change.remove
+            )
+            listen = str(read_toml(target.config, "config")["node"]["listen"])
+            host, _, port = listen.removeprefix("tcp://").rpartition(":")
+            version = book.change(
+                remove=[ids[i] for i in change.remove], add=[ids[i] for i in change.add],
+                to=f"tcp://{host}:{int(port) + 2}",
+            )  # fmt: skip
+            log(
+                f"roster fault: version {version} (removes {list(change.remove)}, adds {list(change.add)}) "
+                f"handed to {target.name}"
+            )
+            for i in change.add:  # a new member is given the roster that admits it, as an operator would
+                doc = dict(read_toml(procs[i].config, "config"))
+                doc["membership"] = {**doc["membership"], "roster": str(book.path_of(version))}
+                procs[i].config.write_text(tomli_w.dumps(doc))
+
+        actions.append((change.round, act, frozenset(change.add), frozenset(change.remove)))
+    return actions
+
+
 def describe_faults(faults: Faults) -> tuple[str, ...]:
     """One sentence per injected fault, as the report lists them."""
     described = [
@@ -470,6 +528,10 @@ def describe_faults(faults: Faults) -> tuple[str, ...]:
     ]
     described += [f"node{j.node} joins after round {j.round}" for j in faults.join]
     described += [f"node{lv.node} leaves gracefully after round {lv.round}" for lv in faults.leave]
+    described += [
+        f"roster version {k + 2} after round {c.round}: removes {list(c.remove)}, adds {list(c.add)}"
+        for k, c in enumerate(faults.roster)
+    ]
     described += [f"node{s.node} trains {s.factor:g}x slower" for s in faults.slow]
     described += [f"drop p={d.prob:g} on {list(d.link) or 'every link'}" for d in faults.drop]
     described += [
@@ -504,8 +566,9 @@ def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summa
     log(f"scenario {scenario.header.name}: {len(procs)} nodes on {scenario.header.topology}, output in {out}")
     faults = scenario.faults
     ok = run_processes(
-        procs, faults.crash, scenario.header.timeout_s, log, joins=faults.join, leaves=faults.leave
-    )
+        procs, faults.crash, scenario.header.timeout_s, log, joins=faults.join, leaves=faults.leave,
+        roster_changes=_roster_actions(scenario, out, procs, log),
+    )  # fmt: skip
     wall_s = time.monotonic() - started
     baseline_ok = True
     if scenario.header.baselines:

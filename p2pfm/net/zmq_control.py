@@ -16,14 +16,16 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from p2pfm.core.control import encode_control
 from p2pfm.core.errors import RemoteProtocolError
-from p2pfm.core.identity import PeerId, curve_public_key
+from p2pfm.core.identity import Identity, PeerId, curve_public_key
 from p2pfm.core.records import PeerRecord, open_peer_record
 from p2pfm.core.wire import Buffer
 from p2pfm.net.link import DROP_QUEUE_FULL, TransportStats
@@ -185,3 +187,43 @@ def fetch_record(address: str, network: str, *, timeout_s: float = 5.0) -> PeerR
         return open_peer_record(answer, network)
     except RemoteProtocolError as exc:
         raise type(exc)(f"{address} answered with no valid peer record: {exc}", exc.reason) from None
+
+
+def publish_roster(
+    document: bytes,
+    address: str,
+    admin: Identity,
+    network: str,
+    *,
+    roster_version: int,
+    timeout_s: float = 5.0,
+) -> PeerRecord:
+    """Hand a signed roster document to the member whose hello is at ``address``; return its record.
+
+    Signed by ``admin`` (an admin of the roster the member holds, so that the
+    member's CurveZMQ admission lets it in); the member passes the document on
+    to everyone else by itself.
+    """
+    record = fetch_record(address, network, timeout_s=timeout_s)
+    public, secret = admin.curve_keypair()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    links = ControlLinks(
+        context, (z85.encode(public), z85.encode(secret)), TransportStats(), linger_ms=int(timeout_s * 1000)
+    )
+    try:
+        seq = time.time_ns() // 1000  # microseconds: above anything an earlier publish used
+        message = encode_control(
+            admin,
+            kind="roster",
+            network=network,
+            to=record.peer,
+            seq=seq,
+            rv=roster_version,
+            document=document,
+        )
+        if not links.send(record.peer, record.address, message):
+            raise TimeoutError(f"the control link to {record.address} would not take the message")
+    finally:
+        links.close()  # lingers up to timeout_s to deliver
+        context.term()
+    return record

@@ -278,6 +278,11 @@ class Node:
         if self.overlay is not None:
             self.overlay.round_ended(self.clock.now_s())
             self.store.save_peers(self.overlay.known_records())
+            roster = self.overlay.membership.roster
+            if self.overlay.membership.removed and not self.stop.is_set():
+                self.store.write("removed", roster_version=roster.version)
+                self.log(f"[{self.name}] roster version {roster.version} removed this node: stopping")
+                self.stop.set()
 
     def leave(self) -> None:
         """Leave the network gracefully (the neighbours hear it at once)."""
