@@ -1,4 +1,4 @@
-"""Membership control messages (p2pfm/core/control.py) and docs/protocol.md's section 11.4 vector."""
+"""Membership control messages (p2pfm/core/control.py) and docs/protocol.md's section 11.5 vector."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def _section(title: str) -> str:
 
 
 def _vector() -> dict[str, bytes]:
-    block = _section("### 11.4 Test vector")
+    block = _section("### 11.5 Test vector")
     pairs = re.findall(r"^(\w+)\s+= ([0-9a-f]+)$", block, flags=re.MULTILINE)
     vector = {name: bytes.fromhex(value) for name, value in pairs}
     expected = {"record", "to", "prelude", "header_length", "header", "head_digest"}

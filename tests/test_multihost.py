@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 import tomli_w
 
+from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.core.consensus import consensus_distance
 from p2pfm.core.identity import Identity, write_key_file
 from p2pfm.node.metrics import read_metrics
@@ -196,3 +197,67 @@ def test_consensus_over_an_impaired_link(tmp_path: Path, tiny_bert_dir: Path, ho
     # The impairment was real: host1 waited noticeably for host0's updates.
     waits = [r["wait_s"] for r in read_metrics(root / "host1" / "out" / "metrics.jsonl") if r.get("wait_s")]
     assert sum(waits) / len(waits) > 0.05, waits
+
+
+def test_a_node_joins_across_hosts_with_only_a_bootstrap_address(
+    tmp_path: Path, tiny_bert_dir: Path, hosts: list[str]
+) -> None:
+    """host0 starts the network; host1 and host2 know nothing but host0's address (docs/membership.md)."""
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=1))
+    ids = [Identity.generate() for _ in hosts]
+    roster = Roster("netns-open", tuple(Member(f"host{i}", ids[i].peer_id) for i in range(len(hosts))))
+    save_roster(roster, tmp_path / "roster.toml")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, ns in enumerate(hosts):
+            folder = tmp_path / f"host{i}"
+            folder.mkdir()
+            write_key_file(ids[i], folder / "node.key")
+            node = {
+                "key": "node.key", "listen": f"tcp://{ADDRESSES[i]}:{PORT}", "network": "netns-open",
+                "out": "out", "name": f"host{i}", "roster": str(tmp_path / "roster.toml"),
+            }  # fmt: skip
+            doc = {
+                "node": node,
+                "membership": {"degree": 2, "join_timeout_s": 60.0},
+                "model": {"path": str(tiny_bert_dir), "task": "classification", "num_labels": 2},
+                "lora": {"rank": 4, "target_modules": ["query", "value"]},
+                "data": {"source": str(data), "partition": "iid", "shard": i, "shards": len(hosts)},
+                "train": {"local_steps": 0, "threads": 1, "max_length": 16},
+                "gossip": {"rounds": ROUNDS, "round_timeout_s": 4.0, "eval_every": ROUNDS},
+            }  # fmt: skip
+            (folder / "node.toml").write_text(tomli_w.dumps(doc))
+            command = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "p2pfm",
+                "node",
+                "--config",
+                "node.toml",
+            ]
+            if i:
+                command += ["--bootstrap", f"tcp://{ADDRESSES[0]}:{PORT}"]
+            log = (folder / "log.txt").open("wb")
+            procs.append(subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 240
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert all(p.poll() == 0 for p in procs), [
+            (tmp_path / f"host{i}" / "log.txt").read_text()[-2000:] for i in range(len(procs))
+        ]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=20)
+    for i in range(1, len(hosts)):
+        records = list(read_metrics(tmp_path / f"host{i}" / "out" / "metrics.jsonl"))
+        assert any(r["event"] == "joined" for r in records)
+        done = records[-1]
+        assert done["event"] == "done" and done["rounds_completed"] == ROUNDS and done["bytes_received"] > 0
+        rounds = [r for r in records if r["event"] == "round" and r["round"] > 0]
+        assert any(r["active_view"] for r in rounds), f"host{i} never had a neighbour"

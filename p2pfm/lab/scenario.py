@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -201,34 +202,49 @@ def _open_topology(spec: str) -> Topology:
 
 
 def _free_port_runs(host: str, count: int, width: int) -> list[int]:
-    """``count`` base ports P with P .. P + width - 1 all free (an open network's node uses 3)."""
+    """``count`` base ports P with P .. P + width - 1 all free (an open network's node uses 3).
+
+    Taken below the kernel's ephemeral range when there is room: nodes that join later must still
+    find their ports free, and outgoing connections take ephemeral ports meanwhile.
+    """
     if width == 1:
         return _free_ports(host, count)
+    low = _ephemeral_low()
+    candidates = list(range(10000, low - width, width)) if low - 10000 >= 4 * count * width else []
+    random.Random(os.getpid() ^ time.monotonic_ns()).shuffle(candidates)
     found: list[int] = []
-    taken: set[int] = set()
-    for _ in range(50 * count):
+    for base in candidates or (_free_ports(host, 1)[0] for _ in range(50 * count)):
         if len(found) == count:
             break
-        base = _free_ports(host, 1)[0]
-        run = range(base, base + width)
-        if base + width > 65535 or taken & set(run):
+        if base + width > 65535 or any(abs(base - other) < width for other in found):
             continue
-        try:
-            socks = []
-            for port in run[1:]:
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        found.append(base)
-        taken |= set(run)
+        if _bindable(host, range(base, base + width)):
+            found.append(base)
     if len(found) < count:
         raise ConfigError("scenario.host", f"could not find {count} runs of {width} free ports on {host}")
     return found
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # the usual start of the ephemeral range
+
+
+def _bindable(host: str, ports: range) -> bool:
+    socks = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _free_ports(host: str, count: int) -> list[int]:
