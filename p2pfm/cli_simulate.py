@@ -224,6 +224,8 @@ def run_overlay(args: argparse.Namespace) -> int:
             crash=_at("--crash", args.crash[0], float) if args.crash else None,
             join=_at("--join", args.join, int), leave=_at("--leave", args.leave, int),
             seed=args.seed, dim=args.dim, dtype=args.dtype or "float64",
+            attacks=_overlay_attacks(args.attack), rule=args.rule or "mean", trim=_pick(args.trim, 1),
+            byzantine_weight=_pick(args.byzantine_weight, 0.25),
         )  # fmt: skip
     except LocalProtocolError as exc:
         raise ConfigError("simulate overlay", str(exc)) from None
@@ -244,9 +246,26 @@ def run_overlay(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"control messages sent: {dict(sorted(result.control_sent.items()))}")
     console.print(f"view changes: {dict(sorted(result.view_changes.items()))}")
+    if config.attacks:
+        console.print(
+            f"honest drift (how far the attackers moved the honest average): {result.honest_drift:.3e}"
+        )
     if result.control_rejected or result.rejected:
         console.print(f"refused: control {result.control_rejected}, updates {result.rejected}")
     return 0
+
+
+def _overlay_attacks(values: list[str]) -> tuple[tuple[int, str, float | None], ...]:
+    out = []
+    for text in values:
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError("expected NODE:KIND[:FACTOR]")
+            out.append((int(parts[0]), parts[1], float(parts[2]) if len(parts) == 3 else None))
+        except ValueError as exc:
+            raise ConfigError("--attack", f"{text!r}: {exc}") from None
+    return tuple(out)
 
 
 def _at(flag: str, text: str | None, kind: type[Any]) -> tuple[Any, int] | None:

@@ -54,3 +54,15 @@ def test_bad_overlay_flags_name_the_flag(capsys: pytest.CaptureFixture[str]) -> 
     assert "--join" in capsys.readouterr().err
     with pytest.raises(LocalProtocolError, match="crash round"):
         OverlayConfig(nodes=8, rounds=4, crash=(0.5, 4))
+
+
+def test_the_robust_rules_still_hold_attackers_off_on_the_overlay() -> None:
+    attacks = ((5, "scale", 10.0), (9, "noise", None))
+    drift = {
+        rule: simulate_overlay(
+            OverlayConfig(nodes=32, rounds=12, degree=6, dim=8, attacks=attacks, rule=rule)  # type: ignore[arg-type]
+        ).honest_drift
+        for rule in ("mean", "trimmed-mean", "clip")
+    }
+    assert drift["mean"] > 10.0  # the plain mean follows the attackers far away ...
+    assert drift["trimmed-mean"] < 0.2 and drift["clip"] < 0.2, drift  # ... the robust rules do not

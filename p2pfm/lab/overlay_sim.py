@@ -29,13 +29,16 @@ import networkx as nx
 import numpy as np
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, Peer
+from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
 from p2pfm.core.membership import Membership, MembershipConfig
+from p2pfm.core.protocol import MixSettings
 from p2pfm.core.records import make_peer_record, make_roster_document
 from p2pfm.lab.sim import SIM_NETWORK, TimedQuadratic, node_name, sim_identity
 from p2pfm.lab.virtual import VirtualScheduler
 from p2pfm.net.memory import MemoryNetwork
+from p2pfm.node.attacks import ATTACKS
 from p2pfm.node.clock import VirtualClock
 from p2pfm.node.factory import assemble_node
 from p2pfm.node.loop import Node, RoundPlan
@@ -54,6 +57,11 @@ class OverlayConfig:
     seed: int = 0
     dim: int = 100
     dtype: Literal["float32", "float64"] = "float64"
+    # (node, kind, factor or None): publishing attacks (p2pfm/node/attacks.py); node 0 cannot attack
+    attacks: tuple[tuple[int, str, float | None], ...] = ()
+    rule: MixRule = "mean"  # gossip.rule (docs/robust.md)
+    trim: int = 1
+    byzantine_weight: float = 0.25
     step_s: float = 0.5  # virtual seconds per round of (pure-gossip) computation
     latency_s: float = 0.25  # one-way latency of every link
     round_timeout_s: float = 30.0
@@ -74,6 +82,12 @@ class OverlayConfig:
         for what, fault in (("crash", self.crash), ("join", self.join), ("leave", self.leave)):
             if fault is not None and not 0 <= fault[1] < self.rounds:
                 raise LocalProtocolError(f"{what} round must be in [0, {self.rounds - 1}], got {fault[1]}")
+        MixSettings(self.rule, trim=self.trim, byzantine_weight=self.byzantine_weight)  # validates
+        for node, kind, _ in self.attacks:
+            if kind not in ATTACKS or not 1 <= node < self.nodes:
+                raise LocalProtocolError(
+                    f"attack {node}:{kind}: kind one of {', '.join(ATTACKS)}, node 1..{self.nodes - 1}"
+                )
         leaving = self.crashed_count + (self.leave[0] if self.leave else 0)
         if leaving > self.nodes - 1:
             raise LocalProtocolError(
@@ -104,6 +118,9 @@ class OverlayResult:
     rejected: dict[str, int]  # updates refused, by reason
     view_changes: dict[str, int]  # by reason
     virtual_time_s: float
+    # ||mean of the honest nodes' final states - mean of their starts|| / RMS of the starts: how far the
+    # attackers moved the honest consensus away from the honest average (0 without attackers).
+    honest_drift: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -115,6 +132,7 @@ class OverlayResult:
             "rejected": self.rejected,
             "view_changes": self.view_changes,
             "virtual_time_s": self.virtual_time_s,
+            "honest_drift": self.honest_drift,
         }
 
 
@@ -146,8 +164,10 @@ def simulate_overlay(config: OverlayConfig) -> OverlayResult:
     initial = _initial_views(config, rng)
     membership_config = MembershipConfig(network=SIM_NETWORK, degree=config.degree)
     gossip = GossipSettings(
-        rounds=config.rounds, round_timeout_s=config.round_timeout_s, eval_every=config.rounds
-    )
+        rounds=config.rounds, round_timeout_s=config.round_timeout_s, eval_every=config.rounds,
+        rule=config.rule, trim=config.trim, byzantine_weight=config.byzantine_weight,
+    )  # fmt: skip
+    attacks = {node: (kind, factor) for node, kind, factor in config.attacks}
     plan = RoundPlan(rounds=config.rounds, local_steps=0, samples_per_round=1, eval_every=config.rounds)
     starts = _starts(config, total)
     names = {ids[i].peer_id: node_name(i) for i in range(total)}
@@ -169,7 +189,7 @@ def simulate_overlay(config: OverlayConfig) -> OverlayResult:
         node = assemble_node(
             identity=ids[i], name=node_name(i), network=SIM_NETWORK,
             peers=[Peer(r.peer, r.address, node_name(index_of[r.peer])) for r in seeded],
-            gossip=gossip, faults=FaultSettings(), plan=plan, learner=learner,
+            gossip=gossip, faults=_faults(attacks.get(i)), plan=plan, learner=learner,
             transport=network.attach(ids[i].peer_id, [r.peer for r in seeded]),
             clock=clock, store=MemoryStore(node=node_name(i)), seed=config.seed * 1_000_003 + i,
             resume=resume, log=lambda _: None, membership=membership, contacts=contacts,
@@ -190,7 +210,23 @@ def simulate_overlay(config: OverlayConfig) -> OverlayResult:
         on_record=on_record,
     )  # fmt: skip
     scheduler.run_until()
-    return _result(config, scheduler, views)
+    honest = [i for i in scheduler.slots if i not in attacks and i not in crashing]
+    return _result(config, scheduler, views, _drift(starts, scheduler, honest))
+
+
+def _faults(attack: tuple[str, float | None] | None) -> FaultSettings:
+    if attack is None:
+        return FaultSettings()
+    return FaultSettings(attack=attack[0], attack_factor=attack[1])  # type: ignore[arg-type]
+
+
+def _drift(starts: dict[int, np.ndarray[Any, Any]], scheduler: VirtualScheduler, honest: list[int]) -> float:
+    begin = np.mean([np.asarray(starts[i], np.float64) for i in honest], axis=0)
+    end = np.mean(
+        [np.asarray(scheduler.slots[i].node.learner.get_state()["x"], np.float64) for i in honest], axis=0
+    )
+    rms = float(np.sqrt(np.mean([np.mean(np.asarray(starts[i], np.float64) ** 2) for i in honest])))
+    return float(np.linalg.norm(end - begin) / (rms * np.sqrt(begin.size)))
 
 
 def _initial_views(config: OverlayConfig, rng: random.Random) -> dict[int, list[int]]:
@@ -218,7 +254,10 @@ def _starts(config: OverlayConfig, total: int) -> dict[int, np.ndarray[Any, Any]
 
 
 def _result(
-    config: OverlayConfig, scheduler: VirtualScheduler, views: dict[int, dict[int, frozenset[int]]]
+    config: OverlayConfig,
+    scheduler: VirtualScheduler,
+    views: dict[int, dict[int, frozenset[int]]],
+    honest_drift: float = 0.0,
 ) -> OverlayResult:
     rows = []
     for round_ in range(1, config.rounds + 1):
@@ -254,6 +293,7 @@ def _result(
     return OverlayResult(
         config=config, rounds=tuple(rows), control_sent=dict(sent), control_rejected=dict(control_rejected),
         rejected=dict(rejected), view_changes=dict(changes), virtual_time_s=max(finished, default=0.0),
+        honest_drift=honest_drift,
     )  # fmt: skip
 
 
