@@ -37,7 +37,7 @@ from p2pfm.learn.learner import Array
 from p2pfm.net.link import DROP_FAULT
 from p2pfm.net.memory import Forward, LinkFaults, MemoryNetwork
 from p2pfm.node.clock import VirtualClock
-from p2pfm.node.loop import Node, NodeResult, Trained
+from p2pfm.node.loop import JOIN_WINDOWS, Node, NodeResult, Trained
 
 # Event kinds, in the order they run when they fall on the same time. Wakes
 # come first: a waiting node reads what has arrived by time t before any node
@@ -129,6 +129,7 @@ class _Slot:
     completed: int = 0
     crash_after: int | None = None  # crash once this round is recorded
     leave_after: int | None = None  # leave gracefully once this round is recorded
+    join_windows: int = 0  # listening deadlines a joiner has waited through without the network's state
     restart_after_s: float | None = None
     crashes: int = 0
     sent_before: tuple[int, int, int] = (0, 0, 0)  # messages, fault drops, bytes at the last record
@@ -259,6 +260,10 @@ class VirtualScheduler:
                 self._push(now_s, slot, _TRAIN)
                 return
             if now_s >= slot.listen_until_s:
+                slot.join_windows += 1
+                if slot.join_windows >= JOIN_WINDOWS:  # the network is gone (or never answered): give up
+                    self._finish(slot)
+                    return
                 slot.listen_until_s = now_s + node.protocol.config.round_timeout_s
             self._sleep(slot, slot.listen_until_s)
             return

@@ -50,6 +50,9 @@ from p2pfm.node.publishing import Publisher
 from p2pfm.node.store import NodeStore
 
 POLL_S = 0.05  # receive granularity while waiting for neighbours
+JOIN_WINDOWS = (
+    5  # a joiner that holds no state after this many round_timeout_s gives up (the network is gone)
+)
 _PROOF_SENDS = 3  # rounds an equivocation proof is sent in (the receiver's inbox keeps only the newest)
 
 
@@ -79,9 +82,7 @@ class Opening:
     next_round: int
     resumed: bool = False  # restored from the store: call ``Node.opened`` before the first round
     listen_until_s: float | None = None  # a resumed node with neighbours listens for their rounds until then
-    joining: bool = (
-        False  # a fresh member of an open network: listen, then ``Node.joined`` says where to start
-    )
+    joining: bool = False  # an open network's new or returning member: ``Node.joined`` says when to start
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Node:
             next_round = opening.next_round
             if opening.joining:
                 until_s = opening.listen_until_s or 0.0
+                windows = 0
                 while not self.stop.is_set():
                     self.judge(POLL_S)
                     joined = self.joined(timed_out=self.clock.now_s() >= until_s)
@@ -153,6 +155,12 @@ class Node:
                         next_round = joined
                         break
                     if self.clock.now_s() >= until_s:
+                        windows += 1
+                        if windows >= JOIN_WINDOWS:
+                            self.log(
+                                f"[{self.name}] no state from the network in {windows} deadlines: stopping"
+                            )
+                            self.stop.set()
                         until_s = self.clock.now_s() + self.protocol.config.round_timeout_s
             elif opening.resumed:
                 until_s = opening.listen_until_s or 0.0
@@ -266,8 +274,18 @@ class Node:
             )
             self.log(f"[{self.name}] joined: holds round {round_}'s state from {sources} members")
             return min(round_ + 1, self.plan.rounds + 1)
-        if timed_out and self.protocol.neighbours and not self.protocol.heard_claims(now_s):
-            start = max(1, self.protocol.round + 1)  # a fresh node: 1; a resumed one: after its checkpoint
+        fresh = self.protocol.round < 0  # never saw a round claimed, no checkpoint
+        resumed = self._resumed_after > 0
+        if (
+            timed_out
+            and self.protocol.neighbours
+            and not self.protocol.heard_claims(now_s)
+            and (fresh or resumed)
+        ):
+            # Nobody sends rounds: a network that is just starting (a fresh node starts at 1), or a resumed
+            # node's neighbours are all new too (it goes on after its checkpoint). A fresh node that has seen
+            # rounds claimed but got no state keeps listening: its own initial state is not the network's.
+            start = max(1, self.protocol.round + 1)
             self.store.write("joined", round=start - 1, sources=0, neighbours=len(self.protocol.neighbours))
             self.log(f"[{self.name}] joined; nobody has sent a round yet: starting at round {start}")
             return start
