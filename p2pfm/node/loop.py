@@ -260,7 +260,7 @@ class Node:
         assert self.overlay is not None
         now_s = self.clock.now_s()
         target = min(self.protocol.catch_up_target(1, now_s), self.plan.rounds)
-        if self.protocol.phase is Phase.IDLE and self.protocol.round < target - 1:
+        if self.protocol.phase is Phase.IDLE and target > 1 and self.protocol.round < target - 1:
             self.protocol.restore(target - 1, self.protocol.seq)  # accept the rounds the neighbours are in
         found = catch_up_state(
             self.protocol.newest_updates(), self.overlay.join_settings, timed_out=timed_out
