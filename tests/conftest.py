@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,3 +172,12 @@ def umask(mask: int) -> Iterator[None]:
 def file_mode(path: pathlib.Path) -> int:
     """Permission bits of ``path`` itself (a symlink is not followed)."""
     return stat.S_IMODE(path.lstat().st_mode)
+
+
+def doc_section(doc: pathlib.Path, title: str) -> str:
+    """The section of ``doc`` whose heading starts with ``title``, up to the next heading as high."""
+    text = doc.read_text(encoding="utf-8")
+    level = len(title.split(" ", 1)[0])
+    start = text.index(f"\n{title}") + 1
+    end = re.compile(rf"^#{{1,{level}}} ", flags=re.MULTILINE).search(text, start + level + 1)
+    return text[start : end.start() if end else len(text)]

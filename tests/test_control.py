@@ -17,6 +17,7 @@ from p2pfm.core.control import FIELDS, KINDS, MAX_TTL, ControlLimits, decode_con
 from p2pfm.core.errors import LocalProtocolError, RejectReason, RemoteProtocolError
 from p2pfm.core.identity import Identity, PeerId
 from p2pfm.core.records import PeerRecord, make_peer_record, make_roster_document
+from tests.conftest import doc_section
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 NET = "p2pfm-testnet"
@@ -308,12 +309,7 @@ def test_message_over_max_control_bytes_is_too_large() -> None:
 
 
 def _section(title: str) -> str:
-    """The section whose heading starts with ``title``, up to the next heading of its level or above."""
-    text = DOC.read_text(encoding="utf-8")
-    level = len(title.split(" ", 1)[0])
-    start = text.index(f"\n{title}") + 1
-    end = re.compile(rf"^#{{1,{level}}} ", flags=re.MULTILINE).search(text, start + level + 1)
-    return text[start : end.start() if end else len(text)]
+    return doc_section(DOC, title)
 
 
 def _vector() -> dict[str, bytes]:

@@ -107,64 +107,69 @@ def _impair(ns: str) -> str:
 def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[str], drop: float) -> Path:
     data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=1))
     ids = [Identity.generate() for _ in namespaces]
+    docs = []
+    for i in range(len(namespaces)):
+        folder = tmp_path / f"host{i}"
+        folder.mkdir()
+        write_key_file(ids[i], folder / "node.key")
+        # A path 0 - 1 - 2: lambda2 = 2/3 with Metropolis weights, so mixing takes a few rounds.
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(namespaces)]
+        listen = f"tcp://{ADDRESSES[i]}:{PORT}"
+        peers = [
+            {"id": ids[j].peer_id.hex, "address": f"tcp://{ADDRESSES[j]}:{PORT}", "name": f"host{j}"}
+            for j in neighbours
+        ]
+        gossip = {"rounds": ROUNDS, "round_timeout_s": 4.0, "seed": i, "snapshot_every": 1}
+        node = {"key": "node.key", "listen": listen, "network": "netns", "out": "out", "name": f"host{i}"}
+        doc = {
+            "node": node,
+            "peers": peers,
+            "model": {"path": str(model_dir), "task": "classification", "num_labels": 2},
+            "lora": {"rank": 4, "target_modules": ["query", "value"]},
+            "data": {"source": str(data), "partition": "iid", "shard": i, "shards": len(namespaces)},
+            "train": {"local_steps": 0, "threads": 1, "max_length": 16},
+            "gossip": {**gossip, "eval_every": ROUNDS},
+            "faults": {"drop": {f"host{j}": drop for j in neighbours if {i, j} == {0, 1}}},
+        }  # fmt: skip
+        docs.append(doc)
+    _run_hosts(tmp_path, namespaces, docs, [[] for _ in namespaces])
+    return tmp_path
+
+
+def _run_hosts(root: Path, namespaces: list[str], docs: list[dict[str, Any]], args: list[list[str]]) -> None:
+    """One `p2pfm node` per namespace (config ``docs[i]``, extra ``args[i]``), each stopped by pid."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, ns in enumerate(namespaces):
-            folder = tmp_path / f"host{i}"
-            folder.mkdir()
-            write_key_file(ids[i], folder / "node.key")
-            # A path 0 - 1 - 2: lambda2 = 2/3 with Metropolis weights, so mixing takes a few rounds.
-            neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(namespaces)]
-            listen = f"tcp://{ADDRESSES[i]}:{PORT}"
-            peers = [
-                {"id": ids[j].peer_id.hex, "address": f"tcp://{ADDRESSES[j]}:{PORT}", "name": f"host{j}"}
-                for j in neighbours
+            folder = root / f"host{i}"
+            (folder / "node.toml").write_text(tomli_w.dumps(docs[i]))
+            command = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "p2pfm",
+                "node",
+                "--config",
+                "node.toml",
             ]
-            gossip = {"rounds": ROUNDS, "round_timeout_s": 4.0, "seed": i, "snapshot_every": 1}
-            node = {"key": "node.key", "listen": listen, "network": "netns", "out": "out", "name": f"host{i}"}
-            doc = {
-                "node": node,
-                "peers": peers,
-                "model": {"path": str(model_dir), "task": "classification", "num_labels": 2},
-                "lora": {"rank": 4, "target_modules": ["query", "value"]},
-                "data": {"source": str(data), "partition": "iid", "shard": i, "shards": len(namespaces)},
-                "train": {"local_steps": 0, "threads": 1, "max_length": 16},
-                "gossip": {**gossip, "eval_every": ROUNDS},
-                "faults": {"drop": {f"host{j}": drop for j in neighbours if {i, j} == {0, 1}}},
-            }  # fmt: skip
-            (folder / "node.toml").write_text(tomli_w.dumps(doc))
             log = (folder / "log.txt").open("wb")
             procs.append(
-                subprocess.Popen(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        ns,
-                        sys.executable,
-                        "-m",
-                        "p2pfm",
-                        "node",
-                        "--config",
-                        "node.toml",
-                    ],
-                    cwd=folder,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+                subprocess.Popen([*command, *args[i]], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
             )
         deadline = time.monotonic() + 240
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert all(p.poll() == 0 for p in procs), [
-            (tmp_path / f"host{i}" / "log.txt").read_text()[-2000:] for i in range(len(procs))
+            (root / f"host{i}" / "log.txt").read_text()[-2000:] for i in range(len(procs))
         ]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=20)
-    return tmp_path
 
 
 def _distances(root: Path, hosts: int, rounds: int) -> list[float]:
@@ -207,53 +212,27 @@ def test_a_node_joins_across_hosts_with_only_a_bootstrap_address(
     ids = [Identity.generate() for _ in hosts]
     roster = Roster("netns-open", tuple(Member(f"host{i}", ids[i].peer_id) for i in range(len(hosts))))
     save_roster(roster, tmp_path / "roster.toml")
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i, ns in enumerate(hosts):
-            folder = tmp_path / f"host{i}"
-            folder.mkdir()
-            write_key_file(ids[i], folder / "node.key")
-            node = {
-                "key": "node.key", "listen": f"tcp://{ADDRESSES[i]}:{PORT}", "network": "netns-open",
-                "out": "out", "name": f"host{i}", "roster": str(tmp_path / "roster.toml"),
-            }  # fmt: skip
-            doc = {
-                "node": node,
-                "membership": {"degree": 2, "join_timeout_s": 60.0},
-                "model": {"path": str(tiny_bert_dir), "task": "classification", "num_labels": 2},
-                "lora": {"rank": 4, "target_modules": ["query", "value"]},
-                "data": {"source": str(data), "partition": "iid", "shard": i, "shards": len(hosts)},
-                "train": {"local_steps": 0, "threads": 1, "max_length": 16},
-                "gossip": {"rounds": ROUNDS, "round_timeout_s": 4.0, "eval_every": ROUNDS},
-            }  # fmt: skip
-            (folder / "node.toml").write_text(tomli_w.dumps(doc))
-            command = [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "p2pfm",
-                "node",
-                "--config",
-                "node.toml",
-            ]
-            if i:
-                command += ["--bootstrap", f"tcp://{ADDRESSES[0]}:{PORT}"]
-            log = (folder / "log.txt").open("wb")
-            procs.append(subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 240
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert all(p.poll() == 0 for p in procs), [
-            (tmp_path / f"host{i}" / "log.txt").read_text()[-2000:] for i in range(len(procs))
-        ]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=20)
+    docs = []
+    for i in range(len(hosts)):
+        folder = tmp_path / f"host{i}"
+        folder.mkdir()
+        write_key_file(ids[i], folder / "node.key")
+        node = {
+            "key": "node.key", "listen": f"tcp://{ADDRESSES[i]}:{PORT}", "network": "netns-open",
+            "out": "out", "name": f"host{i}", "roster": str(tmp_path / "roster.toml"),
+        }  # fmt: skip
+        doc = {
+            "node": node,
+            "membership": {"degree": 2, "join_timeout_s": 60.0},
+            "model": {"path": str(tiny_bert_dir), "task": "classification", "num_labels": 2},
+            "lora": {"rank": 4, "target_modules": ["query", "value"]},
+            "data": {"source": str(data), "partition": "iid", "shard": i, "shards": len(hosts)},
+            "train": {"local_steps": 0, "threads": 1, "max_length": 16},
+            "gossip": {"rounds": ROUNDS, "round_timeout_s": 4.0, "eval_every": ROUNDS},
+        }  # fmt: skip
+        docs.append(doc)
+    bootstrap = ["--bootstrap", f"tcp://{ADDRESSES[0]}:{PORT}"]
+    _run_hosts(tmp_path, hosts, docs, [[] if i == 0 else bootstrap for i in range(len(hosts))])
     for i in range(1, len(hosts)):
         records = list(read_metrics(tmp_path / f"host{i}" / "out" / "metrics.jsonl"))
         assert any(r["event"] == "joined" for r in records)

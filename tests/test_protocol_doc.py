@@ -19,6 +19,7 @@ from p2pfm.core import wire
 from p2pfm.core.errors import RejectReason
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import ProtocolConfig
+from tests.conftest import doc_section
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 PARTS = ("prelude", "header_length", "header", "payload")
@@ -34,12 +35,7 @@ FIELDS = {
 
 
 def _section(title: str) -> str:
-    """The section whose heading starts with ``title``, up to the next heading of its level or above."""
-    text = DOC.read_text(encoding="utf-8")
-    level = len(title.split(" ", 1)[0])
-    start = text.index(f"\n{title}") + 1
-    end = re.compile(rf"^#{{1,{level}}} ", flags=re.MULTILINE).search(text, start + level + 1)
-    return text[start : end.start() if end else len(text)]
+    return doc_section(DOC, title)
 
 
 def _vector() -> dict[str, bytes]:

@@ -188,40 +188,40 @@ class ZmqTransport:
         self.closed = False
 
     def _make_inbound(self, listen: str, own_keys: tuple[bytes, bytes] | None) -> zmq.Socket[bytes]:
-        sock = self._context.socket(zmq.PULL)
-        if own_keys is not None:
-            sock.curve_server = True
-            sock.curve_publickey, sock.curve_secretkey = own_keys
-        sock.setsockopt(zmq.CONFLATE, 1)
-        overhead = 0 if own_keys is None else CURVE_FRAME_OVERHEAD_BYTES
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + overhead)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.bind(listen)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError("node.listen", f"cannot listen on {listen}: {exc}") from None
-        return sock
+        """The updates' PULL: conflating (one frame per connection), frames of at most max_message_bytes."""
+        options: dict[int, int] = {zmq.CONFLATE: 1}
+        return self._bind_pull(listen, own_keys, self.max_message_bytes, options, "node.listen")
 
     def _make_control_inbound(
         self, listen: str, own_keys: tuple[bytes, bytes] | None, max_control_bytes: int
     ) -> zmq.Socket[bytes]:
         """The control channel's PULL: not conflating (a join must not replace a reply), a small queue."""
+        options: dict[int, int] = {zmq.RCVHWM: CONTROL_QUEUE_MESSAGES}
+        return self._bind_pull(listen, own_keys, max_control_bytes, options, "membership.control_listen")
+
+    def _bind_pull(
+        self,
+        listen: str,
+        own_keys: tuple[bytes, bytes] | None,
+        max_bytes: int,
+        options: Mapping[int, int],
+        field: str,
+    ) -> zmq.Socket[bytes]:
         sock = self._context.socket(zmq.PULL)
         if own_keys is not None:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = own_keys
+        for option, value in options.items():
+            sock.setsockopt(option, value)
         overhead = 0 if own_keys is None else CURVE_FRAME_OVERHEAD_BYTES
-        sock.setsockopt(zmq.MAXMSGSIZE, max_control_bytes + overhead)
-        sock.setsockopt(zmq.RCVHWM, CONTROL_QUEUE_MESSAGES)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + overhead)
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.settings.handshake_timeout_ms)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(listen)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise ConfigError("membership.control_listen", f"cannot listen on {listen}: {exc}") from None
+            raise ConfigError(field, f"cannot listen on {listen}: {exc}") from None
         return sock
 
     def _make_hello(self, listen: str, record: bytes) -> HelloServer:
