@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pfm.core.deadline import HISTORY, MIN_SAMPLES, ArrivalTracker
+from p2pfm.core.deadline import HISTORY, MIN_SAMPLES, ArrivalTracker, RoundPace
 from p2pfm.core.fingerprint import fingerprint, schema_document
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import GossipProtocol, ProtocolConfig
@@ -103,3 +103,19 @@ def test_after_a_missed_deadline_only_a_neighbour_that_fell_behind_loses_its_tim
         assert me.poll(502.0) is not None
         me.start_round(6, 600.0)
         assert me.deadline_s == 600.0 + 1.5
+
+
+def test_a_node_whose_own_rounds_swing_waits_at_least_that_swing() -> None:
+    steady, swinging = RoundPace(), RoundPace()
+    t_steady = t_swing = 0.0
+    for r, extra in enumerate([0.0, 8.0, 0.0, 6.0, 0.0, 9.0, 1.0]):
+        steady.started(r, t_steady)
+        swinging.started(r, t_swing)
+        t_steady += 15.0
+        t_swing += 15.0 + extra
+    assert steady.floor_s() == 0.0  # a quiet machine: nothing added to the neighbours' own timing
+    assert swinging.floor_s() > 5.0  # shared cores: a wait of a second would miss neighbours running late
+    gap = RoundPace()
+    gap.started(1, 0.0)
+    gap.started(5, 100.0)  # not consecutive (a catch-up): no duration recorded
+    assert gap.floor_s() == 0.0

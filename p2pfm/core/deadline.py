@@ -20,8 +20,19 @@ outlier). So:
   heard again after it missed a deadline: it may be out of phase) gets the full
   ``round_timeout_s``: nothing is assumed about it.
 
+Delays are measured from this node's own round start, so while it is the
+slowest of its neighbourhood they all read about 0; should it become the
+fastest (a neighbour's machine got busier), a wait of ``margin_s`` would
+then miss everyone, and a node that misses every neighbour runs ahead alone.
+How far ahead it can get is as large as its own pace varies: so a round
+also waits at least 4 sigma (by MAD) of this node's own recent round
+durations (:class:`RoundPace`). Steady rounds (a quiet machine) add
+nothing; on a machine whose rounds swing by seconds (shared cores), the
+wait grows with the swing.
+
 Pure arithmetic on numbers the node measured itself (no peer-sent value
-steers it); bounded: ``HISTORY`` delays per neighbour.
+steers it); bounded: ``HISTORY`` delays per neighbour, ``HISTORY`` round
+durations.
 """
 
 from __future__ import annotations
@@ -72,3 +83,24 @@ class ArrivalTracker(Generic[K]):
                 return round_timeout_s
             slowest = max(slowest, expected)
         return min(round_timeout_s, max(2.0 * slowest, slowest + self.margin_s))
+
+
+class RoundPace:
+    """This node's own recent round durations (start to start of consecutive rounds)."""
+
+    def __init__(self) -> None:
+        self._durations: deque[float] = deque(maxlen=HISTORY)
+        self._last: tuple[int, float] | None = None  # (round, start time) of the latest round
+
+    def started(self, round_: int, now_s: float) -> None:
+        if self._last is not None and round_ == self._last[0] + 1:
+            self._durations.append(max(0.0, now_s - self._last[1]))
+        self._last = (round_, now_s)
+
+    def floor_s(self) -> float:
+        """4 sigma (MAD-estimated) of the durations; 0 with fewer than ``MIN_SAMPLES`` rounds on record."""
+        if len(self._durations) < MIN_SAMPLES:
+            return 0.0
+        median = statistics.median(self._durations)
+        mad = statistics.median(abs(d - median) for d in self._durations)
+        return _SIGMAS * _MAD_TO_SIGMA * mad

@@ -38,7 +38,7 @@ import numpy as np
 
 from p2pfm.core import wire
 from p2pfm.core.consensus import metropolis_weights
-from p2pfm.core.deadline import ArrivalTracker
+from p2pfm.core.deadline import ArrivalTracker, RoundPace
 from p2pfm.core.errors import LocalProtocolError, RejectReason, RemoteProtocolError
 from p2pfm.core.events import (
     Accepted,
@@ -114,6 +114,7 @@ class GossipProtocol:
         # Arrival delays for adaptive deadlines: when recent rounds started,
         # and updates that came before their round did (delay 0 once it starts).
         self._arrivals: ArrivalTracker[PeerId] = ArrivalTracker(margin_s=config.deadline_margin_s)
+        self._pace = RoundPace()  # this node's own round durations: the least an adaptive wait is
         self._started_s: dict[int, float] = {}
         self._early: set[tuple[PeerId, int]] = set()
         self._newcomers: set[PeerId] = set()  # added by set_neighbours and not heard from since
@@ -182,10 +183,12 @@ class GossipProtocol:
             if early_round == round:
                 self._arrivals.record(peer, 0.0)
         self._early = {(p, r) for p, r in self._early if r > round}
+        self._pace.started(round, now_s)
         wait_s = self.config.round_timeout_s
         if self.config.adaptive_deadline and not self._only_newcomers(expected or self.neighbours):
             waited_for = (expected or self.neighbours) - self.absent - self.banned
             wait_s = self._arrivals.wait_s(waited_for, self.config.round_timeout_s)
+            wait_s = min(self.config.round_timeout_s, max(wait_s, self._pace.floor_s()))
         self.deadline_s = now_s + wait_s
 
     def make_update(

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 
@@ -33,7 +34,8 @@ from p2pfm.net.link import DROP_QUEUE_FULL, TransportStats
 HELLO_REQUEST = b"p2pfm-hello"
 _MAX_HELLO_REQUEST_BYTES = 64
 _MAX_HELLO_ANSWER_BYTES = 4096
-_HELLOS_PER_CALL = 64  # answers per receive() call: a flood costs bounded work per poll
+_HELLOS_PER_CALL = 64  # answers per wake-up: a flood costs bounded work
+_HELLO_POLL_MS = 100  # how often the hello thread looks at its stop flag
 # libzmq gives up on a connection whose handshake failed (the peer did not admit us yet, say): such a
 # socket is rebuilt before the next message to that peer, so a newly admitted key gets through.
 _FAILED = (
@@ -128,7 +130,12 @@ def _handshake_failed(monitor: zmq.Socket[bytes]) -> bool:
 
 
 class HelloServer:
-    """A plaintext ROUTER that answers every well-formed request with the node's signed record."""
+    """A plaintext ROUTER that answers every well-formed request with the node's signed record.
+
+    It runs on a thread of its own, so a node answers even while it trains
+    (a joiner must not wait for the member's next pause); the thread owns the
+    socket from its start until ``close``.
+    """
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, record: bytes) -> None:
         self.record = record
@@ -139,13 +146,24 @@ class HelloServer:
         self.socket.setsockopt(zmq.RCVHWM, 16)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.socket.bind(address)
-
-    @property
-    def address(self) -> str:
+        try:
+            self.socket.bind(address)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)
+            raise
         endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT)
-        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+        self.address = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="p2pfm-hello", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.socket.poll(_HELLO_POLL_MS):
+                    self.serve()
+        finally:
+            self.socket.close(linger=0)
 
     def serve(self) -> None:
         for _ in range(_HELLOS_PER_CALL):
@@ -163,7 +181,8 @@ class HelloServer:
                 self.refused += 1
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self._stop.set()
+        self._thread.join(timeout=5.0)
 
 
 def fetch_record(address: str, network: str, *, timeout_s: float = 5.0) -> PeerRecord:

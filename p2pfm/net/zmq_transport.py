@@ -183,8 +183,6 @@ class ZmqTransport:
         self._poller.register(self._inbound, zmq.POLLIN)
         if self._control_in is not None:
             self._poller.register(self._control_in, zmq.POLLIN)
-        if self._hello is not None:
-            self._poller.register(self._hello.socket, zmq.POLLIN)
         self.closed = False
 
     def _make_inbound(self, listen: str, own_keys: tuple[bytes, bytes] | None) -> zmq.Socket[bytes]:
@@ -338,8 +336,6 @@ class ZmqTransport:
         self._check_links()
         if not ready:
             return out
-        if self._hello is not None:
-            self._hello.serve()
         while self._control_in is not None and len(out) < max_messages:
             try:
                 frame = self._control_in.recv(flags=zmq.NOBLOCK, copy=False)
