@@ -12,7 +12,7 @@ from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
 
-ROUNDS = 14
+ROUNDS = 24  # the joiners start after round 1 and need some seconds to load torch and the model
 
 
 def _scenario(tmp_path: Path, model_dir: Path, nodes: int, faults: str, rounds: int = ROUNDS) -> Path:
@@ -82,7 +82,9 @@ restart = false
         assert last["control_rejected"] == {} and last["rejected"].get("bad_signature", 0) == 0
     assert changes.get("left", 0) >= 1  # node2's graceful leave reached its neighbours
     membership = {m.round: m for m in summary.membership}
-    assert membership[1].members == 4 and membership[1].min_degree == 3
+    # Before the faults (after round 4) the four founders form a full mesh (degree 3) in some round; one
+    # that joined the founding late starts from round 2 with the others' state, so not always in round 1.
+    assert any(m.members == 4 and m.min_degree == 3 for r, m in membership.items() if r <= 4)
     assert membership[ROUNDS].members == 4 and membership[ROUNDS].components == 1
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Membership" in report and "node3 after round 4, no restart" in report
@@ -97,7 +99,7 @@ round = 2
 remove = [1]
 add = [4]
 """
-    rounds = 24  # node4 starts after round 2 and needs some seconds to load torch and the model
+    rounds = ROUNDS
     summary = run_scenario(
         _scenario(tmp_path, tiny_bert_dir, 5, faults, rounds), tmp_path / "run", log=lambda _: None
     )
