@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2pfm.cli import main
+from p2pfm.core.errors import UnknownSender
 from p2pfm.core.identity import Identity, write_key_file
 from p2pfm.core.records import newer_roster, open_roster_document
 
@@ -38,7 +39,7 @@ def test_sign_then_show_a_roster_version(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["roster", "sign", str(roster), "--key", str(tmp_path / "m0.key"), "--version", "3",
                  "--out", str(tmp_path / "forged.signed")]) == 0  # fmt: skip
     forged = open_roster_document((tmp_path / "forged.signed").read_bytes(), "net")
-    with pytest.raises(Exception, match="not an admin"):
+    with pytest.raises(UnknownSender, match="not an admin"):
         newer_roster(document, forged)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from p2pfm.core.control import encode_control
 from p2pfm.core.errors import LocalProtocolError, RejectReason
-from p2pfm.core.identity import Identity, PeerId
+from p2pfm.core.identity import Identity
 from p2pfm.core.membership import Membership, MembershipConfig, Outgoing
 from p2pfm.core.records import make_peer_record, make_roster_document
 
@@ -263,4 +263,23 @@ def test_config_is_checked() -> None:
     other = make_peer_record(Identity(b"\x01" * 32), NET, 1, ["memory://x"])
     with pytest.raises(LocalProtocolError, match="own key"):
         Membership(ident, MembershipConfig(network=NET), roster, other, seed=0)
-    assert isinstance(ident.peer_id, PeerId)
+
+
+def test_high_priority_requests_evict_at_most_once_per_request_timeout() -> None:
+    net = Router(12, degree=2)
+    net.bootstrap()
+    target = net.nodes[0]
+    while len(target.active) < net.config.max_active:  # fill it up with seeded links
+        extra = next(r for r in net.records[1:] if r.peer not in target.active)
+        target.seed_views([extra], [])
+    askers = [i for i in range(1, 12) if net.ids[i].peer_id not in target.active][:2]
+    target.changes.clear()  # what the bootstrap did
+    for k, i in enumerate(askers):
+        ask = encode_control(
+            net.ids[i], kind="neighbour", network=NET, to=net.ids[0].peer_id, seq=10**6 + k, rv=1,
+            record=net.records[i], high=True,
+        )  # fmt: skip
+        target.receive(ask, 500.0, link=net.ids[i].peer_id)
+    evicted = [c for c in target.changes if c.reason == "evicted"]
+    assert len(evicted) == 1  # the second high request, at the same moment, found a full node
+    assert net.ids[askers[0]].peer_id in target.active and net.ids[askers[1]].peer_id not in target.active

@@ -161,6 +161,7 @@ class Membership:
         self._book: OrderedDict[PeerId, PeerRecord] = OrderedDict()  # every record seen, newest kept (LRU)
         self._contacts: list[PeerRecord] = []  # the bootstrap records, for a rejoin when all views are empty
         self._last_join_s = -float("inf")
+        self._last_eviction_s = -float("inf")
 
     # ------------------------------------------------------------- queries
 
@@ -371,7 +372,11 @@ class Membership:
         hints = self._sample(self.passive, self.config.shuffle_passive, exclude={c.sender})
         out: list[Outgoing] = []
         if c.sender not in self.active:
-            if len(self.active) >= self.config.max_active and c.high:
+            # A full node makes room for a peer with no neighbour at all, but at most once per
+            # request_timeout_s: a member re-asking with high priority cannot churn our views.
+            evict_ok = now_s - self._last_eviction_s >= self.config.request_timeout_s
+            if len(self.active) >= self.config.max_active and c.high and evict_ok:
+                self._last_eviction_s = now_s
                 victim = self._rng.choice(list(self.active))
                 out.append(self._send(self.active[victim], "disconnect", leave=False))
                 self._drop_active(victim, "evicted")

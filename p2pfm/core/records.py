@@ -63,9 +63,6 @@ class RecordLimits:
         # 35 bytes per key (msgpack bin 32 + its 2-byte head) plus the envelope and a few keys.
         return wire.HEAD_OVERHEAD_BYTES + 35 * (self.max_members + self.max_admins) + 512
 
-    def wire_limits(self, max_bytes: int) -> wire.WireLimits:
-        return wire.WireLimits(max_message_bytes=max_bytes, max_header_bytes=max_bytes)
-
 
 @dataclass(frozen=True)
 class PeerRecord:

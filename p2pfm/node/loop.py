@@ -262,13 +262,12 @@ class Node:
         target = min(self.protocol.catch_up_target(1, now_s), self.plan.rounds)
         if self.protocol.phase is Phase.IDLE and target > 1 and self.protocol.round < target - 1:
             self.protocol.restore(target - 1, self.protocol.seq)  # accept the rounds the neighbours are in
-        found = catch_up_state(
-            self.protocol.newest_updates(), self.overlay.join_settings, timed_out=timed_out
-        )
+        newest = self.protocol.newest_updates()
+        found = catch_up_state(newest, self.overlay.join_settings, timed_out=timed_out)
         if found is not None:
             round_, state = found
             self.learner.set_state(state)
-            sources = len([u for u in self.protocol.newest_updates().values() if u.round == round_])
+            sources = sum(1 for u in newest.values() if u.round == round_)
             self.store.write(
                 "joined", round=round_, sources=sources, neighbours=len(self.protocol.neighbours)
             )
@@ -470,6 +469,7 @@ class Node:
             "view_changes": dict(self.overlay.changes),
             "control_rejected": {reason.value: n for reason, n in membership.refusals.items()},
             "roster_version": membership.roster.version,
+            "control_send_failures": self.overlay.send_failures,
         }
 
     def _name(self, peer: PeerId) -> str:
