@@ -68,3 +68,14 @@ def test_simulator_benchmark_runs_quick() -> None:
     assert gossip["messages"] == 6 * 64 * 11  # exp:64 has degree 11: every node sends every round
     assert gossip["one_worker_s"] > 0 and gossip["many_workers_s"] > 0
     assert training["nodes"] == 16 and training["mean_distance"] < 1.0
+
+
+@pytest.mark.slow  # starts a process
+def test_the_degree_table_in_membership_md_is_what_the_benchmark_computes() -> None:
+    rows = _run_json("membership_degree.py", "--quick", "--json")
+    doc = (ROOT / "docs" / "membership.md").read_text(encoding="utf-8")
+    for n in (16, 64):
+        line = next(ln for ln in doc.splitlines() if ln.startswith(f"| {n} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        ours = [r for r in rows if r["nodes"] == n]
+        assert cells == [f"{r['lambda2']:.3f} ({r['rounds_to_1e-3']})" for r in ours], (n, cells)
