@@ -24,7 +24,8 @@ Delays are measured from this node's own round start, so while it is the
 slowest of its neighbourhood they all read about 0; should it become the
 fastest (a neighbour's machine got busier), a wait of ``margin_s`` would
 then miss everyone, and a node that misses every neighbour runs ahead alone.
-How far ahead it can get is as large as its own pace varies: so a round
+How far ahead it can get is as large as its own pace varies: so in an open
+network (``ProtocolConfig.pace_floor``, set when membership keeps the views) a round
 also waits at least 4 sigma (by MAD) of this node's own recent round
 durations (:class:`RoundPace`). Steady rounds (a quiet machine) add
 nothing; on a machine whose rounds swing by seconds (shared cores), the

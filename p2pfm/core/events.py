@@ -51,6 +51,9 @@ class ProtocolConfig:
     # never longer than round_timeout_s; False: always round_timeout_s.
     adaptive_deadline: bool = True
     deadline_margin_s: float = 1.0  # an adaptive wait is at least the slowest expected delay plus this
+    # Open networks: an adaptive wait is also at least the swing of this node's own round durations
+    # (core/deadline.py RoundPace). Off for fixed neighbours, where it cost consensus in tests/test_e2e.py.
+    pace_floor: bool = False
 
     def __post_init__(self) -> None:
         if not self.deadline_margin_s >= 0:

@@ -188,7 +188,8 @@ class GossipProtocol:
         if self.config.adaptive_deadline and not self._only_newcomers(expected or self.neighbours):
             waited_for = (expected or self.neighbours) - self.absent - self.banned
             wait_s = self._arrivals.wait_s(waited_for, self.config.round_timeout_s)
-            wait_s = min(self.config.round_timeout_s, max(wait_s, self._pace.floor_s()))
+            if self.config.pace_floor:
+                wait_s = min(self.config.round_timeout_s, max(wait_s, self._pace.floor_s()))
         self.deadline_s = now_s + wait_s
 
     def make_update(

@@ -247,6 +247,7 @@ def assemble_node(
             adaptive_deadline=gossip.deadline == "adaptive",
             deadline_margin_s=gossip.deadline_margin_s,
             members=None if members is None else frozenset(members),
+            pace_floor=membership is not None,
         ),
     )
     link: Transport | None = None
