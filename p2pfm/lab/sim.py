@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -261,9 +261,9 @@ class TimedQuadratic(QuadraticLearner):
         super().__init__(*args, **kwargs)
         self.clock, self.step_s = clock, step_s
 
-    def train_steps(self, steps: int) -> float | None:
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         self.clock.sleep(max(steps, 1) * self.step_s)  # a pure-gossip round still computes a while
-        return super().train_steps(steps)
+        return super().train_steps(steps, correction)
 
 
 def _problem(

@@ -235,7 +235,7 @@ class VirtualScheduler:
                 self._finish(slot)
                 return
             slot.phase = "train"
-            slot.trained = node.train()  # advances the clock by the virtual training time
+            slot.trained = node.train(slot.round)  # advances the clock by the virtual training time
             self._push(self.clock.now_s(), slot, _PUBLISH)
         elif kind == _PUBLISH:
             node.publish(slot.round)

@@ -157,7 +157,7 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
             raise ConfigError(
                 "model.path", f"cannot load a {settings.task} model from {model_dir}: {_one_line(exc)}"
             ) from exc
-        base = base.float()  # type: ignore[no-untyped-call]  # GGUF and some checkpoints ignore the dtype request
+        _cast_to_float32(base)
         if base.config.pad_token_id is None:
             # Sequence classifiers of decoder models pool the last non-pad token: they need the id.
             base.config.pad_token_id = tokenizer.pad_token_id
@@ -175,27 +175,50 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
             model = get_peft_model(base, config)
         except ValueError as exc:
             raise ConfigError("lora.target_modules", _one_line(exc)) from exc
+        if lora.freeze_a:  # FFA-LoRA: A stays at its seeded start (the same on every node)
+            for name, param in model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
 
-    state = _state_tensors(model)
-    _check_trainable_is_state(model, state)
+    state = _state_tensors(model, frozen_a=lora.freeze_a)
+    _check_trainable_is_state(model, state, frozen_a=lora.freeze_a)
     schema = tuple(
         TensorSpec(name, "float32", tuple(int(d) for d in t.shape)) for name, t in sorted(state.items())
     )
-    digest = adapter_fingerprint(settings, lora, model_dir, schema, settings.task)
+    digest = adapter_fingerprint(settings, lora, model_dir, schema, settings.task, seed=seed)
     return AdapterModel(model, tokenizer, settings, lora, schema, digest)
 
 
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's adapter state dict: tensors that share storage with the live parameters."""
+def _cast_to_float32(model: torch.nn.Module) -> None:
+    """Make every floating parameter and buffer float32, in place.
+
+    Some checkpoints ignore the dtype request. ``Module.float()`` would do
+    this, but transformers 5.x refuses it for a GGUF-loaded model (it counts
+    as "quantized" although its weights were dequantised on load), so the
+    tensors are converted one by one.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.to(torch.float32)
+
+
+def _state_tensors(model: torch.nn.Module, *, frozen_a: bool) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict: tensors that share storage with the live parameters.
+
+    With ``frozen_a`` (``lora.freeze_a``) the A matrices are left out: they
+    never change, so they are neither gossiped nor part of the schema.
+    """
     peft_model = cast(PeftModel, model)
-    return dict(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {name: t for name, t in state.items() if not (frozen_a and ".lora_A." in name)}
 
 
-def _params_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def params_by_name(model: torch.nn.Module, *, frozen_a: bool = False) -> dict[str, torch.nn.Parameter]:
     """Map each state-dict name to the live trainable Parameter behind it (matched by storage)."""
     by_ptr = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
     out: dict[str, torch.nn.Parameter] = {}
-    for name, tensor in _state_tensors(model).items():
+    for name, tensor in _state_tensors(model, frozen_a=frozen_a).items():
         param = by_ptr.get(tensor.data_ptr())
         if param is None:
             raise LocalProtocolError(f"adapter tensor {name!r} is not a trainable parameter of the model")
@@ -203,9 +226,11 @@ def _params_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _check_trainable_is_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def _check_trainable_is_state(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, frozen_a: bool
+) -> None:
     """Gossip must cover exactly what training changes, or nodes would silently drift apart."""
-    params = _params_by_name(model)
+    params = params_by_name(model, frozen_a=frozen_a)
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if len(params) != len(state) or len({id(p) for p in params.values()}) != trainable:
         raise ConfigError("lora", "the adapter state dict does not match the set of trainable parameters")
@@ -217,7 +242,7 @@ def _check_trainable_is_state(model: torch.nn.Module, state: Mapping[str, torch.
 def get_state(am: AdapterModel) -> dict[str, np.ndarray[Any, np.dtype[np.float32]]]:
     """Copies of the adapter tensors as float32, C-contiguous host arrays (works for CUDA models)."""
     out: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
-    for name, tensor in _state_tensors(am.model).items():
+    for name, tensor in _state_tensors(am.model, frozen_a=am.lora.freeze_a).items():
         host = tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
         out[name] = np.ascontiguousarray(host.numpy())
     return out
@@ -248,7 +273,7 @@ def set_state(am: AdapterModel, state: Mapping[str, np.ndarray[Any, Any]]) -> No
             raise LocalProtocolError(
                 f"adapter tensor {name!r} has dtype {value.dtype}, expected a float dtype"
             )
-    params = _params_by_name(am.model)
+    params = params_by_name(am.model, frozen_a=am.lora.freeze_a)
     with torch.no_grad():
         for name, param in params.items():
             value = state[name]
@@ -293,8 +318,23 @@ def fingerprint_document(
     model_dir: pathlib.Path,
     schema: tuple[TensorSpec, ...],
     task: Task,
+    *,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON document that adapter_fingerprint hashes (exposed for logs and docs)."""
+    """The JSON document that adapter_fingerprint hashes (exposed for logs and docs).
+
+    With ``lora.freeze_a`` the frozen A matrices are part of what everyone
+    must share, and they come from the seed: ``lora`` then also holds
+    ``"freeze_a": true`` and ``"seed"``.
+    """
+    lora_doc: dict[str, Any] = {
+        "rank": lora.rank,
+        "alpha": float(lora.alpha),  # an int alpha (LoraSettings(alpha=8)) fingerprints as 8.0
+        "dropout": float(lora.dropout),
+        "target_modules": sorted(lora.target_modules),
+    }
+    if lora.freeze_a:
+        lora_doc |= {"freeze_a": True, "seed": seed}
     return {
         "base": {
             "weights_blake3": _weights_blake3(model_dir, settings.gguf_file),
@@ -302,12 +342,7 @@ def fingerprint_document(
         },
         "task": task,
         "num_labels": settings.num_labels,
-        "lora": {
-            "rank": lora.rank,
-            "alpha": float(lora.alpha),  # an int alpha (LoraSettings(alpha=8)) fingerprints as 8.0
-            "dropout": float(lora.dropout),
-            "target_modules": sorted(lora.target_modules),
-        },
+        "lora": lora_doc,
         "schema": schema_document(schema),
     }
 
@@ -318,6 +353,8 @@ def adapter_fingerprint(
     model_dir: pathlib.Path,
     schema: tuple[TensorSpec, ...],
     task: Task,
+    *,
+    seed: int | None = None,
 ) -> bytes:
     """32-byte identity of "what we are training": base weights, head, LoRA config and tensor layout.
 
@@ -325,7 +362,7 @@ def adapter_fingerprint(
     folders (or machines) agrees, while any change of weights, rank, targets
     or labels disagrees and the protocol refuses to average across it.
     """
-    return fingerprint(fingerprint_document(settings, lora, model_dir, schema, task))
+    return fingerprint(fingerprint_document(settings, lora, model_dir, schema, task, seed=seed))
 
 
 def save_adapter(am: AdapterModel, out_dir: pathlib.Path) -> None:

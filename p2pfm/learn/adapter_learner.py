@@ -47,8 +47,10 @@ class AdapterLearner:
             "autocast": str(self.trainer.autocast_dtype or "fp32"),
         }
 
-    def train_steps(self, steps: int) -> float | None:
-        return self.trainer.train_steps(steps) if steps else None
+    def train_steps(
+        self, steps: int, correction: Mapping[str, np.ndarray[Any, Any]] | None = None
+    ) -> float | None:
+        return self.trainer.train_steps(steps, correction) if steps else None
 
     def evaluate(self) -> dict[str, float]:
         return self.trainer.evaluate(self.test)

@@ -14,6 +14,9 @@ leaves ``.old``, which ``load_checkpoint`` falls back to. Files:
   replaced by ``{"$tensor": name}``, a tuple by ``{"$tuple": [...]}`` and a dict
   whose keys are not all plain strings by ``{"$dict": [[key, value], ...]}``
   (JSON integers are unbounded, so the 128-bit numpy generator state fits);
+- ``algorithm.safetensors`` (only when it holds something): the gossip
+  algorithm's local state (p2pfm/learn/algorithm.py: outer momentum, drift
+  correction), flat names such as ``momentum/<tensor>``; absent = none;
 - ``meta.json``: ``{"format": "p2pfm-checkpoint-v2", "round": r, "seq": s,
   "rounds_trained": t}``: the last completed round and the last sequence number
   sent (so peers accept our next messages), and how many rounds were trained.
@@ -29,7 +32,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +51,7 @@ ADAPTER_FILE = "adapter.safetensors"
 TRAINER_TENSORS_FILE = "trainer.safetensors"
 TRAINER_STATE_FILE = "trainer.json"
 META_FILE = "meta.json"
+ALGORITHM_FILE = "algorithm.safetensors"
 _LEGACY_TRAINER_FILE = "trainer.pt"  # format v1: a pickle, never loaded
 _TENSOR, _TUPLE, _DICT = "$tensor", "$tuple", "$dict"
 _SCALARS = (str, int, float, bool, type(None))
@@ -60,6 +64,7 @@ class Checkpoint:
     adapter: dict[str, np.ndarray[Any, Any]]
     trainer: dict[str, Any]  # Trainer.state_dict()
     rounds_trained: int = 0  # rounds the node actually ran (catching up skips some)
+    algorithm: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # RoundAlgorithm.state_dict()
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
@@ -78,6 +83,8 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     write_private_file(staging / ADAPTER_FILE, safetensors.numpy.save(checkpoint.adapter))
     write_private_file(staging / TRAINER_TENSORS_FILE, _save_tensors(tensors))
     write_private_file(staging / TRAINER_STATE_FILE, trainer_json.encode("utf-8"))
+    if checkpoint.algorithm:
+        write_private_file(staging / ALGORITHM_FILE, safetensors.numpy.save(checkpoint.algorithm))
     write_private_file(staging / META_FILE, json.dumps(meta).encode("utf-8"))
     old = folder.with_name(folder.name + ".old")
     if os.path.lexists(folder):
@@ -115,7 +122,11 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         if used != set(tensors):
             raise ValueError(f"{TRAINER_TENSORS_FILE} does not match {TRAINER_STATE_FILE}")
         rounds_trained = int(meta["rounds_trained"])
-        return Checkpoint(int(meta["round"]), int(meta["seq"]), dict(adapter), trainer, rounds_trained)
+        algorithm_path = folder / ALGORITHM_FILE
+        algorithm = safetensors.numpy.load_file(str(algorithm_path)) if algorithm_path.exists() else {}
+        return Checkpoint(
+            int(meta["round"]), int(meta["seq"]), dict(adapter), trainer, rounds_trained, dict(algorithm)
+        )
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as exc:
         raise ConfigError(
             "node.out", f"checkpoint in {folder} is unreadable ({exc}); remove it to start over"

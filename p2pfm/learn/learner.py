@@ -44,8 +44,12 @@ class Learner(Protocol):
         """Facts for the node's ``start`` event (shard and test sizes, device, ...)."""
         ...
 
-    def train_steps(self, steps: int) -> float | None:
-        """Run ``steps`` local steps; the mean training loss (None for 0 steps)."""
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
+        """Run ``steps`` local steps; the mean training loss (None for 0 steps).
+
+        ``correction`` (state names -> arrays of their shapes), when given, is
+        added to the state after every step (p2pfm/learn/algorithm.py).
+        """
         ...
 
     def evaluate(self) -> dict[str, float]: ...
@@ -101,14 +105,19 @@ class QuadraticLearner:
     def describe(self) -> dict[str, Any]:
         return {"learner": "quadratic", "dim": int(self._x.size), "device": "cpu", "autocast": "fp32"}
 
-    def train_steps(self, steps: int) -> float | None:
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         losses = []
+        nudge = None if not correction else np.asarray(correction["x"], self.dtype)
+        if nudge is not None and nudge.shape != self._x.shape:
+            raise LocalProtocolError("the correction must be a vector of the learner's length")
         for _ in range(steps):
             gradient = self._x - self.centre
             losses.append(0.5 * float(np.dot(gradient, gradient)))
             if self.noise:
                 gradient = gradient + self._rng.normal(0.0, self.noise, gradient.shape).astype(self.dtype)
             self._x -= self.lr * gradient
+            if nudge is not None:
+                self._x += nudge
         return float(np.mean(losses)) if losses else None
 
     def evaluate(self) -> dict[str, float]:

@@ -19,7 +19,7 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from p2pfm.config.settings import TrainSettings
 from p2pfm.core.errors import ConfigError, LocalProtocolError
-from p2pfm.learn.adapter import AdapterModel
+from p2pfm.learn.adapter import AdapterModel, params_by_name
 
 _STATE_VERSION = 1
 
@@ -148,6 +148,7 @@ class Trainer:
         am.model.to(self.device)  # moves parameters in place: Parameter objects keep their identity
         am.model.train()
         self.params = [p for p in am.model.parameters() if p.requires_grad]
+        self._prior_logits = self._label_prior_logits(settings.logit_adjustment)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         # Dropout draws from torch's global RNG; seeding it makes a node's run reproducible and
         # state_dict() saves it, so a resumed run draws the same masks.
@@ -156,6 +157,20 @@ class Trainer:
         self._order = self._rng.permutation(len(train))
         self._pos = 0
         self.step = 0
+
+    def _label_prior_logits(self, tau: float) -> torch.Tensor | None:
+        """``tau * log(prior)`` of the shard's labels (add-one smoothed), or None without adjustment.
+
+        Training on ``logits + tau * log(prior)`` makes the model learn the
+        labels' likelihoods instead of this shard's label frequencies, so a
+        node that holds few examples of a topic does not learn to avoid it;
+        evaluation uses the plain logits (logit adjustment, Menon et al. 2021).
+        """
+        if tau == 0.0 or self.task != "classification" or self.num_labels is None:
+            return None
+        counts = np.bincount([self._check_label(ex) for ex in self.train], minlength=self.num_labels)
+        prior = (counts + 1.0) / (counts.sum() + self.num_labels)
+        return torch.tensor(tau * np.log(prior), dtype=torch.float32, device=self.device)
 
     # ----------------------------------------------------------------- batches
 
@@ -205,7 +220,10 @@ class Trainer:
             logits = self.am.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if self.task == "classification":
             labels = torch.tensor([self._check_label(ex) for ex in batch], device=self.device)
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            adjusted = logits.float()
+            if self._prior_logits is not None and torch.is_grad_enabled():  # training only
+                adjusted = adjusted + self._prior_logits
+            loss = F.cross_entropy(adjusted, labels, reduction="sum")
             return loss, len(batch), logits
         # causal-lm: labels = input_ids with padding set to -100; position t predicts t+1.
         labels = input_ids.masked_fill(attention_mask == 0, -100)
@@ -216,10 +234,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
 
-    def train_steps(self, steps: int) -> float:
-        """Run ``steps`` optimizer steps; returns the mean of their (per-token / per-example) losses."""
+    def train_steps(self, steps: int, correction: Mapping[str, np.ndarray[Any, Any]] | None = None) -> float:
+        """Run ``steps`` optimizer steps; returns the mean of their (per-token / per-example) losses.
+
+        ``correction`` (adapter state names -> arrays of their shapes) is
+        added to the parameters after every step: the drift correction of
+        p2pfm/learn/algorithm.py.
+        """
         if type(steps) is not int or steps < 1:
             raise LocalProtocolError(f"steps must be an integer >= 1, got {steps!r}")
+        nudges = self._nudges(correction)
         self.am.model.train()
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
@@ -229,9 +253,28 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
+            if nudges:
+                with torch.no_grad():
+                    for param, nudge in nudges:
+                        param.add_(nudge)
             total += loss.detach()
             self.step += 1
         return float(total.item()) / steps
+
+    def _nudges(
+        self, correction: Mapping[str, np.ndarray[Any, Any]] | None
+    ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """The correction as (parameter, tensor on its device) pairs, checked against the schema."""
+        if not correction:
+            return []
+        params = params_by_name(self.am.model, frozen_a=self.am.lora.freeze_a)
+        out = []
+        for name, value in correction.items():
+            param = params.get(name)
+            if param is None or tuple(value.shape) != tuple(param.shape):
+                raise LocalProtocolError(f"correction tensor {name!r} does not match the adapter")
+            out.append((param, torch.from_numpy(np.ascontiguousarray(value, np.float32)).to(param.device)))
+        return out
 
     @torch.no_grad()
     def evaluate(self, test: Sequence[ExampleLike]) -> dict[str, float]:

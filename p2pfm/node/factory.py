@@ -23,6 +23,7 @@ from p2pfm.core.membership import Membership, MembershipConfig
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
 from p2pfm.core.records import PeerRecord
 from p2pfm.core.wire import WireLimits, limits_for_schema
+from p2pfm.learn.algorithm import RoundAlgorithm
 from p2pfm.learn.learner import Learner
 from p2pfm.net.link import ControlTransport, Transport
 from p2pfm.net.zmq_transport import ZmqTransport, raise_open_files_limit
@@ -104,7 +105,8 @@ def build_node(
         gossip=config.gossip,
         faults=config.faults,
         plan=RoundPlan(
-            rounds=config.gossip.rounds,
+            rounds=config.gossip.rounds + config.gossip.consensus_rounds,
+            consensus_rounds=config.gossip.consensus_rounds,
             local_steps=config.train.local_steps,
             samples_per_round=config.train.local_steps * config.train.batch_size,
             eval_every=config.gossip.eval_every,
@@ -288,7 +290,9 @@ def assemble_node(
             "adapter_bytes": sum(spec.nbytes for spec in learner.schema),
             "max_message_bytes": limits.max_message_bytes,
             "attack": faults.attack,
+            "algorithm": gossip.algorithm,
             **(facts or {}),
         },
         overlay=overlay,
+        algorithm=RoundAlgorithm(gossip),
     )

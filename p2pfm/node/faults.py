@@ -82,9 +82,9 @@ class SlowLearner:
         self.schema: tuple[TensorSpec, ...] = inner.schema
         self.fingerprint: bytes = inner.fingerprint
 
-    def train_steps(self, steps: int) -> float | None:
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         started_s = self.clock.now_s()
-        loss = self.inner.train_steps(steps)
+        loss = self.inner.train_steps(steps, correction)
         self.clock.sleep((self.factor - 1.0) * (self.clock.now_s() - started_s))
         return loss
 

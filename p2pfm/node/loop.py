@@ -11,7 +11,9 @@ One round ``r`` on this node (adapt-then-combine D-PSGD):
    neighbour has delivered round >= r or the deadline passes;
 3. **mix**: the round's ``RoundComplete`` combines the node's state with
    what arrived under ``gossip.rule`` (a missing neighbour's weight stays
-   here), written back into the learner;
+   here); the node's algorithm (``gossip.algorithm``,
+   p2pfm/learn/algorithm.py) turns the mix into the next round's start,
+   written back into the learner;
 4. **record**: evaluation, checkpoint, metrics line.
 
 ``Node.run`` drives these steps on real time over a real transport. The
@@ -37,10 +39,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfm.config.settings import GossipSettings
 from p2pfm.core.errors import RejectReason
 from p2pfm.core.evidence import encode_evidence
 from p2pfm.core.identity import PeerId
 from p2pfm.core.protocol import EquivocationFound, GossipProtocol, MixSettings, Phase, Rejected, RoundComplete
+from p2pfm.learn.aggregation import aggregation_error
+from p2pfm.learn.algorithm import RoundAlgorithm
 from p2pfm.learn.checkpoint import Checkpoint
 from p2pfm.learn.learner import Array, Learner
 from p2pfm.net.link import Transport, TransportStats
@@ -67,6 +72,11 @@ class RoundPlan:
     snapshot_every: int = 0  # 0: never
     # A time-varying topology: the neighbours each round mixes with (None: all of them, every round).
     partners: Callable[[int], tuple[PeerId, ...]] | None = None
+    consensus_rounds: int = 0  # the last this many of ``rounds`` only mix (no local steps)
+
+    def steps_in(self, round_: int) -> int:
+        """Local steps of round ``round_``."""
+        return 0 if round_ > self.rounds - self.consensus_rounds else self.local_steps
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class Node:
         log: Callable[[str], None] = print,
         facts: Mapping[str, Any] | None = None,  # extra fields of the start/resume record
         overlay: Overlay | None = None,  # open membership (p2pfm/node/overlay.py); None: fixed neighbours
+        algorithm: RoundAlgorithm | None = None,  # None: dpsgd (the mix is the next state)
     ) -> None:
         self.name, self.protocol, self.learner, self.transport = name, protocol, learner, transport
         self.publisher, self.mix_settings, self.plan, self.store = publisher, mix_settings, plan, store
@@ -129,9 +140,12 @@ class Node:
         self.stop = stop or threading.Event()
         self.facts = dict(facts or {})
         self.overlay = overlay
+        self.algorithm = algorithm or RoundAlgorithm(GossipSettings())
         self.rounds_trained = 0
         self.last_eval: dict[str, float] = {}
         self._own: dict[str, Array] = {}  # the state this round published, which the mix starts from
+        self._steps = 0  # local steps of the round in progress
+        self._aggregation_error: float | None = None  # of the last mix (p2pfm/learn/aggregation.py)
         self._logged_rejections: set[tuple[str, str]] = set()
         self._internal_errors = 0  # messages whose handling raised (a bug, counted, never fatal)
         self._proofs: list[_PendingProof] = []
@@ -173,7 +187,7 @@ class Node:
                 next_round = self.opened(next_round)
             completed = min(next_round - 1, self.plan.rounds)
             while next_round <= self.plan.rounds and not self.stop.is_set():
-                trained = self.train()
+                trained = self.train(next_round)
                 started_s = self.clock.now_s()
                 done = self.exchange(next_round)
                 wait_s = self.clock.now_s() - started_s
@@ -222,6 +236,7 @@ class Node:
         if checkpoint is not None:
             self.learner.set_state(checkpoint.adapter)
             self.learner.load_state_dict(checkpoint.trainer)
+            self.algorithm.load_state_dict(checkpoint.algorithm)
             self.rounds_trained = checkpoint.rounds_trained
         if sent is not None and sent > (last_round, last_seq):
             # We sent round sent[0] and crashed before its checkpoint: that
@@ -312,9 +327,14 @@ class Node:
         self.log(f"[{self.name}] resumed after round {self._resumed_after}")
         return self.catch_up(next_round)
 
-    def train(self) -> Trained:
+    def train(self, round_: int) -> Trained:
+        """Round ``round_``'s local steps (none in a consensus round), with the algorithm's correction."""
         started_s = self.clock.now_s()
-        loss = self.learner.train_steps(self.plan.local_steps)
+        self._steps = self.plan.steps_in(round_)
+        if self.algorithm.needs_start:
+            self.algorithm.begin(self.learner.get_state())
+        correction = self.algorithm.correction() if self._steps else None
+        loss = self.learner.train_steps(self._steps, correction)
         self.rounds_trained += 1
         return Trained(loss, self.clock.now_s() - started_s)
 
@@ -370,8 +390,22 @@ class Node:
         return self.protocol.poll(self.clock.now_s())
 
     def mix(self, done: RoundComplete) -> None:
-        self.learner.set_state(done.mix(self._own, self.mix_settings))
+        mixed = done.mix(self._own, self.mix_settings)
+        self.learner.set_state(self.algorithm.finish(self._own, mixed, self._steps))
+        self._aggregation_error = self._measure_aggregation(done)
         self._send_proofs()
+
+    def _measure_aggregation(self, done: RoundComplete) -> float | None:
+        """The LoRA aggregation error of this round's mix (its weights; None: nothing to measure)."""
+        if not done.updates:
+            return None
+        peers = list(done.updates)
+        own_weight = 1.0 - sum(done.weights[p] for p in peers)
+        states = [self._own, *(done.updates[p].tensors for p in peers)]
+        try:
+            return aggregation_error(states, [own_weight, *(done.weights[p] for p in peers)])
+        except (ValueError, KeyError):  # a diagnostic: never a reason to stop a round
+            return None
 
     def record(self, round_: int, trained: Trained, done: RoundComplete | None, *, wait_s: float) -> None:
         """Evaluate (every ``eval_every`` rounds and after the last), checkpoint, write the round's line."""
@@ -386,6 +420,7 @@ class Node:
             self.learner.get_state(),  # after mixing: what the checkpoint and snapshot keep
             self.learner.state_dict(),
             rounds_trained=self.rounds_trained,
+            algorithm=self.algorithm.state_dict(),
         )
         snapshot = bool(plan.snapshot_every) and round_ % plan.snapshot_every == 0
         self.store.save_round(checkpoint, snapshot=snapshot)
@@ -396,7 +431,8 @@ class Node:
         self.store.write(
             "round", round=round_, rounds_trained=self.rounds_trained, train_loss=trained.loss,
             eval=evaluation, heard=heard, missing=missing, timed_out=bool(done and done.timed_out),
-            train_s=trained.train_s, wait_s=wait_s, round_s=round_s, **counters,
+            train_s=trained.train_s, wait_s=wait_s, round_s=round_s, local_steps=self._steps,
+            aggregation_error=self._aggregation_error if done else None, **counters,
         )  # fmt: skip
         loss = "" if trained.loss is None else f"loss {trained.loss:.3f} "
         self.log(

@@ -1,0 +1,111 @@
+"""What a node does with a round's mix: the gossip learning algorithms (``gossip.algorithm``).
+
+Every round a node starts from its state ``x0``, trains K local steps to
+``x_local``, publishes ``x_local`` and receives the mix ``m`` of its own and
+its neighbours' updates (p2pfm/core/consensus.py). The algorithm turns these
+into the state the next round starts from:
+
+- ``dpsgd``: the mix itself (decentralised parallel SGD with local steps:
+  ``x_next = m``).
+- ``diloco``: an outer optimizer on the pseudo-gradient ``g = x0 - m`` (the
+  round's move, as the neighbourhood made it), Nesterov momentum as in
+  DiLoCo: ``v = mu * v + g``, ``x_next = x0 - eta * (g + mu * v)``. With
+  ``eta = 1`` and ``mu = 0`` it is ``dpsgd``.
+- ``scaffold``: a drift correction kept locally and learned from the mix.
+  Under label skew each node's local steps head for its own optimum; the
+  mix reveals by how much: ``m - x_local`` is what the neighbourhood would
+  have moved minus what this node moved. The node accumulates
+  ``c += beta * (m - x_local) / K`` and adds ``c`` to its parameters after
+  every local step of the next rounds, so its local trajectory follows the
+  neighbourhood's direction (SCAFFOLD's ``c - c_i``, in update space, with no
+  extra bytes: nothing but the adapter travels). With mean mixing and a
+  doubly stochastic weight matrix the corrections sum to zero over the
+  network, so they steer each node without moving the network's average.
+
+The outer momentum and the correction are local state (checkpointed with the
+learner, never sent). A neighbour's update is mixed before it reaches
+any of this (bounded, robustly mixed: docs/robust.md), so no algorithm
+trusts a peer more than ``dpsgd`` does. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, get_args
+
+import numpy as np
+
+from p2pfm.config.schema import AlgorithmName
+from p2pfm.config.settings import GossipSettings
+from p2pfm.core.errors import LocalProtocolError
+
+Array = np.ndarray[Any, Any]
+State = Mapping[str, Array]
+ALGORITHMS: tuple[AlgorithmName, ...] = get_args(AlgorithmName)
+
+
+class RoundAlgorithm:
+    """One node's algorithm state across rounds (module docstring)."""
+
+    def __init__(self, settings: GossipSettings) -> None:
+        self.settings = settings
+        self._start: dict[str, Array] = {}  # x0 of the round in progress
+        self._momentum: dict[str, Array] = {}  # diloco's v
+        self._correction: dict[str, Array] = {}  # scaffold's c (per local step)
+
+    @property
+    def needs_start(self) -> bool:
+        """Whether ``begin`` must be given the round's starting state (only diloco uses it)."""
+        return self.settings.algorithm == "diloco"
+
+    def begin(self, state: State) -> None:
+        """The round starts from ``state`` (before its local steps)."""
+        if self.settings.algorithm == "diloco":
+            self._start = {name: np.array(value) for name, value in state.items()}
+
+    def correction(self) -> dict[str, Array] | None:
+        """What to add to the parameters after each local step (None: nothing)."""
+        return self._correction or None
+
+    def finish(self, local: State, mixed: State, steps: int) -> dict[str, Array]:
+        """The state the next round starts from, given the trained ``local`` and its ``mixed`` result.
+
+        Arrays keep the state's dtype (float32 adapters; float64 in exact
+        consensus experiments). ``dpsgd`` returns the mix itself.
+        """
+        name = self.settings.algorithm
+        if name == "scaffold" and steps > 0:
+            scale = self.settings.drift_beta / steps
+            for key, value in mixed.items():
+                residual = (np.asarray(value) - np.asarray(local[key])) * scale
+                previous = self._correction.get(key)
+                self._correction[key] = residual if previous is None else previous + residual
+        if name != "diloco" or not self._start:
+            return dict(mixed)
+        eta, mu = self.settings.outer_lr, self.settings.outer_momentum
+        out: dict[str, Array] = {}
+        for key, value in mixed.items():
+            start = self._start[key]
+            gradient = start - np.asarray(value)  # the pseudo-gradient
+            velocity = self._momentum.get(key)
+            velocity = gradient if velocity is None else mu * velocity + gradient
+            self._momentum[key] = velocity
+            out[key] = start - eta * (gradient + mu * velocity)
+        return out
+
+    def state_dict(self) -> dict[str, Array]:
+        """The local state to checkpoint, flat: ``momentum/<tensor>`` and ``correction/<tensor>``."""
+        out = {f"momentum/{key}": value.copy() for key, value in self._momentum.items()}
+        out |= {f"correction/{key}": value.copy() for key, value in self._correction.items()}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Array]) -> None:
+        """Restore ``state_dict()`` output (an empty mapping: a fresh start)."""
+        momentum: dict[str, Array] = {}
+        correction: dict[str, Array] = {}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if kind not in ("momentum", "correction") or not name:
+                raise LocalProtocolError(f"unexpected algorithm state entry {key!r}")
+            (momentum if kind == "momentum" else correction)[name] = np.array(value)
+        self._momentum, self._correction = momentum, correction
