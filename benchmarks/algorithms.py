@@ -62,6 +62,8 @@ class Variant:
     logit_adjustment: float = 0.0
     freeze_a: bool = False
     consensus_rounds: int = 0
+    rounds: int | None = None  # None: --rounds
+    steps: int | None = None  # None: --steps (rounds x steps should stay the budget)
 
 
 def parse_variant(text: str) -> Variant:
@@ -77,12 +79,15 @@ def parse_variant(text: str) -> Variant:
         outer_momentum=float(values.pop("mu", 0.0)),
         drift_beta=float(values.pop("beta", 1.0)),
     )
+    rounds, steps = values.pop("rounds", None), values.pop("steps", None)
     variant = Variant(
         text,
         algorithm,
         logit_adjustment=float(values.pop("la", 0.0)),
         freeze_a=values.pop("freeze_a", "0") == "1",
         consensus_rounds=int(values.pop("cr", 0)),
+        rounds=None if rounds is None else int(rounds),
+        steps=None if steps is None else int(steps),
     )
     if values:
         raise SystemExit(f"unknown variant keys {sorted(values)} in {text!r}")
@@ -135,9 +140,10 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
         algorithms.append(RoundAlgorithm(variant.algorithm))
     started = time.perf_counter()
     curve: list[float] = []
-    total_rounds = args.rounds + variant.consensus_rounds
+    rounds = variant.rounds or args.rounds
+    total_rounds = rounds + variant.consensus_rounds
     for round_ in range(1, total_rounds + 1):
-        steps = args.steps if round_ <= args.rounds else 0
+        steps = (variant.steps or args.steps) if round_ <= rounds else 0
         local = []
         for trainer, algorithm in zip(trainers, algorithms, strict=True):
             algorithm.begin(get_state(trainer.am))
@@ -150,7 +156,7 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
                 for name in local[i]
             }
             set_state(trainer.am, algorithm.finish(local[i], mixed, steps))
-        if round_ % args.eval_every == 0 or round_ == total_rounds:
+        if round_ == total_rounds:
             accuracies = [t.evaluate(split.evaluation.examples)["accuracy"] for t in trainers]
             curve.append(float(np.mean(accuracies)))
     states = [get_state(t.am) for t in trainers]
@@ -185,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=6)
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--no-pooled", action="store_true")
     parser.add_argument("--json", action="store_true")

@@ -339,7 +339,9 @@ def test_report_with_baselines_and_an_attacker(tmp_path: Path) -> None:
     assert "- pooled (one model on all shards, same steps per node): 0.950 (gossip is 15.0 points below)" in (
         report
     )
-    assert f"| 3 | {summary.consensus[0].consensus_distance:.3e} | 3 |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 3 |"))  # the per-round table
+    assert f"| {summary.consensus[0].consensus_distance:.3e} |" in row
+    assert "| round | node0 | node1 | node2 | node3 | mean accuracy | consensus distance |" in report
     assert "| node0 | 6 / 6 | 0 | 0 | 0 | 0 | - |" in report
     assert "| node1 | 4 / 6 | 1 | 2 | fault_injected 3, send_queue_full 1 | replay 2 | node3 |" in report
     assert "| node3 (attacker: scale) | 6 / 6 | 0 | 0 | 0 | 0 | - |" in report
@@ -465,15 +467,23 @@ def _hand_made_summary(task: str = "classification") -> Summary:
                 finished=True,
                 bytes_sent=2_340_000,
                 bytes_received=1_230_000,
+                aggregation_error=((5, 0.25), (10, 0.125)),
             ),
             NodeSummary(
-                "beta", "bb" * 32, 0.625, rounds_completed=10, rounds_trained=10, rejected={"replay": 4}
+                "beta",
+                "bb" * 32,
+                0.625,
+                rounds_completed=10,
+                rounds_trained=10,
+                rejected={"replay": 4},
+                aggregation_error=((5, 0.75),),
             ),
             NodeSummary("gamma", None, 0.125, attack="noise", dropped={"fault_injected": 7}, banned=("x1",)),
         ),
         consensus=(ConsensusPoint(5, 0.0625, 2), ConsensusPoint(10, 3.5e-5, 2)),
         baselines=Baselines({"alpha": 0.5, "beta": 0.25, "gamma": 0.75}, pooled=0.9375),
         faults=("node1 trains 2x slower",),
+        algorithm={"algorithm": "scaffold", "drift_beta": 0.5, "freeze_a": False},
     )
 
 
@@ -492,7 +502,13 @@ def test_report_md_is_rendered_from_a_summary_alone(tmp_path: Path) -> None:
     assert "- mean gossip accuracy (honest nodes; attackers: gamma): **0.750**" in report
     assert "- mean local-only accuracy: 0.500 (gossip is 25.0 points above)" in report
     assert "0.938 (gossip is 18.8 points below)" in report
-    assert "| 5 | 6.250e-02 | 2 |" in report and "| 10 | 3.500e-05 | 2 |" in report
+    # Per round: each node's metric, their mean, the consensus distance, the mean aggregation error.
+    header = "| round | alpha | beta | gamma | mean accuracy | consensus distance | LoRA aggregation error |"
+    assert header in report
+    assert "| 5 | n/a | n/a | n/a | n/a | 6.250e-02 | 5.000e-01 |" in report
+    assert "| 10 | 0.875 | n/a | n/a | 0.875 | 3.500e-05 | 1.250e-01 |" in report
+    assert "| 0 | 0.310 | n/a | n/a | 0.310 | - | - |" in report
+    assert "- algorithm: `scaffold` (drift_beta 0.5, freeze_a False)" in report
     assert "| alpha | 9 / 10 | 1 | 1 | 0 | 0 | - |" in report
     assert "| beta | 10 / 10 | 0 | 0 | 0 | replay 4 | - |" in report
     assert "| gamma (attacker: noise) | 0 / 0 | 0 | 0 | fault_injected 7 | 0 | x1 |" in report

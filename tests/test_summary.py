@@ -36,13 +36,21 @@ def _summary(task: str = "classification") -> Summary:
         ok=True,
         wall_s=12.5,
         nodes=(
-            _node("node0", 0.8, bytes_sent=1_500_000, rejected={"replay": 2}, banned=("node2",)),
+            _node(
+                "node0",
+                0.8,
+                bytes_sent=1_500_000,
+                rejected={"replay": 2},
+                banned=("node2",),
+                aggregation_error=((3, 0.5), (6, None)),
+            ),
             _node("node1", 0.6, dropped={"fault_injected": 3}, io_errors={"snapshot": 1}, restarts=1),
             _node("node2", 0.1, attack="scale", finished=True),
         ),
         consensus=(ConsensusPoint(3, 0.125, 2), ConsensusPoint(6, 1e-4, 2)),
         baselines=Baselines({"node0": 0.5, "node1": None, "node2": 0.3}, pooled=0.9),
         faults=("node2 attacks: scale x10",),
+        algorithm={"algorithm": "diloco", "outer_lr": 0.7, "freeze_a": True},
     )
 
 

@@ -29,6 +29,7 @@ from p2pfm.config.schema import check_address, decode
 from p2pfm.config.settings import (
     BBC_NEWS,
     MINILM,
+    SMOLLM2,
     DataConfig,
     DataSection,
     FaultSettings,
@@ -160,29 +161,29 @@ def with_bootstrap(config: NodeConfig, addresses: Sequence[str]) -> NodeConfig:
     return dataclasses.replace(config, membership=membership)
 
 
-# (section, key, alias): a relative path there is relative to the config file; the alias is not a path.
-_PATHS = (
-    ("node", "key", None),
-    ("node", "out", None),
-    ("node", "roster", None),
-    ("model", "path", MINILM),
-    ("data", "source", BBC_NEWS),
-    ("topology", "spec", None),
-    ("membership", "roster", None),
+# (section, key, aliases): a relative path there is relative to the config file; an alias is not a path.
+_PATHS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("node", "key", ()),
+    ("node", "out", ()),
+    ("node", "roster", ()),
+    ("model", "path", (MINILM, SMOLLM2)),
+    ("data", "source", (BBC_NEWS,)),
+    ("topology", "spec", ()),
+    ("membership", "roster", ()),
 )
 
 
 def _resolved(doc: Mapping[str, Any], base: Path) -> dict[str, Any]:
     """The document with relative path strings made absolute (anything else is left to the schema)."""
     out = dict(doc)
-    for section, key, alias in _PATHS:
+    for section, key, aliases in _PATHS:
         table = out.get(section)
         if not isinstance(table, Mapping) or not isinstance(table.get(key), str):
             continue
         value: str = table[key]
         if (
             not value
-            or value == alias
+            or value in aliases
             or Path(value).is_absolute()
             or (section == "topology" and ":" in value)
         ):

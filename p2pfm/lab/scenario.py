@@ -30,6 +30,7 @@ from msgspec import Meta
 
 from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.config.schema import AttackKind, Finite, NonEmpty, Schema, check_network_id, decode, number
+from p2pfm.config.settings import GossipSettings, LoraSettings, TrainSettings
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.identity import Identity, load_key_file, write_key_file
@@ -566,7 +567,26 @@ def report_setup(scenario: Scenario) -> Setup:
         task=str(model.get("task", "classification")),  # the node's default (docs/node.md)
         faults=describe_faults(scenario.faults),
         baselines=scenario.header.baselines,
+        algorithm=algorithm_facts(scenario.templates),
     )
+
+
+def algorithm_facts(templates: Mapping[str, Any]) -> dict[str, str | float | bool]:
+    """The learning algorithm a scenario's nodes run and the settings it depends on (defaults filled in)."""
+    defaults_g, defaults_t, defaults_l = GossipSettings(), TrainSettings(), LoraSettings()
+    gossip, train = templates.get("gossip", {}), templates.get("train", {})
+    name = str(gossip.get("algorithm", defaults_g.algorithm))
+    facts: dict[str, str | float | bool] = {"algorithm": name}
+    if name == "diloco":
+        facts["outer_lr"] = float(gossip.get("outer_lr", defaults_g.outer_lr))
+        facts["outer_momentum"] = float(gossip.get("outer_momentum", defaults_g.outer_momentum))
+    if name == "scaffold":
+        facts["drift_beta"] = float(gossip.get("drift_beta", defaults_g.drift_beta))
+    facts["rule"] = str(gossip.get("rule", defaults_g.rule))
+    facts["consensus_rounds"] = int(gossip.get("consensus_rounds", defaults_g.consensus_rounds))
+    facts["logit_adjustment"] = float(train.get("logit_adjustment", defaults_t.logit_adjustment))
+    facts["freeze_a"] = bool(templates.get("lora", {}).get("freeze_a", defaults_l.freeze_a))
+    return facts
 
 
 def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summary:

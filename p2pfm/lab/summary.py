@@ -69,6 +69,8 @@ class NodeSummary:
     refused_connections: int = 0
     internal_errors: int = 0
     io_errors: Mapping[str, int] = field(default_factory=dict)  # its own failed writes, by what
+    # (round, the LoRA aggregation error of its mix: p2pfm/learn/aggregation.py) for every mixed round
+    aggregation_error: Curve = ()
 
     @property
     def is_attacker(self) -> bool:
@@ -97,6 +99,7 @@ class NodeSummary:
             "internal_errors": self.internal_errors,
             "io_errors": dict(self.io_errors),
             "curve": [[round_, value] for round_, value in self.curve],
+            "aggregation_error": [[round_, value] for round_, value in self.aggregation_error],
         }
 
     @classmethod
@@ -124,6 +127,7 @@ class NodeSummary:
             refused_connections=doc.get("refused_connections", _integer),
             internal_errors=doc.get("internal_errors", _integer),
             io_errors=doc.get("io_errors", counts),
+            aggregation_error=doc.get("aggregation_error", _curve) if doc.has("aggregation_error") else (),
         )
 
 
@@ -211,6 +215,8 @@ class Summary:
     baselines: Baselines | None = None  # None: the scenario asked for none
     faults: tuple[str, ...] = ()  # the faults injected, one sentence each
     membership: tuple[MembershipPoint, ...] = ()  # an open network's, per round; () otherwise
+    # The learning algorithm and its settings (gossip.algorithm, ...; docs/training.md)
+    algorithm: Mapping[str, str | float | bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         metric_for_task(self.task)  # a Summary always has a metric
@@ -254,6 +260,8 @@ class Summary:
             doc["baselines"] = self.baselines.to_json()
         if self.membership:
             doc["membership"] = [m.to_json() for m in self.membership]
+        if self.algorithm:
+            doc["algorithm"] = dict(self.algorithm)
         return doc
 
     @classmethod
@@ -289,6 +297,7 @@ class Summary:
             membership=tuple(MembershipPoint._read(m) for m in top.objects("membership"))
             if top.has("membership")
             else (),
+            algorithm=top.get("algorithm", _map_of(_setting)) if top.has("algorithm") else {},
         )
 
 
@@ -390,6 +399,12 @@ def _number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Wrong(f"must be a number, not {_kind(value)}")
     return float(value)
+
+
+def _setting(value: object) -> str | float | bool:
+    if isinstance(value, (str, bool)):
+        return value
+    return _number(value)
 
 
 def _object(value: object) -> dict[str, object]:

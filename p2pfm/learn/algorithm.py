@@ -80,8 +80,8 @@ class RoundAlgorithm:
                 residual = (np.asarray(value) - np.asarray(local[key])) * scale
                 previous = self._correction.get(key)
                 self._correction[key] = residual if previous is None else previous + residual
-        if name != "diloco" or not self._start:
-            return dict(mixed)
+        if name != "diloco" or not self._start or steps == 0:
+            return dict(mixed)  # a consensus round (no local steps) only mixes
         eta, mu = self.settings.outer_lr, self.settings.outer_momentum
         out: dict[str, Array] = {}
         for key, value in mixed.items():
