@@ -62,6 +62,9 @@ class Variant:
     logit_adjustment: float = 0.0
     freeze_a: bool = False
     consensus_rounds: int = 0
+    mix_moments: str = ""  # "v": also mix AdamW's second moments; "mv": both moments (experiment)
+    optimizer: str = "adamw"
+    lr: float | None = None  # the local lr (None: the default 2e-3)
     rounds: int | None = None  # None: --rounds
     steps: int | None = None  # None: --steps (rounds x steps should stay the budget)
 
@@ -86,6 +89,9 @@ def parse_variant(text: str) -> Variant:
         logit_adjustment=float(values.pop("la", 0.0)),
         freeze_a=values.pop("freeze_a", "0") == "1",
         consensus_rounds=int(values.pop("cr", 0)),
+        mix_moments=values.pop("moments", ""),
+        optimizer=values.pop("opt", "adamw"),
+        lr=float(values.pop("inner_lr")) if "inner_lr" in values else None,
         rounds=None if rounds is None else int(rounds),
         steps=None if steps is None else int(steps),
     )
@@ -125,6 +131,8 @@ def settings(args: argparse.Namespace, variant: Variant) -> tuple[ModelSettings,
         max_length=64,
         threads=args.threads,
         logit_adjustment=variant.logit_adjustment,
+        optimizer=variant.optimizer,
+        lr=variant.lr or 2e-3,
     )
     return model, lora, train
 
@@ -156,6 +164,8 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
                 for name in local[i]
             }
             set_state(trainer.am, algorithm.finish(local[i], mixed, steps))
+        if variant.mix_moments and steps:
+            _mix_moments(trainers, weights, variant.mix_moments)
         if round_ == total_rounds:
             accuracies = [t.evaluate(split.evaluation.examples)["accuracy"] for t in trainers]
             curve.append(float(np.mean(accuracies)))
@@ -169,6 +179,18 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
         "consensus_distance": consensus_distance(states),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _mix_moments(trainers: list[Trainer], weights: Array, which: str) -> None:
+    """Average the AdamW moments over the topology (an experiment: the optimizer state is local)."""
+    keys = [k for k, flag in (("exp_avg", "m"), ("exp_avg_sq", "v")) if flag in which]
+    n = len(trainers)
+    for key in keys:
+        per_node = [[t.optimizer.state[p][key].clone() for p in t.params] for t in trainers]
+        for i, trainer in enumerate(trainers):
+            for k, param in enumerate(trainer.params):
+                mixed = sum(float(weights[i, j]) * per_node[j][k] for j in range(n) if weights[i, j])
+                trainer.optimizer.state[param][key].copy_(mixed)
 
 
 def run_pooled(args: argparse.Namespace, variant: Variant, split: Split) -> float:

@@ -97,6 +97,25 @@ def test_diloco_nesterov_by_hand() -> None:
     assert algorithm.correction() is None  # diloco never corrects the local steps
 
 
+def test_fedadam_by_hand() -> None:
+    """Adam on the pseudo-gradient g = x0 - m: the first step is outer_lr x sign(g) (bias-corrected)."""
+    algorithm = RoundAlgorithm(GossipSettings(algorithm="fedadam", outer_lr=0.1, outer_momentum=0.5))
+    assert algorithm.needs_start
+    algorithm.begin(_state(1.0, 2.0, 0.0, dtype=np.float64))
+    out = algorithm.finish(_state(9.0, 9.0, 9.0), _state(0.0, 3.0, 0.0, dtype=np.float64), 4)
+    np.testing.assert_allclose(out["x"], [0.9, 2.1, 0.0], atol=1e-7)  # g = (1, -1, 0)
+    # Second step from x0 = out with g2 = (2, -1, 0): m = 0.5 g1 + 0.5 g2 ... by hand.
+    g1, g2 = np.array([1.0, -1.0, 0.0]), np.array([2.0, -1.0, 0.0])
+    m = 0.5 * (0.5 * g1) + 0.5 * g2
+    v = 0.99 * (0.01 * g1**2) + 0.01 * g2**2
+    step = (m / (1 - 0.5**2)) / (np.sqrt(v / (1 - 0.99**2)) + 1e-8)
+    algorithm.begin(out)
+    out2 = algorithm.finish(out, {"x": out["x"] - g2}, 4)
+    np.testing.assert_allclose(out2["x"], out["x"] - 0.1 * step, atol=1e-9)
+    algorithm.begin(out2)  # a consensus round (no local steps) only mixes
+    np.testing.assert_array_equal(algorithm.finish(out2, {"x": out2["x"] + 5.0}, 0)["x"], out2["x"] + 5.0)
+
+
 def test_diloco_without_a_start_returns_the_mix() -> None:
     """Before any ``begin`` (e.g. a round the node did not start) there is no x0: the mix is kept."""
     algorithm = RoundAlgorithm(GossipSettings(algorithm="diloco", outer_lr=0.5, outer_momentum=0.5))
@@ -228,6 +247,7 @@ def test_diloco_with_momentum_does_not_diverge() -> None:
     [
         GossipSettings(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9),
         GossipSettings(algorithm="scaffold", drift_beta=0.5),
+        GossipSettings(algorithm="fedadam", outer_lr=0.05, outer_momentum=0.9),
         DPSGD,
     ],
     ids=lambda s: s.algorithm,
@@ -247,6 +267,7 @@ def test_a_restored_algorithm_continues_identically(settings: GossipSettings) ->
     expected_keys = {
         "diloco": {"momentum/a", "momentum/b"},
         "scaffold": {"correction/a", "correction/b"},
+        "fedadam": {"momentum/a", "momentum/b", "second/a", "second/b", "outer_steps/count"},
         "dpsgd": set(),
     }[settings.algorithm]
     assert set(saved) == expected_keys
@@ -295,7 +316,7 @@ def test_load_state_dict_refuses_unknown_entries(key: str) -> None:
 
 
 def test_algorithm_names() -> None:
-    assert ALGORITHMS == ("dpsgd", "diloco", "scaffold")
+    assert ALGORITHMS == ("dpsgd", "diloco", "scaffold", "fedadam")
     assert GossipSettings().algorithm == "dpsgd" and GossipSettings().consensus_rounds == 0
 
 

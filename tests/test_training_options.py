@@ -25,6 +25,7 @@ from p2pfm.learn.adapter import (
     build_adapter_model,
     fingerprint_document,
     get_state,
+    params_by_name,
     save_adapter,
     set_state,
 )
@@ -334,3 +335,36 @@ def test_frozen_a_adapter_loads_with_plain_peft(tiny_bert_dir: pathlib.Path, tmp
         want = am.model(**enc).logits
         have = loaded(**enc).logits
     torch.testing.assert_close(have, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- #
+# train.optimizer
+# --------------------------------------------------------------------------- #
+
+
+def test_sgd_steps_along_the_gradient_and_resumes(tiny_bert_dir: pathlib.Path) -> None:
+    """optimizer = "sgd": one step moves every trainable tensor by exactly -lr x its gradient."""
+    am = _build(tiny_bert_dir)
+    _no_dropout(am)
+    settings = TrainSettings(batch_size=8, lr=0.5, optimizer="sgd", precision="fp32", threads=1)
+    trainer = Trainer(am, topic_examples(32, seed=0), settings, seed=0)
+    assert type(trainer.optimizer) is torch.optim.SGD
+    before = get_state(am)
+    trainer.train_steps(1)
+    after = get_state(am)
+    grads = {n: p.grad for n, p in params_by_name(am.model).items()}
+    moved = 0
+    for name, grad in grads.items():
+        assert grad is not None
+        np.testing.assert_allclose(after[name] - before[name], -0.5 * grad.numpy(), rtol=1e-4, atol=1e-7)
+        moved += int(np.any(after[name] != before[name]))
+    assert moved > 0
+    resumed = Trainer(_build(tiny_bert_dir), topic_examples(32, seed=0), settings, seed=0)
+    resumed.load_state_dict(trainer.state_dict())  # SGD's (empty) state survives a checkpoint
+    assert resumed.step == 1
+
+
+def test_the_optimizer_setting_is_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        decode(TrainSettings, {"optimizer": "adam"}, "train")
+    assert info.value.field == "train.optimizer"

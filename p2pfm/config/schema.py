@@ -45,7 +45,9 @@ SCHEMES: tuple[str, ...] = get_args(PartitionScheme)
 #: What an adapter may travel as (``gossip.wire_dtype``): a subset of the wire's dtypes.
 WireDtype = Literal["float32", "bfloat16"]
 Precision = Literal["auto", "fp32", "bf16"]
-AlgorithmName = Literal["dpsgd", "diloco", "scaffold"]  # gossip.algorithm (p2pfm/learn/algorithm.py)
+# gossip.algorithm (p2pfm/learn/algorithm.py)
+AlgorithmName = Literal["dpsgd", "diloco", "scaffold", "fedadam"]
+Optimizer = Literal["adamw", "sgd"]  # train.optimizer
 #: Misbehaviours of an attacking member (p2pfm/node/attacks.py implements them).
 AttackKind = Literal[
     "scale", "noise", "signflip", "replay", "forge", "wrong-model", "equivocate", "far-future"

@@ -23,6 +23,7 @@ from p2pfm.config.schema import (
     Device,
     Finite,
     NonEmpty,
+    Optimizer,
     PartitionScheme,
     PeerIdText,
     Precision,
@@ -169,6 +170,9 @@ class TrainSettings(Schema, frozen=True, kw_only=True):
     # Classification under label skew: train on logits + tau * log(local label prior), evaluate on the
     # plain logits (logit adjustment; docs/training.md). 0 = off.
     logit_adjustment: Annotated[float, Meta(ge=0, le=4)] = 0.0
+    # The local optimizer: "adamw" (decoupled weight decay) or "sgd" (plain, no momentum: what
+    # gossip.algorithm = "fedadam" expects, whose adaptivity is in the outer step).
+    optimizer: Optimizer = "adamw"
 
 
 class GossipSettings(Schema, frozen=True, kw_only=True):

@@ -52,15 +52,17 @@ class RoundAlgorithm:
         self._start: dict[str, Array] = {}  # x0 of the round in progress
         self._momentum: dict[str, Array] = {}  # diloco's v
         self._correction: dict[str, Array] = {}  # scaffold's c (per local step)
+        self._second: dict[str, Array] = {}  # fedadam's second moment
+        self._outer_steps = 0  # fedadam's bias correction
 
     @property
     def needs_start(self) -> bool:
         """Whether ``begin`` must be given the round's starting state (only diloco uses it)."""
-        return self.settings.algorithm == "diloco"
+        return self.settings.algorithm in ("diloco", "fedadam")
 
     def begin(self, state: State) -> None:
         """The round starts from ``state`` (before its local steps)."""
-        if self.settings.algorithm == "diloco":
+        if self.needs_start:
             self._start = {name: np.array(value) for name, value in state.items()}
 
     def correction(self) -> dict[str, Array] | None:
@@ -80,8 +82,10 @@ class RoundAlgorithm:
                 residual = (np.asarray(value) - np.asarray(local[key])) * scale
                 previous = self._correction.get(key)
                 self._correction[key] = residual if previous is None else previous + residual
-        if name != "diloco" or not self._start or steps == 0:
+        if name not in ("diloco", "fedadam") or not self._start or steps == 0:
             return dict(mixed)  # a consensus round (no local steps) only mixes
+        if name == "fedadam":
+            return self._adam_step(mixed)
         eta, mu = self.settings.outer_lr, self.settings.outer_momentum
         out: dict[str, Array] = {}
         for key, value in mixed.items():
@@ -93,19 +97,46 @@ class RoundAlgorithm:
             out[key] = start - eta * (gradient + mu * velocity)
         return out
 
+    def _adam_step(self, mixed: State) -> dict[str, Array]:
+        """fedadam: Adam (beta1 = outer_momentum, beta2 = 0.99) on the pseudo-gradient ``x0 - m``."""
+        beta1, beta2, eps = self.settings.outer_momentum, 0.99, 1e-8
+        self._outer_steps += 1
+        t = self._outer_steps
+        out: dict[str, Array] = {}
+        for key, value in mixed.items():
+            start = self._start[key]
+            gradient = start - np.asarray(value)
+            first = self._momentum.get(key)
+            second = self._second.get(key)
+            first = (1 - beta1) * gradient if first is None else beta1 * first + (1 - beta1) * gradient
+            squared = gradient * gradient
+            second = (1 - beta2) * squared if second is None else beta2 * second + (1 - beta2) * squared
+            self._momentum[key], self._second[key] = first, second
+            step = (first / (1 - beta1**t)) / (np.sqrt(second / (1 - beta2**t)) + eps)
+            out[key] = (start - self.settings.outer_lr * step).astype(start.dtype, copy=False)
+        return out
+
     def state_dict(self) -> dict[str, Array]:
-        """The local state to checkpoint, flat: ``momentum/<tensor>`` and ``correction/<tensor>``."""
+        """The local state to checkpoint, flat: ``momentum/<tensor>``, ``correction/<tensor>``,
+        ``second/<tensor>`` and ``outer_steps/count`` (a 1-element int64 array)."""
         out = {f"momentum/{key}": value.copy() for key, value in self._momentum.items()}
         out |= {f"correction/{key}": value.copy() for key, value in self._correction.items()}
+        out |= {f"second/{key}": value.copy() for key, value in self._second.items()}
+        if self._outer_steps:
+            out["outer_steps/count"] = np.array([self._outer_steps], np.int64)
         return out
 
     def load_state_dict(self, state: Mapping[str, Array]) -> None:
         """Restore ``state_dict()`` output (an empty mapping: a fresh start)."""
-        momentum: dict[str, Array] = {}
-        correction: dict[str, Array] = {}
+        tables: dict[str, dict[str, Array]] = {"momentum": {}, "correction": {}, "second": {}}
+        outer_steps = 0
         for key, value in state.items():
             kind, _, name = key.partition("/")
-            if kind not in ("momentum", "correction") or not name:
+            if key == "outer_steps/count":
+                outer_steps = int(np.asarray(value).reshape(-1)[0])
+            elif kind in tables and name:
+                tables[kind][name] = np.array(value)
+            else:
                 raise LocalProtocolError(f"unexpected algorithm state entry {key!r}")
-            (momentum if kind == "momentum" else correction)[name] = np.array(value)
-        self._momentum, self._correction = momentum, correction
+        self._momentum, self._correction = tables["momentum"], tables["correction"]
+        self._second, self._outer_steps = tables["second"], outer_steps

@@ -149,7 +149,11 @@ class Trainer:
         am.model.train()
         self.params = [p for p in am.model.parameters() if p.requires_grad]
         self._prior_logits = self._label_prior_logits(settings.logit_adjustment)
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+            if settings.optimizer == "adamw"
+            else torch.optim.SGD(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        )
         # Dropout draws from torch's global RNG; seeding it makes a node's run reproducible and
         # state_dict() saves it, so a resumed run draws the same masks.
         torch.manual_seed(seed)
