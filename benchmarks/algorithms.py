@@ -12,11 +12,18 @@ Settings are chosen on a **validation split carved from the training data**
 (``--split val``, the default): the test split is never looked at while
 choosing. ``--split test`` evaluates the chosen settings on the test split.
 
-A variant is ``key=value`` pairs joined by commas:
-``algorithm`` (dpsgd | diloco | scaffold), ``lr``/``mu`` (diloco's outer
-rate and Nesterov momentum), ``beta`` (scaffold), ``la`` (logit adjustment
-tau), ``freeze_a`` (0/1, FFA-LoRA), ``cr`` (consensus rounds at the end: mixing
-only, no local steps).
+A variant is ``key=value`` pairs joined by commas (a bare algorithm name
+means ``algorithm=NAME``): ``algorithm`` (dpsgd | diloco | scaffold |
+fedadam), ``lr``/``mu`` (gossip.outer_lr / outer_momentum), ``beta``
+(gossip.drift_beta), ``la`` (train.logit_adjustment), ``opt``/``inner_lr``
+(train.optimizer / train.lr), ``freeze_a`` (0/1, FFA-LoRA), ``cr`` (consensus
+rounds at the end: mixing only), ``rounds``/``steps`` (instead of
+``--rounds``/``--steps``), ``moments`` (an experiment p2pfm does not ship:
+"v" or "mv" also mixes the AdamW moments).
+
+``--pooled VARIANT`` takes pooled's train settings from a variant (default
+AdamW at 2e-3); ``--balanced-pooled`` trains it on the shards upsampled to
+equal size (each node counting equally, as in gossip).
 
     python benchmarks/algorithms.py --topology ring:4 --alpha 0.3 \\
         dpsgd algorithm=scaffold,beta=0.5 la=1 freeze_a=1,la=1
@@ -110,6 +117,13 @@ class Split:
         examples = [example for shard in self.shards for example in shard.examples]
         return Dataset(tuple(examples), self.shards[0].label_names, "union of the shards")
 
+    @property
+    def balanced_union(self) -> Dataset:
+        """Every shard upsampled (cyclically) to the largest: each node counts equally, as in gossip."""
+        size = max(len(shard) for shard in self.shards)
+        examples = [shard.examples[i % len(shard)] for shard in self.shards for i in range(size)]
+        return Dataset(tuple(examples), self.shards[0].label_names, "balanced union of the shards")
+
 
 def make_split(n_nodes: int, alpha: float, seed: int, split: str) -> Split:
     """Test split as the scenarios make it; ``val`` carves 15% of the training data off first."""
@@ -193,10 +207,11 @@ def _mix_moments(trainers: list[Trainer], weights: Array, which: str) -> None:
                 trainer.optimizer.state[param][key].copy_(mixed)
 
 
-def run_pooled(args: argparse.Namespace, variant: Variant, split: Split) -> float:
+def run_pooled(args: argparse.Namespace, variant: Variant, split: Split, *, balanced: bool = False) -> float:
     model_settings, lora, train = settings(args, variant)
     am = build_adapter_model(model_settings, lora, seed=args.seed)
-    trainer = Trainer(am, split.union.examples, train, seed=args.seed * 100_003)
+    union = split.balanced_union if balanced else split.union
+    trainer = Trainer(am, union.examples, train, seed=args.seed * 100_003)
     trainer.train_steps(args.rounds * args.steps)
     return float(trainer.evaluate(split.evaluation.examples)["accuracy"])
 
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("variants", nargs="+")
+    parser.add_argument("variants", nargs="*")
     parser.add_argument("--topology", default="ring:4")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=6)
@@ -215,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--no-pooled", action="store_true")
+    parser.add_argument(
+        "--pooled", default="dpsgd", help="the variant whose train settings pooled uses (default: AdamW 2e-3)"
+    )
+    parser.add_argument(
+        "--balanced-pooled", action="store_true", help="pooled on shards upsampled to equal size"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -227,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         f"shards {[len(s) for s in split.shards]}",
         flush=True,
     )
-    pooled = None if args.no_pooled else run_pooled(args, variants[0], split)
+    pooled = (
+        None
+        if args.no_pooled
+        else run_pooled(args, parse_variant(args.pooled), split, balanced=args.balanced_pooled)
+    )
     if pooled is not None:
         print(f"pooled {pooled:.4f}", flush=True)
     for variant in variants:

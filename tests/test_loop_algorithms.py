@@ -209,3 +209,27 @@ def test_consensus_rounds_bring_diloco_nodes_together(tmp_path: Path) -> None:
     distance = [consensus_distance([{"x": learners[i].seen[r]} for i in nodes]) for r in range(rounds + 3)]
     assert distance[rounds] > 1e-3, distance
     assert distance[rounds + 2] < 0.1 * distance[rounds], distance
+
+
+def test_a_node_that_never_mixes_still_runs_its_outer_optimizer(tmp_path: Path) -> None:
+    """The local baseline is the same node without mixing: fedadam steps on its own pseudo-gradient."""
+    me = Identity(bytes([90]) * 32)
+    centres, optimum = quadratic_problem(2, 8, seed=5, spread=3.0)
+    runs = {}
+    for algorithm in ("dpsgd", "fedadam"):
+        config = _config(
+            tmp_path / algorithm,
+            me,
+            {},
+            {"rounds": 1, "mix": False, "algorithm": algorithm, "outer_lr": 0.05},
+        )
+        learner = _Recording(centres[0], optimum, lr=0.1, seed=0, start=optimum)
+        node = build_node(load_node_config(config), learner=learner, log=lambda _: None)
+        assert node.transport is None
+        node.run()
+        runs[algorithm] = learner.get_state()["x"]
+    x0, centre = optimum.astype(np.float64), centres[0].astype(np.float64)
+    # dpsgd alone: 2 gradient steps at lr 0.1 on ||x - c||^2 / 2.
+    np.testing.assert_allclose(runs["dpsgd"], centre + (x0 - centre) * 0.9**2, rtol=1e-5)
+    # fedadam alone: Adam's first (bias-corrected) step is outer_lr x sign(x0 - x_local) = sign(x0 - c).
+    np.testing.assert_allclose(runs["fedadam"], x0 - 0.05 * np.sign(x0 - centre), rtol=1e-5, atol=1e-6)

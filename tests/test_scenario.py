@@ -22,6 +22,7 @@ from p2pfm.lab.scenario import (
     write_baseline_configs,
     write_node_configs,
 )
+from p2pfm.learn.data import node_shards
 
 BASE = """
 name = "t"
@@ -86,6 +87,44 @@ def test_generated_configs_wire_the_topology_and_faults(tmp_path: Path) -> None:
     )
 
 
+def test_pooled_keeps_adamw_when_the_nodes_train_with_sgd(tmp_path: Path) -> None:
+    """fedadam's nodes step with plain SGD; the pooled reference keeps AdamW (the stronger one)."""
+    path = tmp_path / "s.toml"
+    path.write_text(
+        BASE.replace('name = "t"', 'name = "t"\nbaselines = ["local", "pooled"]')
+        + '[train]\noptimizer = "sgd"\nlr = 0.5\nlogit_adjustment = 1.0\n'
+        + '[gossip]\nrounds = 3\nalgorithm = "fedadam"\nouter_lr = 0.01\nconsensus_rounds = 2\n'
+    )
+    scenario = load_scenario(path)
+    procs = write_node_configs(scenario, tmp_path / "out")
+    baselines = write_baseline_configs(scenario, tmp_path / "out", procs)
+    local = load_node_config(baselines[0].config)
+    pooled = load_node_config(baselines[-1].config)
+    # local-only is the same node without mixing: its optimizer and algorithm are the nodes'
+    assert (local.train.optimizer, local.train.lr, local.gossip.algorithm) == ("sgd", 0.5, "fedadam")
+    assert (pooled.train.optimizer, pooled.train.lr, pooled.gossip.algorithm) == ("adamw", 2e-3, "dpsgd")
+    assert pooled.train.logit_adjustment == 1.0 and pooled.gossip.consensus_rounds == 2
+    facts = report_setup(scenario).algorithm
+    assert facts["algorithm"] == "fedadam" and facts["outer_lr"] == 0.01 and facts["consensus_rounds"] == 2
+
+
+def test_pooled_holds_every_nodes_topics_under_a_labels_partition(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        BASE.replace('name = "t"', 'name = "t"\nbaselines = ["pooled"]')
+        + '[data]\npartition = "labels"\n'
+        + 'labels = [["business"], ["sports", "tech"], ["politics", "business"], ["entertainment"]]\n'
+    )
+    scenario = load_scenario(path)
+    procs = write_node_configs(scenario, tmp_path / "out")
+    (pooled,) = write_baseline_configs(scenario, tmp_path / "out", procs)
+    config = load_node_config(pooled.config)
+    assert config.data.labels == (("business", "sports", "tech", "politics", "entertainment"),)
+    _, (shard,) = node_shards(config.data, 1)
+    _, shards = node_shards(load_node_config(procs[0].config).data, 4)
+    assert len(shard) == sum(len(s) for s in shards)  # the union of the nodes' shards
+
+
 def test_quickstart_is_valid() -> None:
     scenario = load_scenario(QUICKSTART)
     assert scenario.topology.n_nodes == 4 and scenario.header.baselines == ("local", "pooled")
@@ -95,6 +134,20 @@ def test_ready_scenarios_are_valid() -> None:
     for path in sorted(QUICKSTART.parent.glob("*.toml")):
         scenario = load_scenario(path)
         assert scenario.topology.n_nodes >= 2, path
+
+
+def test_ready_scenarios_split_their_data(tmp_path: Path) -> None:
+    """Every ready scenario's data settings resolve (a misspelt topic in data.labels fails here, not
+    minutes into a run when every node stops on it)."""
+    for path in sorted(QUICKSTART.parent.glob("*.toml")):
+        scenario = load_scenario(path)
+        if scenario.header.topology.startswith("open:"):
+            continue  # its nodes' configs need the open-network wiring; the data section is the same
+        procs = write_node_configs(scenario, tmp_path / path.stem)
+        config = load_node_config(procs[0].config)
+        test, shards = node_shards(config.data, config.shard.shards)
+        assert len(shards) == scenario.topology.n_nodes and all(len(s) > 0 for s in shards), path
+        assert len(test) > 0, path
 
 
 def test_faults_are_described_one_sentence_each_for_the_report() -> None:

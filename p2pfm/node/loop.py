@@ -193,6 +193,8 @@ class Node:
                 wait_s = self.clock.now_s() - started_s
                 if done is not None:
                     self.mix(done)
+                elif self.transport is None:
+                    self.alone()
                 self.record(next_round, trained, done, wait_s=wait_s)
                 self.round_ended()
                 completed = next_round
@@ -394,6 +396,16 @@ class Node:
         self.learner.set_state(self.algorithm.finish(self._own, mixed, self._steps))
         self._aggregation_error = self._measure_aggregation(done)
         self._send_proofs()
+
+    def alone(self) -> None:
+        """A node that never mixes (the ``local`` baseline) still runs its algorithm, on its own state.
+
+        The same node without mixing: an outer optimizer steps on its own
+        pseudo-gradient (``mixed = local``); ``dpsgd`` and ``scaffold`` change nothing.
+        """
+        if self.algorithm.needs_start:
+            state = self.learner.get_state()
+            self.learner.set_state(self.algorithm.finish(state, state, self._steps))
 
     def _measure_aggregation(self, done: RoundComplete) -> float | None:
         """The LoRA aggregation error of this round's mix (its weights; None: nothing to measure)."""
