@@ -196,10 +196,12 @@ class GossipSettings(Schema, frozen=True, kw_only=True):
     deadline_margin_s: Annotated[float, number(ge=0)] = 1.0  # an adaptive wait's least slack
     # What a node does with a round's mix (p2pfm/learn/algorithm.py, docs/training.md): "dpsgd" keeps
     # it; "diloco" takes an outer Nesterov step on the pseudo-gradient; "scaffold" learns a local
-    # drift correction from the mix and applies it at every local step.
+    # drift correction from the mix and applies it at every local step; "fedadam" takes an outer
+    # Adam step on the pseudo-gradient (meant for train.optimizer = "sgd").
     algorithm: AlgorithmName = "dpsgd"
-    outer_lr: Annotated[float, Meta(gt=0, le=2)] = 1.0  # diloco: outer learning rate
-    outer_momentum: Annotated[float, Meta(ge=0, lt=1)] = 0.0  # diloco: Nesterov momentum
+    outer_lr: Annotated[float, Meta(gt=0, le=2)] = 1.0  # diloco, fedadam: outer learning rate
+    # diloco: Nesterov momentum; fedadam: Adam's beta1
+    outer_momentum: Annotated[float, Meta(ge=0, lt=1)] = 0.0
     drift_beta: Annotated[float, Meta(gt=0, le=1)] = 1.0  # scaffold: share of the residual learned
     # Extra rounds at the end that only mix (no local steps): the nodes' adapters converge to the
     # network's average. They are played after ``rounds`` and send one update each.

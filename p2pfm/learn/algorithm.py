@@ -21,11 +21,19 @@ into the state the next round starts from:
   extra bytes: nothing but the adapter travels). With mean mixing and a
   doubly stochastic weight matrix the corrections sum to zero over the
   network, so they steer each node without moving the network's average.
+- ``fedadam``: Adam on the pseudo-gradient ``g = x0 - m`` (beta1 =
+  ``outer_momentum``, beta2 = 0.99, bias-corrected, step ``outer_lr``):
+  FedOpt's server Adam, run by every node on its own mix. Meant for plain
+  SGD local steps (``train.optimizer = "sgd"``): averaging SGD steps
+  averages gradients, while averaging per-node Adam steps under label skew
+  is a per-coordinate vote (docs/training.md has the measurements).
 
-The outer momentum and the correction are local state (checkpointed with the
-learner, never sent). A neighbour's update is mixed before it reaches
-any of this (bounded, robustly mixed: docs/robust.md), so no algorithm
-trusts a peer more than ``dpsgd`` does. Nothing here imports torch.
+In a round without local steps (``gossip.consensus_rounds``) every
+algorithm only mixes. The outer moments and the correction are local state
+(checkpointed beside the adapter, never sent). A neighbour's update is
+bounded and robustly mixed (docs/robust.md) before it reaches any of this;
+``scaffold``'s correction accumulates what the rule lets through, round
+after round (docs/training.md). Nothing here imports torch.
 """
 
 from __future__ import annotations
