@@ -233,3 +233,40 @@ def test_packaged_minilm_classifier() -> None:
     # Pinned (docs/training.md): a change means nodes on different versions would refuse each other.
     assert am.fingerprint.hex() == "3d9ce562f925c18e55d878d78728d42ea72a2ce71a88b898f983129ab11511f7"
     assert elapsed < 30
+
+
+def test_a_checkpoint_missing_body_weights_is_refused(
+    tiny_bert_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Only a classifier's new head may be missing: a lost encoder weight would be trained on as noise."""
+    import safetensors.numpy  # noqa: PLC0415
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert_dir, broken)
+    weights = safetensors.numpy.load_file(str(broken / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "layer.0.attention.self.query.weight" in k)
+    del weights[name]
+    safetensors.numpy.save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(ConfigError) as info:
+        build_cls(broken)
+    assert info.value.field == "model.path" and "query.weight" in str(info.value)
+    build_cls(tiny_bert_dir)  # the intact one: only the new classifier head is missing, which is fine
+
+
+def test_a_causal_lm_missing_its_head_is_refused(
+    tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    import safetensors.numpy  # noqa: PLC0415
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = safetensors.numpy.load_file(str(broken / "model.safetensors"))
+    heads = [k for k in weights if k.startswith("lm_head.")]
+    if not heads:
+        pytest.skip("the tiny llama ties its head to the embeddings: no separate head to remove")
+    for key in heads:
+        del weights[key]
+    safetensors.numpy.save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(ConfigError) as info:
+        build_adapter_model(ModelSettings(str(broken), task="causal-lm"), LLAMA_LORA, seed=0)
+    assert info.value.field == "model.path" and "lm_head" in str(info.value)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from p2pfm.config.settings import LoraSettings, ModelSettings, TrainSettings  # noqa: E402
+from p2pfm.core.errors import ConfigError  # noqa: E402
 from p2pfm.learn.adapter import (  # noqa: E402
     AdapterModel,
     _cast_to_float32,
@@ -71,7 +72,9 @@ def _hf_to_gguf_names(layer: int) -> dict[str, str]:
     }
 
 
-def write_tiny_gguf(path: pathlib.Path, *, seed: int, dtype: str = "F32") -> Weights:
+def write_tiny_gguf(
+    path: pathlib.Path, *, seed: int, dtype: str = "F32", drop: tuple[str, ...] = ()
+) -> Weights:
     """Write a tiny llama GGUF; returns the HF-named float32 weights loading it must reproduce.
 
     ``dtype`` is how the 2-D weights are stored: "F32", "F16" or "Q8_0" (norms are always F32,
@@ -123,6 +126,8 @@ def write_tiny_gguf(path: pathlib.Path, *, seed: int, dtype: str = "F32") -> Wei
 
     expected: Weights = {}
     for hf_name, value in hf.items():
+        if hf_name in drop:  # a truncated file: the tensor is not written
+            continue
         stored = value
         if hf_name.endswith("q_proj.weight"):
             stored = _permute_like_llama_cpp(value, HEADS)
@@ -368,3 +373,12 @@ def test_fingerprint_follows_the_gguf_bytes(
     # The same weights stored as F16 are other bytes too.
     f16_dir, _ = make_gguf_dir(tmp_path / "f16", seed=0, dtype="F16")
     assert build(f16_dir).fingerprint not in {gguf_am.fingerprint, other.fingerprint}
+
+
+def test_a_gguf_file_missing_a_tensor_is_refused(tmp_path: pathlib.Path) -> None:
+    """transformers would fill the gap with random weights; the build refuses instead."""
+    write_tiny_gguf(tmp_path / FILE, seed=0, drop=("model.layers.1.mlp.down_proj.weight",))
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path)
+    assert info.value.field == "model.path"
+    assert "model.layers.1.mlp.down_proj.weight" in str(info.value) and "lacks 1 weight" in str(info.value)

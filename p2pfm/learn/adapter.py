@@ -165,19 +165,25 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
 
         # The classifier head is initialised inside from_pretrained: seed right before it.
         torch.manual_seed(seed)
-        model_kwargs: dict[str, Any] = {_DTYPE_KWARG: torch.float32, **load_kwargs}
+        model_kwargs: dict[str, Any] = {
+            _DTYPE_KWARG: torch.float32,
+            "output_loading_info": True,
+            **load_kwargs,
+        }
         try:
-            base: PreTrainedModel
+            loaded: Any  # (model, loading info): output_loading_info=True
             if settings.task == "classification":
-                base = AutoModelForSequenceClassification.from_pretrained(
+                loaded = AutoModelForSequenceClassification.from_pretrained(
                     model_dir, num_labels=settings.num_labels, **model_kwargs
                 )
             else:
-                base = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
+                loaded = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
+            base, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
         except Exception as exc:
             raise ConfigError(
                 "model.path", f"cannot load a {settings.task} model from {model_dir}: {_one_line(exc)}"
             ) from exc
+        _check_loaded(base, info, settings.task, model_dir)
         _cast_to_float32(base)
         if base.config.pad_token_id is None:
             # Sequence classifiers of decoder models pool the last non-pad token: they need the id.
@@ -208,6 +214,32 @@ def build_adapter_model(settings: ModelSettings, lora: LoraSettings, *, seed: in
     )
     digest = adapter_fingerprint(settings, lora, model_dir, schema, settings.task, seed=seed)
     return AdapterModel(model, tokenizer, settings, lora, schema, digest)
+
+
+def _check_loaded(
+    base: PreTrainedModel, info: Mapping[str, Any], task: Task, model_dir: pathlib.Path
+) -> None:
+    """Refuse a checkpoint that lacks weights of the pretrained model (transformers would randomise them).
+
+    Only a classifier's new head may be missing or re-initialised: the
+    weights outside the model's body (``base_model_prefix``, e.g. ``bert.``).
+    A truncated or mismatched file otherwise loads "successfully" with random
+    layers, and the network would train on noise.
+    """
+    body = f"{base.base_model_prefix}."
+    pairs = [
+        (kind, str(key[0] if isinstance(key, tuple) else key))
+        for kind in ("missing_keys", "mismatched_keys")
+        for key in info.get(kind) or ()
+    ]
+    bad = sorted(key for _, key in pairs if task != "classification" or key.startswith(body))
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ConfigError(
+            "model.path",
+            f"{model_dir} lacks {len(bad)} weight(s) of the model or has them in another shape ({shown}): "
+            "a truncated or mismatched checkpoint; refusing to train on randomly initialised layers",
+        )
 
 
 def _cast_to_float32(model: torch.nn.Module) -> None:
