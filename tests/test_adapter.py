@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -235,20 +236,29 @@ def test_packaged_minilm_classifier() -> None:
     assert elapsed < 30
 
 
+def _copy_without(model_dir: pathlib.Path, out: pathlib.Path, drop: Callable[[str], bool]) -> list[str]:
+    """Copy a model folder, leaving out of model.safetensors the weights ``drop`` picks; their names."""
+    import safetensors.numpy  # noqa: PLC0415
+
+    shutil.copytree(model_dir, out)
+    weights = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    dropped = sorted(name for name in weights if drop(name))
+    safetensors.numpy.save_file(
+        {k: v for k, v in weights.items() if k not in dropped}, str(out / "model.safetensors")
+    )
+    return dropped
+
+
 def test_a_checkpoint_missing_body_weights_is_refused(
     tiny_bert_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     """Only a classifier's new head may be missing: a lost encoder weight would be trained on as noise."""
-    import safetensors.numpy  # noqa: PLC0415
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_bert_dir, broken)
-    weights = safetensors.numpy.load_file(str(broken / "model.safetensors"))
-    name = next(k for k in sorted(weights) if "layer.0.attention.self.query.weight" in k)
-    del weights[name]
-    safetensors.numpy.save_file(weights, str(broken / "model.safetensors"))
+    dropped = _copy_without(
+        tiny_bert_dir, tmp_path / "broken", lambda name: "layer.0.attention.self.query.weight" in name
+    )
+    assert len(dropped) == 1
     with pytest.raises(ConfigError) as info:
-        build_cls(broken)
+        build_cls(tmp_path / "broken")
     assert info.value.field == "model.path" and "query.weight" in str(info.value)
     build_cls(tiny_bert_dir)  # the intact one: only the new classifier head is missing, which is fine
 
@@ -256,17 +266,8 @@ def test_a_checkpoint_missing_body_weights_is_refused(
 def test_a_causal_lm_missing_its_head_is_refused(
     tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    import safetensors.numpy  # noqa: PLC0415
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_llama_dir, broken)
-    weights = safetensors.numpy.load_file(str(broken / "model.safetensors"))
-    heads = [k for k in weights if k.startswith("lm_head.")]
-    if not heads:
-        pytest.skip("the tiny llama ties its head to the embeddings: no separate head to remove")
-    for key in heads:
-        del weights[key]
-    safetensors.numpy.save_file(weights, str(broken / "model.safetensors"))
+    dropped = _copy_without(tiny_llama_dir, tmp_path / "broken", lambda name: name.startswith("lm_head."))
+    assert dropped, "the tiny llama must have an untied head for this test to mean anything"
     with pytest.raises(ConfigError) as info:
-        build_adapter_model(ModelSettings(str(broken), task="causal-lm"), LLAMA_LORA, seed=0)
+        build_adapter_model(ModelSettings(str(tmp_path / "broken"), task="causal-lm"), LLAMA_LORA, seed=0)
     assert info.value.field == "model.path" and "lm_head" in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,17 +88,23 @@ def test_generated_configs_wire_the_topology_and_faults(tmp_path: Path) -> None:
     )
 
 
-def test_pooled_keeps_adamw_when_the_nodes_train_with_sgd(tmp_path: Path) -> None:
-    """fedadam's nodes step with plain SGD; the pooled reference keeps AdamW (the stronger one)."""
+def _with_baselines(tmp_path: Path, baselines: str, tables: str) -> tuple[Any, list[Any], list[Any]]:
+    """BASE with ``baselines`` and TOML ``tables``: the scenario, its node and its baseline processes."""
     path = tmp_path / "s.toml"
-    path.write_text(
-        BASE.replace('name = "t"', 'name = "t"\nbaselines = ["local", "pooled"]')
-        + '[train]\noptimizer = "sgd"\nlr = 0.5\nlogit_adjustment = 1.0\n'
-        + '[gossip]\nrounds = 3\nalgorithm = "fedadam"\nouter_lr = 0.01\nconsensus_rounds = 2\n'
-    )
+    path.write_text(BASE.replace('name = "t"', f'name = "t"\nbaselines = {baselines}') + tables)
     scenario = load_scenario(path)
     procs = write_node_configs(scenario, tmp_path / "out")
-    baselines = write_baseline_configs(scenario, tmp_path / "out", procs)
+    return scenario, procs, write_baseline_configs(scenario, tmp_path / "out", procs)
+
+
+def test_pooled_keeps_adamw_when_the_nodes_train_with_sgd(tmp_path: Path) -> None:
+    """fedadam's nodes step with plain SGD; the pooled reference keeps AdamW (the stronger one)."""
+    scenario, _, baselines = _with_baselines(
+        tmp_path,
+        '["local", "pooled"]',
+        '[train]\noptimizer = "sgd"\nlr = 0.5\nlogit_adjustment = 1.0\n'
+        '[gossip]\nrounds = 3\nalgorithm = "fedadam"\nouter_lr = 0.01\nconsensus_rounds = 2\n',
+    )
     local = load_node_config(baselines[0].config)
     pooled = load_node_config(baselines[-1].config)
     # local-only is the same node without mixing: its optimizer and algorithm are the nodes'
@@ -109,15 +116,12 @@ def test_pooled_keeps_adamw_when_the_nodes_train_with_sgd(tmp_path: Path) -> Non
 
 
 def test_pooled_holds_every_nodes_topics_under_a_labels_partition(tmp_path: Path) -> None:
-    path = tmp_path / "s.toml"
-    path.write_text(
-        BASE.replace('name = "t"', 'name = "t"\nbaselines = ["pooled"]')
-        + '[data]\npartition = "labels"\n'
-        + 'labels = [["business"], ["sports", "tech"], ["politics", "business"], ["entertainment"]]\n'
+    _, procs, (pooled,) = _with_baselines(
+        tmp_path,
+        '["pooled"]',
+        '[data]\npartition = "labels"\n'
+        'labels = [["business"], ["sports", "tech"], ["politics", "business"], ["entertainment"]]\n',
     )
-    scenario = load_scenario(path)
-    procs = write_node_configs(scenario, tmp_path / "out")
-    (pooled,) = write_baseline_configs(scenario, tmp_path / "out", procs)
     config = load_node_config(pooled.config)
     assert config.data.labels == (("business", "sports", "tech", "politics", "entertainment"),)
     _, (shard,) = node_shards(config.data, 1)
