@@ -23,6 +23,7 @@ from p2pfm.lab.scenario import (
     write_baseline_configs,
     write_node_configs,
 )
+from p2pfm.learn.algorithm import ALGORITHMS
 from p2pfm.learn.data import node_shards
 
 BASE = """
@@ -152,6 +153,7 @@ def test_ready_scenarios_split_their_data(tmp_path: Path) -> None:
         test, shards = node_shards(config.data, config.shard.shards)
         assert len(shards) == scenario.topology.n_nodes and all(len(s) > 0 for s in shards), path
         assert len(test) > 0, path
+        assert report_setup(scenario).algorithm["algorithm"] in ALGORITHMS, path
 
 
 def test_faults_are_described_one_sentence_each_for_the_report() -> None:

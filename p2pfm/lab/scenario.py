@@ -592,22 +592,22 @@ def report_setup(scenario: Scenario) -> Setup:
 
 def algorithm_facts(templates: Mapping[str, Any]) -> dict[str, str | float | bool]:
     """The learning algorithm a scenario's nodes run and the settings it depends on (defaults filled in)."""
-    defaults_g, defaults_t, defaults_l = GossipSettings(), TrainSettings(), LoraSettings()
-    gossip, train = templates.get("gossip", {}), templates.get("train", {})
-    name = str(gossip.get("algorithm", defaults_g.algorithm))
-    facts: dict[str, str | float | bool] = {"algorithm": name}
-    if name in ("diloco", "fedadam"):
-        facts["outer_lr"] = float(gossip.get("outer_lr", defaults_g.outer_lr))
-        facts["outer_momentum"] = float(gossip.get("outer_momentum", defaults_g.outer_momentum))
-    if name == "scaffold":
-        facts["drift_beta"] = float(gossip.get("drift_beta", defaults_g.drift_beta))
-    facts["rule"] = str(gossip.get("rule", defaults_g.rule))
-    facts["consensus_rounds"] = int(gossip.get("consensus_rounds", defaults_g.consensus_rounds))
-    facts["optimizer"] = str(train.get("optimizer", defaults_t.optimizer))
-    facts["lr"] = float(train.get("lr", defaults_t.lr))
-    facts["logit_adjustment"] = float(train.get("logit_adjustment", defaults_t.logit_adjustment))
-    facts["freeze_a"] = bool(templates.get("lora", {}).get("freeze_a", defaults_l.freeze_a))
-    return facts
+    gossip = decode(GossipSettings, dict(templates.get("gossip", {})), "gossip")
+    train = decode(TrainSettings, dict(templates.get("train", {})), "train")
+    lora = decode(LoraSettings, dict(templates.get("lora", {})), "lora")
+    facts: dict[str, str | float | bool] = {"algorithm": gossip.algorithm}
+    if gossip.algorithm in ("diloco", "fedadam"):
+        facts |= {"outer_lr": gossip.outer_lr, "outer_momentum": gossip.outer_momentum}
+    if gossip.algorithm == "scaffold":
+        facts["drift_beta"] = gossip.drift_beta
+    return facts | {
+        "rule": gossip.rule,
+        "consensus_rounds": gossip.consensus_rounds,
+        "optimizer": train.optimizer,
+        "lr": train.lr,
+        "logit_adjustment": train.logit_adjustment,
+        "freeze_a": lora.freeze_a,
+    }
 
 
 def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summary:

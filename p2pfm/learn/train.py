@@ -217,7 +217,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss_sum(self, batch: Sequence[ExampleLike]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    def _loss_sum(
+        self, batch: Sequence[ExampleLike], *, training: bool = False
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """Summed cross-entropy, the number of terms in it, and (classification) the logits (B, C)."""
         input_ids, attention_mask = self._encode(batch)
         with self._autocast():
@@ -225,7 +227,7 @@ class Trainer:
         if self.task == "classification":
             labels = torch.tensor([self._check_label(ex) for ex in batch], device=self.device)
             adjusted = logits.float()
-            if self._prior_logits is not None and torch.is_grad_enabled():  # training only
+            if training and self._prior_logits is not None:  # logit adjustment: training only
                 adjusted = adjusted + self._prior_logits
             loss = F.cross_entropy(adjusted, labels, reduction="sum")
             return loss, len(batch), logits
@@ -252,7 +254,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
             batch = [self.train[i] for i in self._next_indices()]
-            loss_sum, count = self._loss_sum(batch)[:2]
+            loss_sum, count = self._loss_sum(batch, training=True)[:2]
             loss = loss_sum / max(count, 1)  # a batch of one-token texts has nothing to predict
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
