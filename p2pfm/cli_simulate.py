@@ -64,6 +64,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--deadline", choices=["adaptive", "fixed"],
         help="as gossip.deadline: wait as long as neighbours take, or always the timeout (default adaptive)",
     )  # fmt: skip
+    sim.add_argument(
+        "--overlap",
+        action="store_true",
+        default=None,
+        help="as gossip.overlap: exchange beside the next round's local steps, mix applied a round late",
+    )
     sim.add_argument("--workers", type=int, help="processes (default: one per core for big networks)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     overlay = sim.add_argument_group(
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         faults=_with_flags(faults, args, parse_topology(spec)),
         workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
         deadline=_pick(args.deadline, gossip.get("deadline", "adaptive")),
+        overlap=bool(_pick(args.overlap, gossip.get("overlap", False))),
     )  # fmt: skip
     result = simulate(config)
     if args.json:

@@ -7,7 +7,6 @@ the namespaces this test creates and deletes.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,89 +21,35 @@ import tomli_w
 from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.core.consensus import consensus_distance
 from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.lab import netns
+from p2pfm.lab.netns import Host, NetnsUnavailable
 from p2pfm.node.metrics import read_metrics
 from tests.conftest import topic_examples, write_jsonl
 
 pytestmark = pytest.mark.slow  # starts node processes (each imports torch)
 
 HOSTS = 3
-TAG = f"p2pfm{os.getpid() % 100000}"
-HUB = f"{TAG}-hub"
-NAMESPACES = [f"{TAG}-h{i}" for i in range(HOSTS)]
-ADDRESSES = [f"198.18.0.{i + 1}" for i in range(HOSTS)]
 PORT = 5550
 ROUNDS = 12
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=20)
-
-
-def _teardown() -> None:
-    for ns in [*NAMESPACES, HUB]:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
-
-
 @pytest.fixture
-def hosts() -> Iterator[list[str]]:
+def hosts() -> Iterator[list[Host]]:
     try:
-        _ip("netns", "add", HUB)
-        _ip("-n", HUB, "link", "add", "br0", "type", "bridge")
-        _ip("-n", HUB, "link", "set", "br0", "up")
-        for i, ns in enumerate(NAMESPACES):
-            _ip("netns", "add", ns)
-            hub_end, host_end = f"{TAG}b{i}", f"{TAG}n{i}"
-            _ip("link", "add", hub_end, "type", "veth", "peer", "name", host_end)
-            _ip("link", "set", hub_end, "netns", HUB)
-            _ip("-n", HUB, "link", "set", hub_end, "master", "br0")
-            _ip("-n", HUB, "link", "set", hub_end, "up")
-            _ip("link", "set", host_end, "netns", ns)
-            _ip("-n", ns, "link", "set", host_end, "name", "eth0")
-            _ip("-n", ns, "addr", "add", f"{ADDRESSES[i]}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-    except FileNotFoundError:
-        _teardown()
-        pytest.skip("iproute2 (`ip`) is not installed")
-    except subprocess.CalledProcessError as exc:
-        _teardown()
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
+        with netns.hosts(HOSTS) as made:
+            yield made
+    except NetnsUnavailable as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+
+
+def _impair(host: Host) -> str:
     try:
-        yield NAMESPACES
-    finally:
-        _teardown()
+        return netns.impair(host)
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
 
 
-def _impair(ns: str) -> str:
-    """Impair one host's link: netem delay + loss where the kernel has it, else a tbf rate limit.
-
-    Returns what was applied. The project's CI kernel has no netem module;
-    tbf (token bucket) is there, and at 100 kbit/s it delays every ~9 KB
-    adapter message by most of a second, a slow link in all but name.
-    """
-    exec_tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root"]
-    netem = subprocess.run(
-        [*exec_tc, "netem", "delay", "40ms", "loss", "5%"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
-    if netem.returncode == 0:
-        return "netem delay 40ms loss 5%"
-    tbf = subprocess.run(
-        [*exec_tc, "tbf", "rate", "100kbit", "burst", "16kbit", "latency", "2s"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
-    if tbf.returncode != 0:
-        pytest.skip(f"neither tc netem ({netem.stderr.strip()}) nor tbf ({tbf.stderr.strip()}) is available")
-    return f"tbf rate 100kbit (netem unavailable: {netem.stderr.strip()})"
-
-
-def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[str], drop: float) -> Path:
+def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[Host], drop: float) -> Path:
     data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=1))
     ids = [Identity.generate() for _ in namespaces]
     docs = []
@@ -114,9 +59,9 @@ def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[str], drop: f
         write_key_file(ids[i], folder / "node.key")
         # A path 0 - 1 - 2: lambda2 = 2/3 with Metropolis weights, so mixing takes a few rounds.
         neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(namespaces)]
-        listen = f"tcp://{ADDRESSES[i]}:{PORT}"
+        listen = f"tcp://{namespaces[i].address}:{PORT}"
         peers = [
-            {"id": ids[j].peer_id.hex, "address": f"tcp://{ADDRESSES[j]}:{PORT}", "name": f"host{j}"}
+            {"id": ids[j].peer_id.hex, "address": f"tcp://{namespaces[j].address}:{PORT}", "name": f"host{j}"}
             for j in neighbours
         ]
         gossip = {"rounds": ROUNDS, "round_timeout_s": 4.0, "seed": i, "snapshot_every": 1}
@@ -136,25 +81,14 @@ def _run_network(tmp_path: Path, model_dir: Path, namespaces: list[str], drop: f
     return tmp_path
 
 
-def _run_hosts(root: Path, namespaces: list[str], docs: list[dict[str, Any]], args: list[list[str]]) -> None:
+def _run_hosts(root: Path, namespaces: list[Host], docs: list[dict[str, Any]], args: list[list[str]]) -> None:
     """One `p2pfm node` per namespace (config ``docs[i]``, extra ``args[i]``), each stopped by pid."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for i, ns in enumerate(namespaces):
+        for i, host in enumerate(namespaces):
             folder = root / f"host{i}"
             (folder / "node.toml").write_text(tomli_w.dumps(docs[i]))
-            command = [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "p2pfm",
-                "node",
-                "--config",
-                "node.toml",
-            ]
+            command = host.command(sys.executable, "-m", "p2pfm", "node", "--config", "node.toml")
             log = (folder / "log.txt").open("wb")
             procs.append(
                 subprocess.Popen([*command, *args[i]], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
@@ -181,7 +115,7 @@ def _distances(root: Path, hosts: int, rounds: int) -> list[float]:
 
 
 def test_nodes_on_separate_hosts_reach_consensus(
-    tmp_path: Path, tiny_bert_dir: Path, hosts: list[str]
+    tmp_path: Path, tiny_bert_dir: Path, hosts: list[Host]
 ) -> None:
     # Loss on the host0-host1 link from p2pfm's own fault injection (works on any kernel).
     root = _run_network(tmp_path, tiny_bert_dir, hosts, drop=0.2)
@@ -193,7 +127,7 @@ def test_nodes_on_separate_hosts_reach_consensus(
     assert records[-1]["bytes_received"] > 0
 
 
-def test_consensus_over_an_impaired_link(tmp_path: Path, tiny_bert_dir: Path, hosts: list[str]) -> None:
+def test_consensus_over_an_impaired_link(tmp_path: Path, tiny_bert_dir: Path, hosts: list[Host]) -> None:
     applied = _impair(hosts[0])
     print(f"host0's link: {applied}")
     root = _run_network(tmp_path, tiny_bert_dir, hosts, drop=0.0)
@@ -205,7 +139,7 @@ def test_consensus_over_an_impaired_link(tmp_path: Path, tiny_bert_dir: Path, ho
 
 
 def test_a_node_joins_across_hosts_with_only_a_bootstrap_address(
-    tmp_path: Path, tiny_bert_dir: Path, hosts: list[str]
+    tmp_path: Path, tiny_bert_dir: Path, hosts: list[Host]
 ) -> None:
     """host0 starts the network; host1 and host2 know nothing but host0's address (docs/membership.md)."""
     data = write_jsonl(tmp_path / "data.jsonl", topic_examples(300, seed=1))
@@ -218,7 +152,7 @@ def test_a_node_joins_across_hosts_with_only_a_bootstrap_address(
         folder.mkdir()
         write_key_file(ids[i], folder / "node.key")
         node = {
-            "key": "node.key", "listen": f"tcp://{ADDRESSES[i]}:{PORT}", "network": "netns-open",
+            "key": "node.key", "listen": f"tcp://{hosts[i].address}:{PORT}", "network": "netns-open",
             "out": "out", "name": f"host{i}", "roster": str(tmp_path / "roster.toml"),
         }  # fmt: skip
         doc = {
@@ -231,7 +165,7 @@ def test_a_node_joins_across_hosts_with_only_a_bootstrap_address(
             "gossip": {"rounds": ROUNDS, "round_timeout_s": 4.0, "eval_every": ROUNDS},
         }  # fmt: skip
         docs.append(doc)
-    bootstrap = ["--bootstrap", f"tcp://{ADDRESSES[0]}:{PORT}"]
+    bootstrap = ["--bootstrap", f"tcp://{hosts[0].address}:{PORT}"]
     _run_hosts(tmp_path, hosts, docs, [[] if i == 0 else bootstrap for i in range(len(hosts))])
     for i in range(1, len(hosts)):
         records = list(read_metrics(tmp_path / f"host{i}" / "out" / "metrics.jsonl"))

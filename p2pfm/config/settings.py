@@ -206,6 +206,10 @@ class GossipSettings(Schema, frozen=True, kw_only=True):
     # Extra rounds at the end that only mix (no local steps): the nodes' adapters converge to the
     # network's average. They are played after ``rounds`` and send one update each.
     consensus_rounds: Annotated[int, Meta(ge=0, le=100)] = 0
+    # true: a round's exchange runs beside the next round's local steps, and its mix is applied one
+    # round late as a correction (x += mix(x_r) - x_r, docs/node.md); the last round still waits for
+    # its mix. false: a round trains, then waits for its neighbours (synchronous).
+    overlap: bool = False
 
 
 class FaultSettings(Schema, frozen=True, kw_only=True):

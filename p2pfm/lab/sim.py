@@ -76,6 +76,7 @@ class SimConfig:
     max_rounds_ahead: int = 3
     workers: int | None = None  # processes; None: one per core for big networks, else 1
     keep_states: bool = False  # keep every node's first and last state in the result
+    overlap: bool = False  # gossip.overlap: exchange beside the next round's local steps
 
     def __post_init__(self) -> None:
         checks = (
@@ -195,11 +196,11 @@ def build_part(
     gossip = GossipSettings(
         rounds=config.rounds, round_timeout_s=config.round_timeout_s, rule=config.rule, trim=config.trim,
         byzantine_weight=config.byzantine_weight, max_rounds_ahead=config.max_rounds_ahead,
-        eval_every=max(1, config.rounds), deadline=config.deadline,
+        eval_every=max(1, config.rounds), deadline=config.deadline, overlap=config.overlap,
     )  # fmt: skip
     plan = RoundPlan(
         rounds=config.rounds, local_steps=config.local_steps, samples_per_round=max(1, config.local_steps),
-        eval_every=gossip.eval_every,
+        eval_every=gossip.eval_every, overlap=config.overlap,
     )  # fmt: skip
     schedule = topology.schedule
 

@@ -9,6 +9,12 @@ through the same calls in time order:
     open -> train -> publish -> (wake on each arrival or at the deadline:
     judge, poll) -> mix, record -> train ...
 
+With ``gossip.overlap`` (``Node._play_overlapped``) a published round's
+arrivals wake the node while it trains the next one, and its mix lands
+after that training:
+
+    train r (judge, poll round r - 1) -> [wait for r - 1] -> mix -> record r -> publish r -> train r + 1
+
 Training takes ``step_s`` virtual seconds per local step (a slow node's
 learner wrapper adds its share), every link takes at least ``latency_s``,
 and the deadlines are the protocol's own. So timeouts, stragglers, crashes
@@ -121,7 +127,7 @@ class _Slot:
     peer: PeerId
     node: Node
     round: int = 0
-    phase: str = "open"  # open, join, train, wait, listen, crashed, done
+    phase: str = "open"  # open, join, train, overlap, wait, listen, crashed, done
     trained: Trained | None = None
     waiting_since_s: float = 0.0
     listen_until_s: float = 0.0
@@ -135,6 +141,10 @@ class _Slot:
     sent_before: tuple[int, int, int] = (0, 0, 0)  # messages, fault drops, bytes at the last record
     initial: Array | None = None
     outcome: NodeOutcome | None = None
+    # gossip.overlap: a published round's exchange runs through the next round's training
+    in_flight: bool = False
+    landed: RoundComplete | None = None  # the in-flight round, completed during training
+    landing: bool = False  # waiting for the in-flight round after training
 
 
 class VirtualScheduler:
@@ -235,9 +245,16 @@ class VirtualScheduler:
                 self._finish(slot)
                 return
             slot.phase = "train"
+            if slot.in_flight:  # overlap: the published round's messages are judged while training
+                slot.phase = "overlap"
+                self._sleep(slot, node.protocol.deadline_s)
             slot.trained = node.train(slot.round)  # advances the clock by the virtual training time
             self._push(self.clock.now_s(), slot, _PUBLISH)
         elif kind == _PUBLISH:
+            slot.waiting_since_s = self.clock.now_s()
+            if node.plan.overlap and node.transport is not None:
+                self._trained_overlapped(slot)
+                return
             node.publish(slot.round)
             slot.phase, slot.waiting_since_s = "wait", self.clock.now_s()
             self._check(slot)
@@ -275,6 +292,13 @@ class VirtualScheduler:
             else:
                 self._sleep(slot, slot.listen_until_s)
             return
+        if slot.phase == "overlap":
+            done = node.poll()
+            if done is None:
+                self._sleep(slot, node.protocol.deadline_s)
+            else:  # kept until the training ends (the node applies it then)
+                slot.landed, slot.phase, slot.next_wake_s = done, "train", math.inf
+            return
         if slot.phase != "wait":
             return
         done = node.poll()
@@ -282,6 +306,11 @@ class VirtualScheduler:
             self._sleep(slot, node.protocol.deadline_s)
             return
         slot.next_wake_s = math.inf  # pending wakes are stale now: no judging while training
+        if slot.landing:  # overlap: the previous round's exchange, after this round's training
+            slot.landing, slot.in_flight = False, False
+            node.mix(done)
+            self._land_overlapped(slot, done)
+            return
         node.mix(done)
         assert slot.trained is not None
         node.record(slot.round, slot.trained, done, wait_s=now_s - slot.waiting_since_s)
@@ -297,7 +326,48 @@ class VirtualScheduler:
         slot.round = node.catch_up(slot.round + 1)
         self._push(self.clock.now_s(), slot, _TRAIN)
 
-    def _recorded(self, slot: _Slot, done: RoundComplete) -> None:
+    def _trained_overlapped(self, slot: _Slot) -> None:
+        """gossip.overlap, after a round's training: land the round in flight (or wait for it)."""
+        done = None
+        if slot.in_flight:
+            if slot.landed is None:
+                slot.phase, slot.landing = "wait", True
+                self._check(slot)
+                return
+            done, slot.landed, slot.in_flight = slot.landed, None, False
+            slot.node.mix(done)
+        self._land_overlapped(slot, done)
+
+    def _land_overlapped(self, slot: _Slot, done: RoundComplete | None) -> None:
+        """gossip.overlap: record the round and publish it (its exchange runs through the next training).
+
+        The last round publishes and waits as a synchronous round does, so
+        that the final state holds its mix (``Node._play_overlapped``).
+        """
+        node = slot.node
+        slot.round = node.catch_up(slot.round)
+        if slot.round == node.plan.rounds:
+            node.publish(slot.round)
+            slot.phase = "wait"
+            self._check(slot)
+            return
+        assert slot.trained is not None
+        node.record(slot.round, slot.trained, done, wait_s=self.clock.now_s() - slot.waiting_since_s)
+        node.round_ended()
+        self._recorded(slot, done)
+        if slot.leave_after is not None and slot.round >= slot.leave_after:
+            node.leave()
+            self._finish(slot)
+            return
+        if slot.crash_after is not None and slot.round >= slot.crash_after and not slot.crashes:
+            self._crash(slot)
+            return
+        node.publish(slot.round)
+        slot.in_flight, slot.phase = True, "train"
+        slot.round += 1
+        self._push(self.clock.now_s(), slot, _TRAIN)
+
+    def _recorded(self, slot: _Slot, done: RoundComplete | None) -> None:
         slot.completed = slot.round
         tally = self._tally(slot.round)
         tally.add(slot.node.learner.get_state()["x"])
@@ -308,7 +378,7 @@ class VirtualScheduler:
             tally.messages += (now[0] - before[0]) + (now[1] - before[1])
             tally.bytes += now[2] - before[2]
             slot.sent_before = now
-        tally.delivered += len(done.updates)
+        tally.delivered += len(done.updates) if done is not None else 0
         if self.on_record is not None:
             self.on_record(slot.index, slot.round, slot.node)
         for index in self._joins.pop(slot.round, []):
@@ -320,6 +390,7 @@ class VirtualScheduler:
     def _crash(self, slot: _Slot) -> None:
         """The node's process dies: its inbox is lost; its store (the disk) survives for the restart."""
         slot.crashes += 1
+        slot.in_flight, slot.landed, slot.landing = False, None, False  # the exchange dies with it
         slot.node.close()
         self.network.detach(slot.peer)
         slot.phase, slot.sent_before = "crashed", (0, 0, 0)
@@ -360,7 +431,7 @@ class VirtualScheduler:
 
     def _arrival(self, receiver: PeerId, deliver_at_s: float) -> None:
         slot = self._by_peer.get(receiver)
-        if slot is not None and slot.phase in ("wait", "listen", "join"):
+        if slot is not None and slot.phase in ("wait", "listen", "join", "overlap"):
             self._wake(slot, deliver_at_s)
 
     def _wake(self, slot: _Slot, at_s: float) -> None:

@@ -73,16 +73,37 @@ class RoundAlgorithm:
         if self.needs_start:
             self._start = {name: np.array(value) for name, value in state.items()}
 
+    @property
+    def start(self) -> dict[str, Array]:
+        """The starting state ``begin`` was given last (empty when the algorithm needs none)."""
+        return self._start
+
+    def shift_start(self, delta: State) -> None:
+        """Move the round in progress's start by ``delta`` (an overlapped node's late mix correction).
+
+        With ``gossip.overlap`` round r's mix arrives while round r + 1
+        trains and is added to the weights as ``delta``; the round's start
+        moves with it, so that its pseudo-gradient is its own move plus
+        its own mix, as in a synchronous round (docs/node.md).
+        """
+        if self._start:
+            self._start = {name: value + delta[name] for name, value in self._start.items()}
+
     def correction(self) -> dict[str, Array] | None:
         """What to add to the parameters after each local step (None: nothing)."""
         return self._correction or None
 
-    def finish(self, local: State, mixed: State, steps: int) -> dict[str, Array]:
+    def finish(
+        self, local: State, mixed: State, steps: int, *, start: State | None = None
+    ) -> dict[str, Array]:
         """The state the next round starts from, given the trained ``local`` and its ``mixed`` result.
 
         Arrays keep the state's dtype (float32 adapters; float64 in exact
-        consensus experiments). ``dpsgd`` returns the mix itself.
+        consensus experiments). ``dpsgd`` returns the mix itself. ``start``
+        is the round's starting state when it is not the last ``begin``'s
+        (an overlapped node finishes round r after round r + 1 began).
         """
+        origin = self._start if start is None else start
         name = self.settings.algorithm
         if name == "scaffold" and steps > 0:
             scale = self.settings.drift_beta / steps
@@ -90,29 +111,29 @@ class RoundAlgorithm:
                 residual = (np.asarray(value) - np.asarray(local[key])) * scale
                 previous = self._correction.get(key)
                 self._correction[key] = residual if previous is None else previous + residual
-        if name not in ("diloco", "fedadam") or not self._start or steps == 0:
+        if name not in ("diloco", "fedadam") or not origin or steps == 0:
             return dict(mixed)  # a consensus round (no local steps) only mixes
         if name == "fedadam":
-            return self._adam_step(mixed)
+            return self._adam_step(origin, mixed)
         eta, mu = self.settings.outer_lr, self.settings.outer_momentum
         out: dict[str, Array] = {}
         for key, value in mixed.items():
-            start = self._start[key]
-            gradient = start - np.asarray(value)  # the pseudo-gradient
+            x0 = origin[key]
+            gradient = x0 - np.asarray(value)  # the pseudo-gradient
             velocity = self._momentum.get(key)
             velocity = gradient if velocity is None else mu * velocity + gradient
             self._momentum[key] = velocity
-            out[key] = start - eta * (gradient + mu * velocity)
+            out[key] = x0 - eta * (gradient + mu * velocity)
         return out
 
-    def _adam_step(self, mixed: State) -> dict[str, Array]:
+    def _adam_step(self, origin: State, mixed: State) -> dict[str, Array]:
         """fedadam: Adam (beta1 = outer_momentum, beta2 = 0.99) on the pseudo-gradient ``x0 - m``."""
         beta1, beta2, eps = self.settings.outer_momentum, 0.99, 1e-8
         self._outer_steps += 1
         t = self._outer_steps
         out: dict[str, Array] = {}
         for key, value in mixed.items():
-            start = self._start[key]
+            start = origin[key]
             gradient = start - np.asarray(value)
             first = self._momentum.get(key)
             second = self._second.get(key)

@@ -112,6 +112,7 @@ def build_node(
             eval_every=config.gossip.eval_every,
             snapshot_every=config.gossip.snapshot_every,
             partners=config.partners,
+            overlap=config.gossip.overlap,
         ),
         learner=learner,
         transport=transport if transport is not None else zmq_transport,

@@ -73,6 +73,7 @@ class RoundPlan:
     # A time-varying topology: the neighbours each round mixes with (None: all of them, every round).
     partners: Callable[[int], tuple[PeerId, ...]] | None = None
     consensus_rounds: int = 0  # the last this many of ``rounds`` only mix (no local steps)
+    overlap: bool = False  # exchange beside the next round's training (``gossip.overlap``)
 
     def steps_in(self, round_: int) -> int:
         """Local steps of round ``round_``."""
@@ -102,6 +103,17 @@ class NodeResult:
     final_eval: dict[str, float]
     stopped: bool  # True when a signal stopped the node before the last round
     adapter_saved: bool = True  # False: the final adapter could not be written (the checkpoint holds it)
+
+
+@dataclass
+class _InFlight:
+    """A published round whose exchange runs on its own thread (``Node.launch``)."""
+
+    abandon: threading.Event
+    thread: threading.Thread | None = None
+    done: RoundComplete | None = None
+    mixed: dict[str, Array] | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -144,7 +156,12 @@ class Node:
         self.rounds_trained = 0
         self.last_eval: dict[str, float] = {}
         self._own: dict[str, Array] = {}  # the state this round published, which the mix starts from
+        self._own_start: dict[str, Array] = {}  # the algorithm's start of the published round
+        self._own_steps = 0  # local steps of the published round
+        self._own_round = 0  # the round last published
+        self._began = 0  # the round whose local steps ran last
         self._steps = 0  # local steps of the round in progress
+        self._in_flight: _InFlight | None = None  # gossip.overlap: the exchange running beside training
         self._aggregation_error: float | None = None  # of the last mix (p2pfm/learn/aggregation.py)
         self._logged_rejections: set[tuple[str, str]] = set()
         self._internal_errors = 0  # messages whose handling raised (a bug, counted, never fatal)
@@ -186,6 +203,8 @@ class Node:
                     self.judge(POLL_S)
                 next_round = self.opened(next_round)
             completed = min(next_round - 1, self.plan.rounds)
+            if self.plan.overlap and self.transport is not None:
+                return self.finish(self._play_overlapped(next_round, completed))
             while next_round <= self.plan.rounds and not self.stop.is_set():
                 trained = self.train(next_round)
                 started_s = self.clock.now_s()
@@ -203,12 +222,47 @@ class Node:
         finally:
             self.close()
 
+    def _play_overlapped(self, next_round: int, completed: int) -> int:
+        """The rounds with ``gossip.overlap``; returns the last round completed.
+
+        Round r: train (round r - 1's exchange runs meanwhile on its own
+        thread) -> land round r - 1's mix as a correction -> record -> publish
+        round r and start its exchange. The last round publishes and waits,
+        so that the final adapter holds its last mix; a stop ends after the
+        round's record, its update unpublished.
+        """
+        try:
+            while next_round <= self.plan.rounds and not self.stop.is_set():
+                round_ = next_round
+                trained = self.train(round_)
+                started_s = self.clock.now_s()
+                done = self.land()
+                round_ = self.catch_up(round_)
+                if round_ == self.plan.rounds and not self.stop.is_set():
+                    last = self.exchange(round_)  # the last round waits for its mix
+                    if last is not None:
+                        self.mix(last)
+                        done = last
+                self.record(round_, trained, done, wait_s=self.clock.now_s() - started_s)
+                self.round_ended()
+                if round_ < self.plan.rounds and not self.stop.is_set():
+                    self.publish(round_)
+                    self.launch()
+                completed, next_round = round_, round_ + 1
+        finally:
+            self.abandon()
+        return completed
+
     def exchange(self, round_: int) -> RoundComplete | None:
         """Publish this round's update and wait for the neighbours' (None: this node does not mix)."""
         if self.transport is None:
             return None
         self.publish(round_)
-        while True:
+        return self.await_round()
+
+    def await_round(self, abandon: threading.Event | None = None) -> RoundComplete | None:
+        """Judge arrivals until the published round completes (None: ``abandon`` was set)."""
+        while abandon is None or not abandon.is_set():
             event = self.poll()
             if event is not None:
                 return event
@@ -217,6 +271,50 @@ class Node:
                 assert event is not None
                 return event
             self.judge(max(0.0, min(POLL_S, self.protocol.deadline_s - self.clock.now_s())))
+        return None
+
+    # ----------------------------------------------------------- overlap
+
+    def launch(self) -> None:
+        """Run the published round's exchange on its own thread (``gossip.overlap``).
+
+        The thread owns the protocol and the transport until ``land``: it
+        judges arrivals, waits for the round and computes the mix; the
+        caller only trains meanwhile.
+        """
+        flight = _InFlight(threading.Event())
+        own = self._own
+
+        def exchange() -> None:
+            try:
+                flight.done = self.await_round(flight.abandon)
+                if flight.done is not None:
+                    flight.mixed = flight.done.mix(own, self.mix_settings)
+            except BaseException as exc:  # noqa: BLE001  handed to the caller by land()
+                flight.error = exc
+
+        flight.thread = threading.Thread(target=exchange, name=f"{self.name}-exchange", daemon=True)
+        self._in_flight = flight
+        flight.thread.start()
+
+    def land(self) -> RoundComplete | None:
+        """Wait for the exchange in flight and apply its mix (None: nothing was in flight)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None or flight.thread is None:
+            return None
+        flight.thread.join()
+        if flight.error is not None:
+            raise flight.error
+        if flight.done is not None:
+            self.mix(flight.done, flight.mixed)
+        return flight.done
+
+    def abandon(self) -> None:
+        """Stop an exchange still in flight without applying it (the node is stopping or failed)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None and flight.thread is not None:
+            flight.abandon.set()
+            flight.thread.join(timeout=10 * POLL_S + self.protocol.config.round_timeout_s)
 
     # ------------------------------------------------------------- steps
 
@@ -333,6 +431,7 @@ class Node:
         """Round ``round_``'s local steps (none in a consensus round), with the algorithm's correction."""
         started_s = self.clock.now_s()
         self._steps = self.plan.steps_in(round_)
+        self._began = round_
         if self.algorithm.needs_start:
             self.algorithm.begin(self.learner.get_state())
         correction = self.algorithm.correction() if self._steps else None
@@ -347,6 +446,7 @@ class Node:
         partners = None if self.plan.partners is None else self.plan.partners(round_)
         self.protocol.start_round(round_, self.clock.now_s(), partners=partners)
         self._own = self.learner.get_state()
+        self._own_start, self._own_steps, self._own_round = self.algorithm.start, self._steps, round_
         messages = self.publisher.messages(
             self.protocol, self._own, samples=self.plan.samples_per_round, wall_time_ms=self.clock.wall_ms()
         )
@@ -391,9 +491,25 @@ class Node:
     def poll(self) -> RoundComplete | None:
         return self.protocol.poll(self.clock.now_s())
 
-    def mix(self, done: RoundComplete) -> None:
-        mixed = done.mix(self._own, self.mix_settings)
-        self.learner.set_state(self.algorithm.finish(self._own, mixed, self._steps))
+    def mix(self, done: RoundComplete, mixed: Mapping[str, Array] | None = None) -> None:
+        """Combine the published state with what ``done`` holds (``mixed``: already combined).
+
+        Synchronous: the algorithm's result becomes the state. Overlapped
+        (the node trained on since it published): the result's difference
+        from the published state is added to the current one.
+        """
+        own = self._own
+        if mixed is None:
+            mixed = done.mix(own, self.mix_settings)
+        if not self.plan.overlap:
+            self.learner.set_state(self.algorithm.finish(own, mixed, self._steps))
+        else:
+            target = self.algorithm.finish(own, mixed, self._own_steps, start=self._own_start)
+            delta = {name: target[name] - own[name] for name in own}
+            current = self.learner.get_state()
+            self.learner.set_state({name: current[name] + delta[name] for name in current})
+            if self._began > self._own_round:  # the next round began from the stale state: move its start
+                self.algorithm.shift_start(delta)
         self._aggregation_error = self._measure_aggregation(done)
         self._send_proofs()
 
@@ -444,7 +560,8 @@ class Node:
             "round", round=round_, rounds_trained=self.rounds_trained, train_loss=trained.loss,
             eval=evaluation, heard=heard, missing=missing, timed_out=bool(done and done.timed_out),
             train_s=trained.train_s, wait_s=wait_s, round_s=round_s, local_steps=self._steps,
-            aggregation_error=self._aggregation_error if done else None, **counters,
+            aggregation_error=self._aggregation_error if done else None,
+            mixed_round=done.round if done else None, **counters,
         )  # fmt: skip
         loss = "" if trained.loss is None else f"loss {trained.loss:.3f} "
         self.log(
