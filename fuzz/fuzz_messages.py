@@ -22,7 +22,9 @@ A message is one buffer: prelude (101) | u32le header length | msgpack header
 - ``insider`` signs hostile or well-formed headers with a neighbour's key
   (duplicate keys, wrong types, huge shapes, zero dims, wrong payload digest,
   payload length mismatch, random msgpack trees, proofs with hostile
-  evidence), for a receiver that has that key as a neighbour (even messages)
+  evidence, lossy tensors (q8, topk8_dN) whose bytes are valid or damaged
+  under a correct digest: bitmap population and padding, scales, -128,
+  length), for a receiver that has that key as a neighbour (even messages)
   or not (odd: any acceptance is a forgery);
 - ``random`` makes random buffers, some with a prelude-like start;
 - ``session`` plays a short script on a *fresh* receiver (setup messages,
@@ -60,8 +62,9 @@ from typing import Any
 
 import blake3
 import msgpack
+import numpy as np
 
-from p2pfm.core import wire
+from p2pfm.core import codec, wire
 from p2pfm.core.errors import RemoteProtocolError
 from p2pfm.core.identity import Identity, PeerId
 from p2pfm.core.protocol import Accepted, EquivocationFound, GossipProtocol, ProtocolConfig, Rejected
@@ -80,13 +83,21 @@ INSIDERS = tuple(_identity(f"insider {k}") for k in range(RESET_EVERY))  # one p
 NETWORK, FINGERPRINT = "fuzznet", blake3.blake3(b"fuzz adapter").digest()
 SCHEMA = (TensorSpec("lora_A", "float32", (2, 8)), TensorSpec("lora_B", "bfloat16", (8, 2)),
           TensorSpec("bias", "float16", (3,)))  # fmt: skip
+# Lossy schemas (codec.py) for the pool: genuine messages that open-schema receivers decode.
+LOSSY = (TensorSpec("lora_A", "q8", (2, 8)), TensorSpec("lora_B", "topk8_d4", (8, 2)),
+         TensorSpec("bias", "float16", (3,)))  # fmt: skip
+LOSSY_EDGES = (TensorSpec("a", "q8", (300,)), TensorSpec("b", "topk8_d64", ()),
+               TensorSpec("c", "topk8_d16", (0,)), TensorSpec("d", "topk8_d8", (2, 129)),
+               TensorSpec("e", "topk8_d32", (7,)))  # fmt: skip
+_LOSSY_SHAPES = ((), (0,), (1,), (7,), (9,), (64,), (300,), (3, 257), (16, 16), (0, 5))
 TS_MS = 1_795_000_000_000  # the senders' wall clock in milliseconds (2026-11-18)
 GENERATORS = ("mutated", "insider", "random", "session")
 DECODER_LIMITS = WireLimits()  # the decoder target: wire defaults, any schema
 _FIELDS = ("kind", "network", "round", "seq", "ts_ms", "fingerprint", "degree", "samples", "tensors",
            "payload")  # fmt: skip
 _EDGE_INTS = (0, 1, -1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 2**28 + 1)
-_DTYPES = (*wire.DTYPES, "complex64", "float8", "", "FLOAT32", "float32 ", "bfloat16\x00", 4, None)
+_DTYPES = (*wire.WIRE_DTYPES, "complex64", "float8", "", "FLOAT32", "float32 ", "bfloat16\x00", 4, None,
+           "q8 ", "topk8_d2", "topk8_d", "topk8_d128", "Q8")  # fmt: skip
 _HOSTILE = {
     "kind": ("equivocation", "UPDATE", b"update", "", None, 1, ["update"]),
     "network": ("", "n" * 65, "é" * 33, b"fuzznet", 7, None, "othernet", "fuzznet\x00"),
@@ -236,14 +247,29 @@ class Report:
 
 def _payload(specs: Sequence[TensorSpec], rng: random.Random, fill: str = "finite") -> bytes:
     """Tensor bytes of the exact length the specs imply: finite values, random bits (NaN and Inf
-    included), all-NaN or all-Inf."""
-    if fill in ("finite", "random"):  # bytes <= 0x3f never make an all-ones float exponent
-        return b"".join(
-            rng.randbytes(s.nbytes).translate(_FINITE if fill == "finite" else None) for s in specs
-        )
-    if fill == "nan":  # all-ones bits are a NaN in every float format
+    included), all-NaN or all-Inf. A lossy tensor's finite fill is a valid encoding (codec.py) of
+    random finite values; its other fills are (almost always) invalid bytes."""
+    if fill == "nan":  # all-ones bits are a NaN in every float format (and a NaN scale)
         return b"\xff" * sum(s.nbytes for s in specs)
-    return b"".join(_INF[s.dtype] * (s.nbytes // len(_INF[s.dtype])) for s in specs)
+    return b"".join(_tensor_bytes(s, rng, fill) for s in specs)
+
+
+def _tensor_bytes(spec: TensorSpec, rng: random.Random, fill: str) -> bytes:
+    if spec.dtype in wire.ENCODINGS and fill == "finite":
+        return bytes(codec.encode(spec.dtype, _random_float32(spec.shape, rng)))
+    if fill in ("finite", "random"):  # bytes <= 0x3f never make an all-ones float exponent
+        return rng.randbytes(spec.nbytes).translate(_FINITE if fill == "finite" else None)
+    pattern = _INF.get(spec.dtype, _INF["float32"])  # inf: Inf scales for a lossy tensor
+    return (pattern * (spec.nbytes // len(pattern) + 1))[: spec.nbytes]
+
+
+def _random_float32(shape: tuple[int, ...], rng: random.Random) -> np.ndarray[Any, Any]:
+    """Finite float32 values from ``rng`` alone: normal, of one random magnitude, sometimes with ties."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    if rng.random() < 0.2:  # small integers: many ties at the top-k threshold, zeros
+        return gen.integers(-3, 4, shape).astype(np.float32)
+    scale = 10.0 ** rng.choice((-40, -20, -3, 0, 3, 30, 38))
+    return np.asarray(np.clip(gen.standard_normal(shape) * scale, -3e38, 3e38), dtype=np.float32)
 
 
 def _header(
@@ -300,7 +326,7 @@ def genuine_pool(seed: int) -> Pool:
     variants: list[tuple[tuple[TensorSpec, ...], dict[str, Any]]] = [
         (SCHEMA, {}), (SCHEMA, {}), (SCHEMA, {"network": "othernet"}), (SCHEMA, {"fingerprint": bytes(32)}),
         ((), {}), ((TensorSpec("x", "int8", (5,)), TensorSpec("y", "float32", ())), {}), (SCHEMA[:1], {}),
-        (SCHEMA, {"stranger": True}),
+        (SCHEMA, {"stranger": True}), (LOSSY, {}), (LOSSY_EDGES, {}),
     ]  # fmt: skip
     messages = []
     for k, (specs, fields) in enumerate(variants * 3):
@@ -472,7 +498,7 @@ def random_tree(rng: random.Random, depth: int = 3) -> Any:
     if kind == 4:
         return msgpack.ExtType(rng.randrange(128), rng.randbytes(rng.randrange(9)))
     if kind < 8:
-        return rng.choice((*_FIELDS, *wire.DTYPES, "update", "equivocation", "evidence", NETWORK))
+        return rng.choice((*_FIELDS, *wire.WIRE_DTYPES, "update", "equivocation", "evidence", NETWORK))
     if kind == 8:
         return [random_tree(rng, depth - 1) for _ in range(rng.randrange(6))]
     keys = [
@@ -522,7 +548,7 @@ def _hostile_tensors(rng: random.Random) -> tuple[list[Any], bytes, str]:
               "huge-ok": [2**14, 2**14]}  # fmt: skip
     what = rng.choice((*shapes, "dtype", "dup-names", "names", "entry", "many", "too-many", "data", "data"))
     if what in shapes:
-        dtype = rng.choice(list(wire.DTYPES))
+        dtype = rng.choice(wire.WIRE_DTYPES)
         return (
             [["t", dtype, shapes[what]]],
             rng.choice((b"", b"\0" * 8, b"\0" * 2)),
@@ -622,6 +648,63 @@ def _edit_good(rng: random.Random, header: dict[str, Any], payload: bytes) -> _E
     return header, payload, raw, f"well-formed ({'wide' if wide else 'minimal'} msgpack, {fill} payload)"
 
 
+def _edit_lossy(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
+    """Lossy tensors (codec.py) under a correct payload digest: valid bytes, or bytes damaged in one
+    of the ways a receiver must refuse (section 5.1 of docs/protocol.md) or may accept (a value byte)."""
+    specs = [TensorSpec(f"t{i}", rng.choice(wire.ENCODINGS), rng.choice(_LOSSY_SHAPES))
+             for i in range(rng.choice((1, 1, 2, 3)))]  # fmt: skip
+    if rng.random() < 0.3:  # next to a raw tensor
+        specs.insert(rng.randrange(len(specs) + 1), TensorSpec("raw", "float32", (3,)))
+    chunks = [bytearray(_tensor_bytes(spec, rng, "finite")) for spec in specs]
+    target = rng.randrange(len(specs))
+    how = _damage(specs[target], chunks[target], rng) if specs[target].dtype in wire.ENCODINGS else "valid"
+    data = b"".join(chunks)
+    header["tensors"] = [[s.name, s.dtype, list(s.shape)] for s in specs]
+    header["payload"] = blake3.blake3(data).digest()
+    return header, data, None, f"lossy {', '.join(s.dtype for s in specs)}: {specs[target].dtype} {how}"
+
+
+def _damage(spec: TensorSpec, data: bytearray, rng: random.Random) -> str:
+    """Damage one lossy tensor's bytes in place; say how."""
+    n = spec.elements
+    k = codec.kept(spec.dtype, n)
+    bitmap = 0 if spec.dtype == "q8" else -(-n // 8)
+    scales = bitmap + 4 * -(-k // codec.BLOCK)
+    what = rng.choice(("valid", "valid", "flip", "padding", "popcount", "scale", "-128", "length", "random"))
+    if what == "flip" and data:
+        pos = rng.randrange(len(data))
+        data[pos] ^= 1 << rng.randrange(8)
+        return f"bit flipped at {pos}"
+    if what == "padding" and bitmap and n % 8:
+        data[bitmap - 1] |= 1 << rng.randrange(n % 8, 8)
+        return "padding bit set"
+    if what == "popcount" and bitmap:
+        want = rng.random() < 0.5  # toggle a set bit (one too few) or a clear one (one too many)
+        bits = [i for i in range(n) if (data[i // 8] >> (i % 8) & 1) == want] or list(range(n))
+        i = rng.choice(bits)
+        data[i // 8] ^= 1 << (i % 8)
+        return f"bitmap bit {i} toggled"
+    if what == "scale" and scales > bitmap:
+        at = bitmap + 4 * rng.randrange((scales - bitmap) // 4)
+        bits = rng.choice((0x7FC00000, 0x7F800000, 0xFF800000, 0x80000000, 0xBF800000,
+                           codec.MAX_SCALE_BITS + 1, 0xFFFFFFFF, codec.MAX_SCALE_BITS, 1, 0))  # fmt: skip
+        struct.pack_into("<I", data, at, bits)
+        return f"scale {bits:#010x}"
+    if what == "-128" and len(data) > scales:
+        data[rng.randrange(scales, len(data))] = 0x80
+        return "a value of -128"
+    if what == "length":
+        if data and rng.random() < 0.5:
+            del data[rng.randrange(len(data))]
+            return "one byte short"
+        data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
+        return "one byte long"
+    if what == "random":
+        data[:] = rng.randbytes(len(data))
+        return "random bytes"
+    return "valid"
+
+
 def _edit_bytes(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
     body = bytearray(msgpack.packb(header, use_bin_type=True))
     for _ in range(rng.randrange(1, 4)):
@@ -645,6 +728,8 @@ def gen_insider(index: int, rng: random.Random) -> Case:
     signer = INSIDERS[index % RESET_EVERY]
     case = Case(index, "insider", "", b"")
     edit = rng.choice(_INSIDER_EDITS)
+    if edit is _edit_tree and rng.random() < 0.5:  # lossy tensors take half of the random trees' share
+        edit = _edit_lossy  # (a draw of their own: the other edits' cases stay as they were)
     if edit is None:
         accused = rng.choice((signer, ACCUSED, STRANGER))
         evidence, desc = _evidence(case.ledger, rng, accused, signer if accused is not signer else ACCUSED)

@@ -41,6 +41,18 @@ def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
     assert report["simulator"]["messages"] > 0
 
 
+@pytest.mark.slow  # starts a process
+def test_codec_benchmark_runs_and_reports_sizes() -> None:
+    rows = _run_json("codec.py", "--mib", "0.25", "--repeats", "1", "--json")
+    encodings = ["float32", "q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64"]
+    assert [r["encoding"] for r in rows] == encodings
+    assert all(r["elements"] == 2**16 and r["wire_ms"] > 0 for r in rows)
+    sizes = {r["encoding"]: r["bytes"] for r in rows}
+    assert sizes["float32"] == 2**18 and sizes["q8"] == 2**16 + 4 * 2**8
+    assert sizes["q8"] > sizes["topk8_d4"] > sizes["topk8_d16"] > sizes["topk8_d64"]
+    assert all(r["encode_ms"] > 0 and r["decode_ms"] > 0 for r in rows[1:])
+
+
 @pytest.mark.slow
 def test_consensus_benchmark_runs_on_a_tiny_model(tiny_bert_dir: Path) -> None:
     args = ["--topology", "ring:4", "--rounds", "12", "--model", str(tiny_bert_dir), "--num-labels", "5"]

@@ -148,3 +148,29 @@ def test_the_oracle_sees_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire, "bfloat16_bits_to_float32", broken)
     report = fuzz.run(messages=400, seed=1)
     assert report.crashes > 0 and "injected" in report.reproducers[0]["error"]
+
+
+def test_lossy_tensors_are_fuzzed_past_the_digest() -> None:
+    """Insider messages carry q8 / topk8_dN tensors under a correct digest, so that the codec's
+    checks (docs/protocol.md 5.1) are what refuses them; valid ones open, and so do genuine ones."""
+    pool = fuzz.genuine_pool(0)
+    lossy_pool = [m for m in pool.messages if b"\xa2q8" in m and b"topk8_d" in m]
+    assert len(lossy_pool) >= 2
+    for message in lossy_pool:
+        update = fuzz.open_message(message)
+        assert isinstance(update, wire.Update)
+        assert any(spec.dtype in wire.ENCODINGS for spec in update.specs)
+    opened, refused = 0, set()
+    for index in range(3000):
+        case = fuzz.make_case(0, index, pool)
+        if case.generator != "insider" or not case.desc.startswith("lossy"):
+            continue
+        try:
+            fuzz.open_message(case.message)
+            opened += 1
+        except wire.MalformedMessage as exc:
+            refused |= {
+                what for what in ("bitmap marks", "padding", "scale of block", "-128") if what in str(exc)
+            }
+    assert opened > 0
+    assert refused == {"bitmap marks", "padding", "scale of block", "-128"}

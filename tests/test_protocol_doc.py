@@ -15,10 +15,11 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from p2pfm.core import wire
+from p2pfm.core import codec, wire
 from p2pfm.core.errors import RejectReason
 from p2pfm.core.identity import Identity
 from p2pfm.core.protocol import ProtocolConfig
+from tests import codec_reference
 from tests.conftest import doc_section
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -178,7 +179,7 @@ def test_header_tables_list_the_keys_the_code_writes() -> None:
     assert update_keys == list(msgpack.unpackb(v["header"]))  # same keys, same order
     proof = wire.encode_proof(network="n", evidence=(b"a", b"b"))
     assert _table_column(_section("### 4.3"), "key") == list(msgpack.unpackb(proof.header))
-    assert set(_table_column(_section("## 5. Payload"), "dtype")) == set(wire.DTYPES)
+    assert _table_column(_section("## 5. Payload"), "dtype") == list(wire.WIRE_DTYPES)
     assert "smallest encoding" in section
 
 
@@ -200,3 +201,63 @@ def test_every_reject_reason_is_documented_in_section_6() -> None:
     section = _section("## 6. What a receiver checks")
     documented = set(re.findall(r"\| `([a-z_]+)` \|$", section, flags=re.MULTILINE))
     assert documented == {reason.value for reason in RejectReason}
+
+
+# ----------------------------------------------------------------- section 5.1, lossy encodings
+
+
+def _lossy_examples() -> list[dict[str, str]]:
+    block = _section("### 5.1").split("```text", 1)[1].split("```", 1)[0]
+    examples = []
+    for chunk in block.strip().split("\n\n"):
+        pairs = dict(re.findall(r"^(\w+)\s+= (.*)$", chunk, flags=re.MULTILINE))
+        assert set(pairs) == {"encoding", "shape", "values", "payload", "decoded"}, chunk
+        examples.append(pairs)
+    return examples
+
+
+def _floats(text: str) -> list[float]:
+    return [float(np.float32(v)) for v in text.split()]
+
+
+def test_lossy_examples_from_the_code() -> None:
+    examples = _lossy_examples()
+    assert {e["encoding"] for e in examples} >= {"q8", "topk8_d4"}
+    for example in examples:
+        shape = tuple(int(d) for d in re.findall(r"\d+", example["shape"]))
+        values = np.array(_floats(example["values"]), dtype=np.float32).reshape(shape)
+        payload = bytes.fromhex(example["payload"])
+        assert bytes(codec.encode(example["encoding"], values)) == payload
+        decoded = codec.decode(example["encoding"], shape, payload)
+        assert decoded.reshape(-1).tolist() == _floats(example["decoded"])
+        assert decoded.shape == shape and decoded.dtype == np.float32
+
+
+def test_lossy_examples_from_the_spec_alone() -> None:
+    """tests/codec_reference.py is a plain-Python reading of section 5.1: it must give the page's bytes."""
+    for example in _lossy_examples():
+        values = _floats(example["values"])
+        payload = bytes.fromhex(example["payload"])
+        assert codec_reference.encode(example["encoding"], values) == payload
+        assert codec_reference.decode(example["encoding"], len(values), payload) == _floats(
+            example["decoded"]
+        )
+
+
+def test_lossy_constants_on_the_page_are_the_codes() -> None:
+    section = _section("### 5.1")
+    assert f"`{codec.MAX_SCALE_BITS:#010x}`" in section
+    assert f"`{codec.MAX_SCALE_BITS:#010x}`" == f"`{codec_reference.MAX_SCALE_BITS:#010x}`"
+    assert "blocks of 256" in section and codec.BLOCK == 256
+    densities = re.search(r"`N` in ([\d, ]+):", section)
+    assert densities is not None
+    assert tuple(int(n) for n in densities.group(1).split(", ")) == codec.TOPK_DENSITIES
+    sizes = dict(
+        (name, (per_element, ratio))
+        for name, per_element, ratio in re.findall(r"`(\w+)`\s+([\d.]+)\s+\(([\d.]+)x", section)
+    )
+    assert set(sizes) == set(codec.ENCODINGS)
+    for encoding, (per_element, ratio) in sizes.items():  # as quoted, to the digits quoted
+        actual = codec.encoded_nbytes(encoding, (2**24,)) / 2**24
+        assert abs(actual - float(per_element)) <= 0.5 * 10.0 ** -len(per_element.split(".")[1]), encoding
+        assert abs(4 / actual - float(ratio)) <= 0.5 * 10.0 ** -len(ratio.split(".")[1]), encoding

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from p2pfm.core import wire
+from p2pfm.core import codec, wire
 from p2pfm.core.errors import (
     BadSignature,
     LocalProtocolError,
@@ -869,3 +869,166 @@ def test_limits_for_schema_of_a_bfloat16_schema() -> None:
         ALICE,
     )  # fmt: skip
     assert wire.open_update(message, limits).specs == schema
+
+
+# ----------------------------------------------------------------- lossy encodings (codec.py)
+
+
+def test_wire_dtypes_are_the_eight_raw_ones_and_the_lossy_encodings() -> None:
+    in_order = (*wire.DTYPES, *codec.ENCODINGS)
+    assert in_order == wire.WIRE_DTYPES
+    assert len(wire.DTYPES) == 8 and set(wire.DTYPES).isdisjoint(wire.ENCODINGS)
+    assert LIMITS.dtypes == frozenset(wire.WIRE_DTYPES)
+    assert wire.ENCODINGS == ("q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64")
+
+
+@pytest.mark.parametrize("encoding", codec.ENCODINGS)
+@pytest.mark.parametrize("shape", [(3, 100), (), (0,), (1,), (2, 0, 3), (257,)])
+def test_lossy_tensors_round_trip(encoding: str, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    values = rng.standard_normal(shape).astype(np.float32)
+    raw = np.arange(4, dtype=np.float32)
+    message = _signed(tensors={"w": values, "raw": raw}, wire_dtypes={"w": encoding})
+    header = msgpack.unpackb(message[HEAD : HEAD + _header_len(message)])
+    assert header["tensors"] == [["w", encoding, list(shape)], ["raw", "float32", [4]]]
+    payload = message[HEAD + _header_len(message) :]
+    spec = TensorSpec("w", encoding, shape)
+    assert spec.nbytes == codec.encoded_nbytes(encoding, shape) == len(payload) - 16
+    assert payload[: spec.nbytes] == bytes(codec.encode(encoding, values))
+    update = wire.open_update(message, LIMITS)
+    assert update.specs == (spec, TensorSpec("raw", "float32", (4,)))
+    got = update.tensors["w"]
+    assert got.dtype == np.float32 and got.shape == shape and not got.flags.writeable
+    assert got.tobytes() == codec.roundtrip(encoding, values).tobytes()  # what the sender keeps as its view
+    assert np.shares_memory(update.tensors["raw"], np.frombuffer(message, dtype=np.uint8))  # still a view
+
+
+def test_a_lossy_update_is_smaller() -> None:
+    values = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+    sizes = {
+        dtype: len(_signed(tensors={"w": values}, wire_dtypes={"w": dtype}))
+        for dtype in ("float32", "bfloat16", "q8", "topk8_d16")
+    }
+    assert sizes["float32"] / sizes["q8"] > 3.8 and sizes["float32"] / sizes["topk8_d16"] > 20
+    assert sizes["bfloat16"] > sizes["q8"] > sizes["topk8_d16"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "int32", "int8", "uint8", "int64"])
+def test_only_float32_tensors_travel_lossy(dtype: str) -> None:
+    with pytest.raises(LocalProtocolError, match="only float32 arrays can travel as q8"):
+        _update({"w": np.ones(4, dtype=dtype)}, wire_dtypes={"w": "q8"})
+    with pytest.raises(LocalProtocolError, match="'w'"):
+        _update({"w": np.ones(4, dtype=dtype)}, wire_dtypes={"w": "topk8_d4"})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_tensor_cannot_travel_lossy(bad: float) -> None:
+    values = np.array([1.0, bad, 2.0], dtype=np.float32)
+    for encoding in ("q8", "topk8_d32"):
+        with pytest.raises(LocalProtocolError, match=r"tensor 'w': .*finite"):
+            _update({"w": values}, wire_dtypes={"w": encoding})
+
+
+def _lossy_mallory(encoding: str, shape: list[int], data: bytes) -> bytes:
+    """A validly signed update whose one lossy tensor's bytes are ``data`` (digest right)."""
+    header = _header(tensors=[["w", encoding, shape]], payload=blake3.blake3(data).digest())
+    return _mallory(header, data)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "edit", "match"),
+    [
+        ("q8", lambda b: b[:-1] + b"\x80", "-128"),
+        ("q8", lambda b: b"\x00\x00\xc0\x7f" + b[4:], "scale of block 0"),  # NaN
+        ("q8", lambda b: b"\x00\x00\x00\x80" + b[4:], "negative"),  # -0.0
+        ("topk8_d4", lambda b: bytes([b[0] ^ 0xFF]) + b[1:], "marks"),
+        ("topk8_d4", lambda b: b[:2] + bytes([b[2] | 0x80]) + b[3:], "padding"),
+    ],
+)
+def test_invalid_lossy_bytes_are_malformed(encoding: str, edit: Any, match: str) -> None:
+    values = np.linspace(-1, 1, 20, dtype=np.float32)
+    good = bytes(codec.encode(encoding, values))
+    assert wire.open_update(_lossy_mallory(encoding, [20], good), LIMITS).tensors["w"].shape == (20,)
+    message = _lossy_mallory(encoding, [20], edit(good))
+    verified = wire.verify(message, LIMITS)
+    header = wire.decode_header(verified, LIMITS)
+    assert isinstance(header, UpdateHeader)
+    with pytest.raises(MalformedMessage, match=rf"tensor 'w': .*{match}") as info:
+        wire.decode_payload(verified, header)
+    assert info.value.reason is RejectReason.MALFORMED
+
+
+def test_a_lossy_payload_of_the_wrong_length_is_malformed() -> None:
+    good = bytes(codec.encode("topk8_d8", np.ones(100, dtype=np.float32)))
+    for data in (good[:-1], good + b"\0"):
+        with pytest.raises(MalformedMessage, match="payload of"):
+            wire.open_update(_lossy_mallory("topk8_d8", [100], data), LIMITS)
+
+
+def test_lossy_dtypes_obey_the_allowed_dtypes() -> None:
+    message = _lossy_mallory("q8", [2], bytes(codec.encode("q8", np.ones(2, dtype=np.float32))))
+    with pytest.raises(MalformedMessage, match="not allowed"):
+        _decode_header(message, WireLimits(dtypes=frozenset(wire.DTYPES)))
+    assert isinstance(_decode_header(message, WireLimits(dtypes=frozenset({"q8"}))), UpdateHeader)
+    for name in ("q4", "topk8_d2", "topk8", "Q8"):
+        with pytest.raises(MalformedMessage, match="not allowed"):
+            _decode_header(_mallory(_header(tensors=[["w", name, [2]]]), b""))
+
+
+def test_decoded_lossy_bytes_are_bounded_by_the_header() -> None:
+    """A small topk8_d64 payload claims a big dense array: max_decoded_bytes refuses it from the header."""
+
+    shape = [2**14, 2**14]  # 2^28 elements: 38 MiB of topk8_d64 decode to 1 GiB
+    message = _mallory(_header(tensors=[["w", "topk8_d64", shape]]), b"")
+    with pytest.raises(MessageTooLarge, match="max_decoded_bytes"):  # from the header alone
+        _decode_header(message)
+    limits = WireLimits(max_decoded_bytes=4 * 2**28)
+    header = _decode_header(message, limits)  # within the bound: on to the payload (which is short)
+    assert isinstance(header, UpdateHeader)
+    small = WireLimits(max_decoded_bytes=40)  # the sum over the tensors counts: 2 x 4 x 5 = 40, not 44
+    two = [["a", "q8", [5]], ["b", "topk8_d4", [5]]]
+    assert isinstance(_decode_header(_mallory(_header(tensors=two), b""), small), UpdateHeader)
+    with pytest.raises(MessageTooLarge):
+        _decode_header(_mallory(_header(tensors=[*two, ["c", "q8", [1]]]), b""), small)
+    # Raw and bfloat16 tensors are not counted: their bound is the message size.
+    raw = [["a", "float32", [100]], ["b", "bfloat16", [100]]]
+    assert isinstance(_decode_header(_mallory(_header(tensors=raw), b""), small), UpdateHeader)
+
+
+LOSSY_SCHEMA = (
+    TensorSpec("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight", "q8", (8, 96)),
+    TensorSpec("base_model.model.encoder.layer.0.attention.self.query.lora_B.weight", "topk8_d16", (96, 8)),
+    TensorSpec("base_model.model.classifier.weight", "topk8_d64", (2, 96)),
+    TensorSpec("base_model.model.classifier.bias", "float32", (2,)),
+)
+
+
+def _of_lossy_schema(specs: tuple[TensorSpec, ...], **fields: Any) -> bytes:
+    values: dict[str, Any] = dict(
+        network=NETWORK, round=MAX_INT, seq=MAX_INT, ts_ms=MAX_INT, fingerprint=b"\xff" * 32,
+        degree=MAX_DIM, samples=MAX_INT,
+        tensors={s.name: np.ones(s.shape, dtype=np.float32) for s in specs},
+        wire_dtypes={s.name: s.dtype for s in specs},
+    )  # fmt: skip
+    values.update(fields)
+    return wire.sign(wire.encode_update(**values), ALICE)
+
+
+def test_limits_for_a_lossy_schema_are_exact() -> None:
+    limits = wire.limits_for_schema(LOSSY_SCHEMA, network=NETWORK)
+    message = _of_lossy_schema(LOSSY_SCHEMA)
+    payload = sum(s.nbytes for s in LOSSY_SCHEMA)
+    assert len(message) - HEAD - _header_len(message) == payload
+    assert payload < sum(s.elements for s in LOSSY_SCHEMA) * 4 // 3
+    assert len(message) <= limits.max_message_bytes
+    update = wire.open_update(message, limits)
+    assert update.specs == LOSSY_SCHEMA and update.round == MAX_INT
+    assert limits.max_decoded_bytes == 4 * sum(s.elements for s in LOSSY_SCHEMA)
+    twin = tuple(TensorSpec(s.name, "float32", s.shape) for s in LOSSY_SCHEMA)
+    assert wire.limits_for_schema(twin, network=NETWORK).max_decoded_bytes == limits.max_decoded_bytes
+    extra = TensorSpec("base_model.model.extra.lora_A.weight", "q8", (8, 512))  # 4160 bytes: > the slack
+    bigger = _of_lossy_schema((*LOSSY_SCHEMA, extra), round=1, seq=1, ts_ms=1, degree=1, samples=1)
+    with _no_hashing(), pytest.raises(MessageTooLarge):
+        wire.verify(bigger, limits)
+    capped = wire.limits_for_schema(LOSSY_SCHEMA, network=NETWORK, base=WireLimits(max_decoded_bytes=100))
+    assert capped.max_decoded_bytes == 100

@@ -7,8 +7,10 @@ normative spec)::
     u32le H               length of the header
     header    H bytes     a msgpack map; for an update it lists the tensors
                           ([name, dtype, shape]) and carries BLAKE3(payload)
-    payload               the tensors' raw little-endian bytes, concatenated
-                          in header order (updates only; empty otherwise)
+    payload               the tensors' bytes, concatenated in header order
+                          (updates only; empty otherwise): raw little-endian
+                          values, or a lossy encoding of a float32 tensor
+                          (p2pfm/core/codec.py: q8, topk8_dN)
 
 The signature is Ed25519 over the 32-byte BLAKE3 digest of the *head*:
 ``message[0:37] || message[101:105+H]`` (prelude without its signature, the
@@ -47,6 +49,7 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 
+from p2pfm.core import codec
 from p2pfm.core.errors import (
     BadSignature,
     LocalProtocolError,
@@ -90,6 +93,12 @@ DTYPES: Mapping[str, np.dtype[Any]] = {
     "int64": np.dtype("<i8"),
 }
 _NUMPY_TO_WIRE = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "bfloat16"}
+# Lossy encodings a float32 tensor may travel as (p2pfm/core/codec.py,
+# docs/protocol.md 5.1); a receiver decodes them to dense float32 arrays.
+ENCODINGS: tuple[str, ...] = codec.ENCODINGS
+# Every name a header's dtype may hold, in a fixed order.
+WIRE_DTYPES: tuple[str, ...] = (*DTYPES, *ENCODINGS)
+_WIRE_DTYPE_SET, _ENCODING_SET = frozenset(WIRE_DTYPES), frozenset(ENCODINGS)
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,10 @@ class WireLimits:
     max_ndim: int = 8
     max_name_bytes: int = 256
     max_network_id_bytes: int = 64
-    dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
+    # The dense float32 arrays of an update's lossy tensors (4 bytes per
+    # element, allocated when decoded): a 1 MiB topk8_d64 payload decodes to ~28 MiB.
+    max_decoded_bytes: int = 512 * 2**20
+    dtypes: frozenset[str] = field(default_factory=lambda: frozenset(WIRE_DTYPES))
 
     @property
     def max_head_bytes(self) -> int:
@@ -134,7 +146,11 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.elements * DTYPES[self.dtype].itemsize
+        """Payload bytes of this tensor: its encoded size for a lossy encoding."""
+        storage = DTYPES.get(self.dtype)
+        if storage is None:
+            return codec.encoded_nbytes(self.dtype, self.shape)
+        return self.elements * storage.itemsize
 
 
 @dataclass(frozen=True)
@@ -188,7 +204,7 @@ class ProofHeader:
 class Update(UpdateHeader):
     """A decoded, authenticated adapter update: its header and its tensors (not yet judged)."""
 
-    tensors: dict[str, np.ndarray[Any, Any]]  # read-only views into the message
+    tensors: dict[str, np.ndarray[Any, Any]]  # read-only: views into the message, or decoded (lossy)
     wire_bytes: int
 
 
@@ -221,7 +237,9 @@ def encode_update(
     """Build the header and payload of an update. Raises LocalProtocolError on misuse.
 
     ``wire_dtypes`` optionally casts tensors for transport (for example
-    ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor).
+    ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor), or encodes
+    float32 tensors lossily (``{"w": "q8"}``, ``{"w": "topk8_d16"}``;
+    p2pfm/core/codec.py; ``codec.roundtrip`` gives what receivers decode).
     """
     limits = limits or WireLimits()
     _check_network(network, limits, LocalProtocolError)
@@ -294,6 +312,15 @@ def _wire_dtype_of(name: str, array: np.ndarray[Any, Any]) -> str:
 
 
 def _to_wire_bytes(name: str, array: np.ndarray[Any, Any], wire_dtype: str) -> memoryview:
+    if wire_dtype in ENCODINGS:
+        if array.dtype.kind != "f" or array.dtype.itemsize != 4:
+            raise LocalProtocolError(
+                f"tensor {name!r}: only float32 arrays can travel as {wire_dtype}, not {array.dtype}"
+            )
+        try:
+            return codec.encode(wire_dtype, array)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"tensor {name!r}: {exc}") from None
     if wire_dtype not in DTYPES:
         raise LocalProtocolError(f"tensor {name!r}: unknown wire dtype {wire_dtype!r}")
     if wire_dtype == "bfloat16":
@@ -338,7 +365,9 @@ def limits_for_schema(
     the message bound is that plus the payload. Equivocation proofs of the
     same schema fit as well. Used for the transport's ``MAXMSGSIZE``, so
     that nobody (not even before the CurveZMQ handshake) makes the node
-    buffer more than one legitimate message per connection.
+    buffer more than one legitimate message per connection. The decoded
+    bound is the schema's tensors as dense float32 (4 bytes per element,
+    whatever their dtype): the same for a schema and its float32 twin.
     """
     base = base or WireLimits()
     widest = encode_update(
@@ -351,7 +380,8 @@ def limits_for_schema(
     header_bound = 2 * (len(widest) + sum(9 * len(s.shape) for s in specs)) + 1024
     header_bound = min(header_bound, base.max_header_bytes)
     payload = sum(s.nbytes for s in specs)
-    limits = dataclasses.replace(base, max_header_bytes=header_bound)
+    decoded = min(4 * sum(s.elements for s in specs), base.max_decoded_bytes)
+    limits = dataclasses.replace(base, max_header_bytes=header_bound, max_decoded_bytes=decoded)
     biggest = HEAD_OVERHEAD_BYTES + max(header_bound + payload, limits.max_proof_header_bytes)
     return dataclasses.replace(limits, max_message_bytes=min(biggest, base.max_message_bytes))
 
@@ -485,10 +515,12 @@ def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits
 
 
 def decode_payload(message: Verified, header: UpdateHeader) -> dict[str, np.ndarray[Any, Any]]:
-    """Check the payload against the signed digest and return read-only tensor views.
+    """Check the payload against the signed digest and return read-only tensors.
 
-    Raises MalformedMessage (wrong length) or BadSignature (bytes differ from
-    what the sender signed).
+    Raw dtypes are views into the message; bfloat16 and the lossy encodings
+    are decoded to new float32 arrays (after the digest check). Raises
+    MalformedMessage (wrong length, invalid lossy bytes) or BadSignature
+    (bytes differ from what the sender signed).
     """
     payload = message.payload
     expected = sum(spec.nbytes for spec in header.specs)
@@ -499,11 +531,19 @@ def decode_payload(message: Verified, header: UpdateHeader) -> dict[str, np.ndar
     tensors: dict[str, np.ndarray[Any, Any]] = {}
     offset = 0
     for spec in header.specs:
-        chunk = payload[offset : offset + spec.nbytes]
-        offset += spec.nbytes
-        array = np.frombuffer(chunk, dtype=DTYPES[spec.dtype]).reshape(spec.shape)
-        if spec.dtype == "bfloat16":
-            array = bfloat16_bits_to_float32(array)
+        nbytes = spec.nbytes
+        chunk = payload[offset : offset + nbytes]
+        offset += nbytes
+        storage = DTYPES.get(spec.dtype)
+        if storage is None:  # a lossy encoding: checked and decoded to a new dense float32 array
+            try:
+                array = codec.decode(spec.dtype, spec.shape, chunk)
+            except MalformedMessage as exc:
+                raise MalformedMessage(f"tensor {spec.name!r}: {exc}") from None
+        else:
+            array = np.frombuffer(chunk, dtype=storage).reshape(spec.shape)
+            if spec.dtype == "bfloat16":
+                array = bfloat16_bits_to_float32(array)
         array.flags.writeable = False
         tensors[spec.name] = array
     return tensors
@@ -620,6 +660,7 @@ def _parse_specs_uncached(raw: object, limits: WireLimits) -> tuple[TensorSpec, 
         raise MalformedMessage(f"tensors must be a list of at most {limits.max_tensors} entries")
     specs: list[TensorSpec] = []
     names: set[str] = set()
+    decoded = 0  # bytes of the dense float32 arrays of the lossy tensors so far
     for entry in raw:
         if not (isinstance(entry, tuple) and len(entry) == 3):
             raise MalformedMessage("each tensor entry must be [name, dtype, shape]")
@@ -628,7 +669,7 @@ def _parse_specs_uncached(raw: object, limits: WireLimits) -> tuple[TensorSpec, 
             raise MalformedMessage(f"tensor name {name!r} is empty, not a string or repeated")
         if len(name.encode()) > limits.max_name_bytes:
             raise MalformedMessage(f"tensor name longer than {limits.max_name_bytes} bytes")
-        if not isinstance(dtype, str) or dtype not in limits.dtypes or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in limits.dtypes or dtype not in _WIRE_DTYPE_SET:
             raise MalformedMessage(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if (
             not isinstance(shape, tuple)
@@ -644,6 +685,13 @@ def _parse_specs_uncached(raw: object, limits: WireLimits) -> tuple[TensorSpec, 
             bound *= max(dim, 1)
             if bound > limits.max_tensor_elements:
                 raise MessageTooLarge(f"tensor {name!r} exceeds max_tensor_elements")
+        if dtype in _ENCODING_SET:
+            decoded += 4 * math.prod(shape)
+            if decoded > limits.max_decoded_bytes:
+                raise MessageTooLarge(
+                    f"tensor {name!r}: lossy tensors decode to more than max_decoded_bytes="
+                    f"{limits.max_decoded_bytes}"
+                )
         names.add(name)
         specs.append(TensorSpec(name, dtype, shape))
     return tuple(specs)
