@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from p2pfm.core.compression import COMPRESSIONS
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 
 if TYPE_CHECKING:
@@ -70,6 +71,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="as gossip.overlap: exchange beside the next round's local steps, mix applied a round late",
     )
+    sim.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="as gossip.compression: send compressed differences of public estimates (default none)",
+    )
+    sim.add_argument("--compression-step", type=float, help="as gossip.compression_step (default 1.0)")
     sim.add_argument("--workers", type=int, help="processes (default: one per core for big networks)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     overlay = sim.add_argument_group(
@@ -115,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
         deadline=_pick(args.deadline, gossip.get("deadline", "adaptive")),
         overlap=bool(_pick(args.overlap, gossip.get("overlap", False))),
+        compression=_pick(args.compression, gossip.get("compression", "none")),
+        compression_step=float(_pick(args.compression_step, gossip.get("compression_step", 1.0))),
+        keyframe_every=int(gossip.get("keyframe_every", 50)),
     )  # fmt: skip
     result = simulate(config)
     if args.json:

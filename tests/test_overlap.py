@@ -15,20 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tomli_w
 
-from p2pfm.config.node_config import load_node_config
-from p2pfm.core.identity import Identity, write_key_file
-from p2pfm.core.topology import parse_topology
 from p2pfm.lab.sim import SimConfig, simulate
 from p2pfm.learn.algorithm import ALGORITHMS
-from p2pfm.learn.learner import QuadraticLearner, quadratic_problem
-from p2pfm.net.memory import LinkFaults, memory_transports
-from p2pfm.node.factory import build_node
-from p2pfm.node.loop import Node
 from p2pfm.node.metrics import read_metrics
-
-Array = np.ndarray[Any, Any]
+from tests.quadratic_network import network, round_records, run_all
 
 
 def _distances(config: SimConfig) -> list[float]:
@@ -73,8 +64,8 @@ def test_overlapped_nodes_converge_as_synchronous_ones_do(tmp_path: Path, algori
         gossip |= {"outer_lr": 0.7, "outer_momentum": 0.9}  # DiLoCo's own setting
     errors = {}
     for overlap in (False, True):
-        nodes, learners = _network(tmp_path / str(overlap), {**gossip, "overlap": overlap}, lr=0.05)
-        results = _run_all(nodes)
+        nodes, learners = network(tmp_path / str(overlap), {**gossip, "overlap": overlap}, lr=0.05)
+        results = run_all(nodes)
         assert all(r.rounds_completed == rounds == r.rounds_trained for r in results.values())
         states = [learners[i].get_state()["x"] for i in nodes]
         errors[overlap] = max(float(np.linalg.norm(x - learners[0].optimum)) for x in states)
@@ -85,20 +76,20 @@ def test_overlapped_nodes_converge_as_synchronous_ones_do(tmp_path: Path, algori
 
 def test_overlapped_records_say_which_round_each_mix_came_from(tmp_path: Path) -> None:
     rounds = 5
-    nodes, learners = _network(tmp_path, {"rounds": rounds, "overlap": True})
-    _run_all(nodes)
+    nodes, learners = network(tmp_path, {"rounds": rounds, "overlap": True})
+    run_all(nodes)
     for i in nodes:
-        records = _round_records(tmp_path, i)
+        records = round_records(tmp_path, i)
         assert [r["round"] for r in records] == list(range(1, rounds + 1))
         # round r lands round r - 1's exchange; the last round waits for its own
         assert [r["mixed_round"] for r in records] == [None, 1, 2, 3, 5]
         assert [len(r["heard"]) for r in records] == [0, 2, 2, 2, 2]
         assert all(r["local_steps"] == 2 for r in records)
         assert len(learners[i].seen) == rounds + 1
-    nodes, _ = _network(tmp_path / "sync", {"rounds": rounds})
-    _run_all(nodes)
+    nodes, _ = network(tmp_path / "sync", {"rounds": rounds})
+    run_all(nodes)
     for i in nodes:
-        records = _round_records(tmp_path / "sync", i)
+        records = round_records(tmp_path / "sync", i)
         assert [r["mixed_round"] for r in records] == list(range(1, rounds + 1))
 
 
@@ -108,9 +99,9 @@ def test_overlap_hides_the_links_latency(tmp_path: Path) -> None:
     waits = {}
     for overlap in (False, True):
         folder = tmp_path / str(overlap)
-        nodes, _ = _network(folder, {"rounds": 5, "overlap": overlap}, delay_s=0.3, step_s=0.3)
-        _run_all(nodes, timeout_s=120)
-        middle = [r["wait_s"] for i in nodes for r in _round_records(folder, i) if 1 < r["round"] < 5]
+        nodes, _ = network(folder, {"rounds": 5, "overlap": overlap}, delay_s=0.3, step_s=0.3)
+        run_all(nodes, timeout_s=120)
+        middle = [r["wait_s"] for i in nodes for r in round_records(folder, i) if 1 < r["round"] < 5]
         waits[overlap] = sum(middle) / len(middle)
     assert waits[False] >= 0.3, waits  # a message cannot arrive before its link's delay
     assert waits[True] < 0.5 * waits[False], waits
@@ -118,7 +109,7 @@ def test_overlap_hides_the_links_latency(tmp_path: Path) -> None:
 
 def test_a_stopped_overlapped_node_abandons_its_exchange_and_keeps_its_checkpoint(tmp_path: Path) -> None:
     """Stop after round 2: the node does not wait out round 2's exchange, and says it stopped."""
-    nodes, learners = _network(tmp_path, {"rounds": 20, "overlap": True, "round_timeout_s": 30.0})
+    nodes, learners = network(tmp_path, {"rounds": 20, "overlap": True, "round_timeout_s": 30.0})
     node = nodes[0]
     others = [nodes[i] for i in nodes if i != 0]
 
@@ -132,93 +123,10 @@ def test_a_stopped_overlapped_node_abandons_its_exchange_and_keeps_its_checkpoin
     stopper = threading.Thread(target=stop_later)
     stopper.start()
     started = time.monotonic()
-    results = _run_all({0: node, **dict(enumerate(others, start=1))})
+    results = run_all({0: node, **dict(enumerate(others, start=1))})
     stopper.join(timeout=30)
     assert time.monotonic() - started < 20  # nobody waited out a 30 s deadline
     assert results[0].stopped and results[0].rounds_completed < 20
     done = [r for r in read_metrics(tmp_path / "n0" / "out" / "metrics.jsonl") if r["event"] == "done"]
     assert done and done[-1]["stopped"] is True
     assert not any(t.name.endswith("-exchange") and t.is_alive() for t in threading.enumerate())
-
-
-# ---------------------------------------------------------------- helpers
-
-
-class _Recording(QuadraticLearner):
-    """Local steps take ``step_s`` of real time; every evaluation keeps the state it saw."""
-
-    def __init__(self, *args: Any, step_s: float = 0.02, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.step_s = step_s
-        self.seen: list[Array] = []
-        self.initial = self.get_state()["x"].copy()
-
-    def train_steps(self, steps: int, correction: Any = None) -> float | None:
-        time.sleep(self.step_s * max(steps, 1) / 2)
-        return super().train_steps(steps, correction)
-
-    def evaluate(self) -> dict[str, float]:
-        self.seen.append(self.get_state()["x"].copy())
-        return super().evaluate()
-
-
-def _config(folder: Path, me: Identity, peers: dict[str, Identity], gossip: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "node.key").exists():
-        write_key_file(me, folder / "node.key")
-    doc = {
-        "node": {"key": "node.key", "listen": "tcp://127.0.0.1:1", "network": "n", "out": "out"},
-        "peers": [
-            {"id": p.peer_id.hex, "address": "tcp://127.0.0.1:1", "name": name} for name, p in peers.items()
-        ],
-        "model": {"path": "minilm", "num_labels": 5},  # described, never loaded: the learner replaces it
-        "train": {"local_steps": 2},
-        "gossip": {"round_timeout_s": 10.0, **gossip},
-    }
-    (folder / "node.toml").write_text(tomli_w.dumps(doc))
-    return folder / "node.toml"
-
-
-def _network(
-    tmp_path: Path, gossip: dict[str, Any], *, delay_s: float = 0.0, step_s: float = 0.02, lr: float = 0.3
-) -> tuple[dict[int, Node], dict[int, _Recording]]:
-    topology = parse_topology("ring:4")
-    n = topology.n_nodes
-    ids = [Identity(bytes([80 + i]) * 32) for i in range(n)]
-    centres, optimum = quadratic_problem(n, 8, seed=7, spread=3.0)
-    network, transports = memory_transports(
-        {ids[i].peer_id: [ids[j].peer_id for j in topology.neighbours(i)] for i in range(n)}
-    )
-    if delay_s:
-        for i in range(n):
-            for j in topology.neighbours(i):
-                network.set_faults(ids[i].peer_id, ids[j].peer_id, LinkFaults(delay_s=delay_s))
-    nodes, learners = {}, {}
-    for i in range(n):
-        config = _config(
-            tmp_path / f"n{i}", ids[i], {f"n{j}": ids[j] for j in topology.neighbours(i)}, gossip
-        )
-        learners[i] = _Recording(centres[i], optimum, lr=lr, seed=i, step_s=step_s)
-        nodes[i] = build_node(
-            load_node_config(config),
-            transport=transports[ids[i].peer_id],
-            learner=learners[i],
-            log=lambda _: None,
-        )
-    return nodes, learners
-
-
-def _run_all(nodes: dict[int, Node], timeout_s: float = 60) -> dict[int, Any]:
-    results: dict[int, Any] = {}
-    threads = [threading.Thread(target=lambda k=k: results.update({k: nodes[k].run()})) for k in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=timeout_s)
-    assert len(results) == len(nodes), "a node loop did not finish"
-    return results
-
-
-def _round_records(folder: Path, i: int) -> list[dict[str, Any]]:
-    records = read_metrics(folder / f"n{i}" / "out" / "metrics.jsonl")
-    return [r for r in records if r["event"] == "round" and r["round"] > 0]

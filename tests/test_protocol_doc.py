@@ -176,7 +176,11 @@ def test_header_tables_list_the_keys_the_code_writes() -> None:
     v = _vector()
     section = _section("## 4. Header")
     update_keys = _table_column(_section("### 4.2"), "key")
-    assert update_keys == list(msgpack.unpackb(v["header"]))  # same keys, same order
+    assert update_keys == [*msgpack.unpackb(v["header"]), "base"]  # same keys, same order; base optional
+    chained = wire.encode_update(
+        network="n", round=2, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=0, tensors={}, base=1
+    )
+    assert list(msgpack.unpackb(chained.header)) == update_keys
     proof = wire.encode_proof(network="n", evidence=(b"a", b"b"))
     assert _table_column(_section("### 4.3"), "key") == list(msgpack.unpackb(proof.header))
     assert _table_column(_section("## 5. Payload"), "dtype") == list(wire.WIRE_DTYPES)

@@ -1032,3 +1032,28 @@ def test_limits_for_a_lossy_schema_are_exact() -> None:
         wire.verify(bigger, limits)
     capped = wire.limits_for_schema(LOSSY_SCHEMA, network=NETWORK, base=WireLimits(max_decoded_bytes=100))
     assert capped.max_decoded_bytes == 100
+
+
+def test_a_difference_names_the_round_it_builds_on() -> None:
+    """docs/protocol.md 4.2 and 8.3: ``base`` is optional, an int below the round, and signed."""
+    identity = Identity(b"\x09" * 32)
+    fields: dict[str, Any] = dict(network="n", seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=0)
+    tensors = {"w": np.ones(4, np.float32)}
+    message = wire.sign(wire.encode_update(round=5, base=3, tensors=tensors, **fields), identity)
+    update = wire.open_update(message, wire.WireLimits())
+    assert update.base == 3 and update.round == 5
+    plain = wire.open_update(
+        wire.sign(wire.encode_update(round=5, tensors=tensors, **fields), identity), wire.WireLimits()
+    )
+    assert plain.base is None
+    for bad in (5, 6, -1):
+        with pytest.raises(LocalProtocolError, match="base"):
+            wire.encode_update(round=5, base=bad, tensors=tensors, **fields)
+    # A receiver refuses a base at or above the round (a writer that breaks the rule).
+    header = msgpack.unpackb(wire.encode_update(round=5, base=3, tensors=tensors, **fields).header)
+    for bad_base in (5, 9, -1, "3"):
+        forged = wire.Unsigned(
+            msgpack.packb({**header, "base": bad_base}, use_bin_type=True), (tensors["w"].tobytes(),)
+        )
+        with pytest.raises(wire.MalformedMessage):
+            wire.open_update(wire.sign(forged, identity), wire.WireLimits())

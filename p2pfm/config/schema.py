@@ -35,7 +35,7 @@ from p2pfm.core.wire import WireLimits
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------- #
-# Enumerations: each defined once, here or in the core (MixRule).
+# Enumerations: each defined once, here or in the core (MixRule, CompressionName).
 # --------------------------------------------------------------------------- #
 
 Task = Literal["classification", "causal-lm"]

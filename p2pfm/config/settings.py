@@ -33,6 +33,7 @@ from p2pfm.config.schema import (
     check_network_id,
     number,
 )
+from p2pfm.core.compression import CompressionName
 from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import ConfigError
 
@@ -210,6 +211,20 @@ class GossipSettings(Schema, frozen=True, kw_only=True):
     # round late as a correction (x += mix(x_r) - x_r, docs/node.md); the last round still waits for
     # its mix. false: a round trains, then waits for its neighbours (synchronous).
     overlap: bool = False
+    # Compressed gossip with error feedback (p2pfm/core/compression.py, docs/protocol.md): each round
+    # sends only the compressed change of this node's public estimate; "none" sends full states.
+    compression: CompressionName = "none"
+    # CHOCO's consensus step: x += compression_step * (mix of the estimates - own estimate)
+    compression_step: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    keyframe_every: Annotated[int, Meta(ge=1, le=10_000)] = 50  # a full (compressed) state every N rounds
+
+    def __post_init__(self) -> None:
+        if self.compression != "none" and self.wire_dtype != "float32":
+            raise ConfigError(
+                "gossip.wire_dtype",
+                f"applies to full states only; with gossip.compression = {self.compression!r} leave it "
+                "'float32' (the compression picks what travels)",
+            )
 
 
 class FaultSettings(Schema, frozen=True, kw_only=True):

@@ -30,7 +30,8 @@ class ProtocolConfig:
     round_timeout_s: float
     limits: WireLimits = field(default_factory=WireLimits)
     # Expected tensors (names, wire dtypes, shapes); None accepts any schema
-    # whose fingerprint matches.
+    # whose fingerprint matches. A name listed more than once accepts each
+    # listed dtype (a compressing node's keyframes and differences).
     schema: tuple[TensorSpec, ...] | None = None
     # Timestamps further than this from the receiver's wall clock are refused
     # (None: not checked). Honest nodes need clocks within this of each other.
@@ -74,6 +75,8 @@ class Accepted:
     round: int
     seq: int
     wire_bytes: int
+    # The accepted update itself (a compressing receiver advances its estimate of the sender with it).
+    update: Update | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

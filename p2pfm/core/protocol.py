@@ -97,7 +97,13 @@ class GossipProtocol:
         self._updates: dict[PeerId, dict[int, Update]] = {}
         self._last_key: dict[PeerId, tuple[int, int]] = {}  # (round, seq) last accepted
         self._buckets: dict[PeerId, tuple[float, float]] = {}  # link -> (tokens, at now_s)
-        self._schema = None if config.schema is None else {s.name: s for s in config.schema}
+        # Expected specs per tensor name: a tensor may be listed with several wire dtypes (a
+        # compressing node sends keyframes and differences in different encodings).
+        self._schema: dict[str, set[TensorSpec]] | None = None
+        if config.schema is not None:
+            self._schema = {}
+            for spec in config.schema:
+                self._schema.setdefault(spec.name, set()).add(spec)
         # Highest round each neighbour has shown in a validly signed head, and
         # when (now_s): catch-up targets come from these, by majority.
         self._claims: dict[PeerId, tuple[int, float]] = {}
@@ -199,8 +205,9 @@ class GossipProtocol:
         samples: int,
         wall_time_ms: int,
         wire_dtypes: Mapping[str, str] | None = None,
+        base: int | None = None,
     ) -> bytes:
-        """Encode and sign this node's state for the current round."""
+        """Encode and sign this node's state (or, with ``base``, a compressed difference) for the round."""
         seq = self.take_seq()
         body = wire.encode_update(
             network=self.config.network,
@@ -213,6 +220,7 @@ class GossipProtocol:
             tensors=tensors,
             wire_dtypes=wire_dtypes,
             limits=self.config.limits,
+            base=base,
         )
         return wire.sign(body, self.identity)
 
@@ -285,7 +293,7 @@ class GossipProtocol:
         self._last_key[update.sender] = (update.round, update.seq)
         self._time_arrival(update, now_s)
         self.accepted += 1
-        return Accepted(update.sender, update.round, update.seq, update.wire_bytes)
+        return Accepted(update.sender, update.round, update.seq, update.wire_bytes, update)
 
     def _head_gate(
         self, header: UpdateHeader, head: bytes, now_s: float
@@ -471,5 +479,5 @@ class GossipProtocol:
             del by_round[round_]
 
 
-def _schema_matches(expected: Mapping[str, TensorSpec], specs: Sequence[TensorSpec]) -> bool:
-    return len(specs) == len(expected) and all(expected.get(s.name) == s for s in specs)
+def _schema_matches(expected: Mapping[str, set[TensorSpec]], specs: Sequence[TensorSpec]) -> bool:
+    return len(specs) == len(expected) and all(s in expected.get(s.name, ()) for s in specs)

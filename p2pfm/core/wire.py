@@ -74,6 +74,7 @@ _MAX_DIM = 2**31 - 1
 _UPDATE_KEYS = frozenset(
     {"kind", "network", "round", "seq", "ts_ms", "fingerprint", "degree", "samples", "tensors", "payload"}
 )
+_CHAIN_KEYS = _UPDATE_KEYS | {"base"}  # a compressed difference names the round it builds on
 _PROOF_KEYS = frozenset({"kind", "network", "evidence"})
 _MAX_MAP_KEYS = 16
 
@@ -186,6 +187,9 @@ class UpdateHeader:
     samples: int
     specs: tuple[TensorSpec, ...]
     payload_digest: bytes
+    # None: the tensors are the sender's state. An int: they are a compressed difference on top of
+    # the sender's message of round ``base`` (p2pfm/core/compression.py; docs/protocol.md 4.2).
+    base: int | None
 
 
 _HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(UpdateHeader))
@@ -233,8 +237,12 @@ def encode_update(
     tensors: Mapping[str, np.ndarray[Any, Any]],
     wire_dtypes: Mapping[str, str] | None = None,
     limits: WireLimits | None = None,
+    base: int | None = None,
 ) -> Unsigned:
     """Build the header and payload of an update. Raises LocalProtocolError on misuse.
+
+    ``base`` (0 <= base < round) marks the tensors as a difference on top of
+    the sender's message of that round (compressed gossip); None: a state.
 
     ``wire_dtypes`` optionally casts tensors for transport (for example
     ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor), or encodes
@@ -254,6 +262,8 @@ def encode_update(
             raise LocalProtocolError(f"{name} must be an int in [0, {top}], got {value!r}")
     if not isinstance(fingerprint, bytes) or len(fingerprint) != FINGERPRINT_BYTES:
         raise LocalProtocolError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    if base is not None and (type(base) is not int or not 0 <= base < round):
+        raise LocalProtocolError(f"base must be an int in [0, round), got {base!r} in round {round}")
     if len(tensors) > limits.max_tensors:
         raise LocalProtocolError(f"{len(tensors)} tensors exceed max_tensors={limits.max_tensors}")
     entries: list[list[Any]] = []
@@ -279,6 +289,8 @@ def encode_update(
         "tensors": entries,
         "payload": payload_hash.digest(),
     }
+    if base is not None:
+        header["base"] = base
     return Unsigned(msgpack.packb(header, use_bin_type=True), tuple(data))
 
 
@@ -372,7 +384,7 @@ def limits_for_schema(
     base = base or WireLimits()
     widest = encode_update(
         network=network, round=_MAX_INT, seq=_MAX_INT, ts_ms=_MAX_INT, fingerprint=bytes(FINGERPRINT_BYTES),
-        degree=_MAX_DIM, samples=_MAX_INT,
+        degree=_MAX_DIM, samples=_MAX_INT, base=_MAX_INT - 1,
         tensors={s.name: np.zeros(0, np.float32) for s in specs},
         wire_dtypes={s.name: s.dtype for s in specs}, limits=base,
     ).header  # fmt: skip
@@ -491,10 +503,17 @@ def decode_header(message: Verified, limits: WireLimits) -> UpdateHeader | Proof
 
 
 def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits) -> UpdateHeader:
-    if set(header) != _UPDATE_KEYS:
-        raise MalformedMessage(f"header keys {sorted(header)} differ from {sorted(_UPDATE_KEYS)}")
+    if set(header) not in (_UPDATE_KEYS, _CHAIN_KEYS):
+        raise MalformedMessage(
+            f"header keys {sorted(header)} differ from {sorted(_UPDATE_KEYS)} (and optionally 'base')"
+        )
     _check_network(header["network"], limits, MalformedMessage)
     ints = {name: _field_int(header, name, _MAX_INT) for name in ("round", "seq", "ts_ms", "samples")}
+    base = None
+    if "base" in header:
+        base = _field_int(header, "base", _MAX_INT)
+        if base >= ints["round"]:
+            raise MalformedMessage(f"base {base} must be below the round ({ints['round']})")
     degree = _field_int(header, "degree", _MAX_DIM)
     for name in ("fingerprint", "payload"):
         value = header[name]
@@ -511,6 +530,7 @@ def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits
         samples=ints["samples"],
         specs=_parse_specs(header["tensors"], limits),
         payload_digest=header["payload"],
+        base=base,
     )
 
 

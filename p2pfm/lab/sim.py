@@ -32,6 +32,7 @@ import blake3
 import numpy as np
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, Peer
+from p2pfm.core.compression import COMPRESSIONS, CompressionName
 from p2pfm.core.consensus import MixRule
 from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
@@ -77,6 +78,9 @@ class SimConfig:
     workers: int | None = None  # processes; None: one per core for big networks, else 1
     keep_states: bool = False  # keep every node's first and last state in the result
     overlap: bool = False  # gossip.overlap: exchange beside the next round's local steps
+    compression: CompressionName = "none"  # gossip.compression (p2pfm/core/compression.py)
+    compression_step: float = 1.0  # gossip.compression_step
+    keyframe_every: int = 50  # gossip.keyframe_every
 
     def __post_init__(self) -> None:
         checks = (
@@ -88,6 +92,16 @@ class SimConfig:
             (self.round_timeout_s > 0, f"round timeout must be > 0 s, got {self.round_timeout_s}"),
             (self.step_s >= 0 and self.latency_s > 0, "step_s must be >= 0 and latency_s > 0"),
             (self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (
+                self.compression == "none" or self.dtype == "float32",
+                f"compression {self.compression!r} needs dtype float32, got {self.dtype}",
+            ),
+            (self.compression in COMPRESSIONS, f"unknown compression {self.compression!r}"),
+            (
+                0 < self.compression_step <= 1,
+                f"compression_step must be in (0, 1], got {self.compression_step}",
+            ),
+            (self.keyframe_every >= 1, f"keyframe_every must be >= 1, got {self.keyframe_every}"),
         )
         for ok, problem in checks:
             if not ok:
@@ -197,6 +211,8 @@ def build_part(
         rounds=config.rounds, round_timeout_s=config.round_timeout_s, rule=config.rule, trim=config.trim,
         byzantine_weight=config.byzantine_weight, max_rounds_ahead=config.max_rounds_ahead,
         eval_every=max(1, config.rounds), deadline=config.deadline, overlap=config.overlap,
+        compression=config.compression, compression_step=config.compression_step,
+        keyframe_every=config.keyframe_every,
     )  # fmt: skip
     plan = RoundPlan(
         rounds=config.rounds, local_steps=config.local_steps, samples_per_round=max(1, config.local_steps),

@@ -45,7 +45,11 @@ class Attacker:
 
     gap_s = 0.3  # equivocate: the receivers get time to read the first version before the second
 
-    def __init__(self, kind: str, factor: float | None, seed: int) -> None:
+    def __init__(
+        self, kind: str, factor: float | None, seed: int, wire_dtypes: Mapping[str, str] | None = None
+    ) -> None:
+        """``wire_dtypes``: what its updates travel as (the network's: its attacks reach the mixing
+        rule instead of being refused as another schema)."""
         if kind not in ATTACKS:
             raise ValueError(f"unknown attack {kind!r}; valid: {', '.join(ATTACKS)}")
         self.kind = kind
@@ -53,6 +57,7 @@ class Attacker:
         self._given = factor  # far-future: None claims 2^62, a given factor that many rounds ahead
         self._rng = np.random.default_rng(seed)
         self._first: bytes | None = None
+        self.wire_dtypes = dict(wire_dtypes or {})
         # A key no roster lists: derived, so runs are reproducible.
         self._outsider = Identity(blake3.blake3(f"p2pfm-forger/{seed}".encode()).digest())
 
@@ -62,13 +67,13 @@ class Attacker:
         """The messages to send this round, in order."""
         if self.kind == "replay":
             if self._first is None:  # the first update is genuine; later ones repeat it
-                self._first = protocol.make_update(state, samples=samples, wall_time_ms=wall_time_ms)
+                self._first = self._update(protocol, state, samples, wall_time_ms)
             return [self._first]
         if self.kind == "equivocate":
             scaled = {name: (value * self.factor).astype(value.dtype) for name, value in state.items()}
             return [
-                protocol.make_update(state, samples=samples, wall_time_ms=wall_time_ms),
-                protocol.make_update(scaled, samples=samples, wall_time_ms=wall_time_ms),
+                self._update(protocol, state, samples, wall_time_ms),
+                self._update(protocol, scaled, samples, wall_time_ms),
             ]
         if self.kind in ("forge", "wrong-model", "far-future"):
             config = protocol.config
@@ -87,11 +92,19 @@ class Attacker:
                 degree=len(protocol.neighbours),
                 samples=samples,
                 tensors=state,
+                wire_dtypes=self.wire_dtypes,
                 limits=config.limits,
             )
             signer = self._outsider if self.kind == "forge" else protocol.identity
             return [wire.sign(body, signer)]
-        return [protocol.make_update(self._poison(state), samples=samples, wall_time_ms=wall_time_ms)]
+        return [self._update(protocol, self._poison(state), samples, wall_time_ms)]
+
+    def _update(
+        self, protocol: GossipProtocol, state: Mapping[str, Array], samples: int, wall_time_ms: int
+    ) -> bytes:
+        return protocol.make_update(
+            state, samples=samples, wall_time_ms=wall_time_ms, wire_dtypes=self.wire_dtypes
+        )
 
     def _poison(self, state: Mapping[str, Array]) -> dict[str, Array]:
         out: dict[str, Array] = {}

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
+from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, delta_encoding, keyframe_encoding
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.identity import Identity, PeerId, load_key_file
 from p2pfm.core.membership import Membership, MembershipConfig
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
 from p2pfm.core.records import PeerRecord
-from p2pfm.core.wire import WireLimits, limits_for_schema
+from p2pfm.core.wire import TensorSpec, WireLimits, limits_for_schema
 from p2pfm.learn.algorithm import RoundAlgorithm
 from p2pfm.learn.learner import Learner
 from p2pfm.net.link import ControlTransport, Transport
@@ -30,7 +31,7 @@ from p2pfm.net.zmq_transport import ZmqTransport, raise_open_files_limit
 from p2pfm.node.attacks import Attacker
 from p2pfm.node.clock import Clock, SystemClock
 from p2pfm.node.faults import LossyTransport, SlowLearner
-from p2pfm.node.loop import Node, RoundPlan
+from p2pfm.node.loop import Compressed, Node, RoundPlan
 from p2pfm.node.open_network import kept_records, own_record, ports, resolve_bootstrap, roster_of
 from p2pfm.node.overlay import JoinSettings, Overlay
 from p2pfm.node.publishing import Honest, Publisher
@@ -229,12 +230,18 @@ def assemble_node(
     schema = tuple(
         dataclasses.replace(spec, dtype=wire_dtypes.get(spec.name, spec.dtype)) for spec in learner.schema
     )
+    compressed = _compressed(gossip, learner, plan)
+    if compressed is not None:  # keyframes and differences travel in their encodings
+        encodings = {keyframe_encoding(gossip.compression), delta_encoding(gossip.compression)}
+        schema = tuple(
+            dataclasses.replace(spec, dtype=e) for spec in learner.schema for e in sorted(encodings)
+        )
     # Bounds from the largest legitimate message of this schema: nobody makes
     # us buffer more than that per connection (docs/security.md). The float32
     # schema's bound too: a node with another wire dtype is then refused as
     # schema_mismatch (counted), not cut off by size.
     limits = max(
-        (limits_for_schema(specs, network=network) for specs in (schema, learner.schema)),
+        (limits_for_schema(specs, network=network) for specs in _schemas(schema, learner.schema)),
         key=lambda lim: lim.max_message_bytes,
     )
     protocol = GossipProtocol(
@@ -267,9 +274,13 @@ def assemble_node(
         if not isinstance(link, ControlTransport):
             raise LocalProtocolError("open membership needs a transport with a control channel")
         overlay = Overlay(membership, protocol, link, contacts=contacts, join=join)
-    publisher: Publisher = Honest(wire_dtypes)
+    publisher: Publisher = Honest(wire_dtypes, None if compressed is None else compressed.own)
     if faults.attack:
-        publisher = Attacker(faults.attack, faults.attack_factor, seed)
+        # Its attacks travel as the network's states do (a compressing network's keyframes).
+        keyframes = {name: keyframe_encoding(gossip.compression) for name in wire_dtypes}
+        publisher = Attacker(
+            faults.attack, faults.attack_factor, seed, keyframes if compressed else wire_dtypes
+        )
         log(f"[{name}] ATTACKER: sends {faults.attack} updates (fault injection)")
     return Node(
         name=name,
@@ -296,4 +307,31 @@ def assemble_node(
         },
         overlay=overlay,
         algorithm=RoundAlgorithm(gossip),
+        compressed=compressed,
     )
+
+
+def _compressed(gossip: GossipSettings, learner: Learner, plan: RoundPlan) -> Compressed | None:
+    """The compression state of ``gossip.compression`` (None: full states travel)."""
+    if gossip.compression == "none":
+        return None
+    if plan.partners is not None:
+        raise ConfigError(
+            "gossip.compression",
+            "needs the same neighbours every round: a time-varying topology sends each round to other "
+            "partners, who would miss the differences in between; use 'none' or a fixed topology",
+        )
+    if any(spec.dtype != "float32" for spec in learner.schema):
+        raise ConfigError("gossip.compression", "compresses float32 tensors only; this learner's are not")
+    own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every)
+    return Compressed(own, NeighbourEstimates(), gossip.compression_step)
+
+
+def _schemas(schema: tuple[TensorSpec, ...], plain: tuple[TensorSpec, ...]) -> list[tuple[TensorSpec, ...]]:
+    """One schema per wire dtype a tensor may travel as, and the float32 one: the limits take the largest."""
+    by_name: dict[str, list[TensorSpec]] = {}
+    for spec in schema:
+        by_name.setdefault(spec.name, []).append(spec)
+    variants = max((len(specs) for specs in by_name.values()), default=1)
+    out = [tuple(specs[min(i, len(specs) - 1)] for specs in by_name.values()) for i in range(variants)]
+    return [*out, plain]

@@ -40,10 +40,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pfm.config.settings import GossipSettings
+from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, choco_mix
 from p2pfm.core.errors import RejectReason
 from p2pfm.core.evidence import encode_evidence
 from p2pfm.core.identity import PeerId
-from p2pfm.core.protocol import EquivocationFound, GossipProtocol, MixSettings, Phase, Rejected, RoundComplete
+from p2pfm.core.protocol import (
+    Accepted,
+    EquivocationFound,
+    GossipProtocol,
+    MixSettings,
+    Phase,
+    Rejected,
+    RoundComplete,
+)
 from p2pfm.learn.aggregation import aggregation_error
 from p2pfm.learn.algorithm import RoundAlgorithm
 from p2pfm.learn.checkpoint import Checkpoint
@@ -106,6 +115,19 @@ class NodeResult:
 
 
 @dataclass
+class Compressed:
+    """``gossip.compression``: this node's public estimate and its neighbours' (p2pfm/core/compression.py).
+
+    The publisher sends the changes of ``own``; every accepted update
+    advances ``neighbours``; a round mixes the estimates with ``step``.
+    """
+
+    own: OwnEstimate
+    neighbours: NeighbourEstimates
+    step: float
+
+
+@dataclass
 class _InFlight:
     """A published round whose exchange runs on its own thread (``Node.launch``)."""
 
@@ -145,6 +167,7 @@ class Node:
         facts: Mapping[str, Any] | None = None,  # extra fields of the start/resume record
         overlay: Overlay | None = None,  # open membership (p2pfm/node/overlay.py); None: fixed neighbours
         algorithm: RoundAlgorithm | None = None,  # None: dpsgd (the mix is the next state)
+        compressed: Compressed | None = None,  # gossip.compression; None: full states travel
     ) -> None:
         self.name, self.protocol, self.learner, self.transport = name, protocol, learner, transport
         self.publisher, self.mix_settings, self.plan, self.store = publisher, mix_settings, plan, store
@@ -153,6 +176,7 @@ class Node:
         self.facts = dict(facts or {})
         self.overlay = overlay
         self.algorithm = algorithm or RoundAlgorithm(GossipSettings())
+        self.compressed = compressed
         self.rounds_trained = 0
         self.last_eval: dict[str, float] = {}
         self._own: dict[str, Array] = {}  # the state this round published, which the mix starts from
@@ -289,7 +313,7 @@ class Node:
             try:
                 flight.done = self.await_round(flight.abandon)
                 if flight.done is not None:
-                    flight.mixed = flight.done.mix(own, self.mix_settings)
+                    flight.mixed = self.combine(flight.done, own)
             except BaseException as exc:  # noqa: BLE001  handed to the caller by land()
                 flight.error = exc
 
@@ -378,6 +402,8 @@ class Node:
         if self.protocol.phase is Phase.IDLE and target > 1 and self.protocol.round < target - 1:
             self.protocol.restore(target - 1, self.protocol.seq)  # accept the rounds the neighbours are in
         newest = self.protocol.newest_updates()
+        if self.compressed is not None:  # a difference means nothing without its chain: keyframes only
+            newest = {peer: update for peer, update in newest.items() if update.base is None}
         found = catch_up_state(newest, self.overlay.join_settings, timed_out=timed_out)
         if found is not None:
             round_, state = found
@@ -409,6 +435,8 @@ class Node:
         """After a round's record: membership's failure detection, shuffle and refill."""
         if self.overlay is not None:
             self.overlay.round_ended(self.clock.now_s())
+            if self.compressed is not None:
+                self.compressed.neighbours.keep_only(self.protocol.neighbours)
             self.store.save_peers(self.overlay.known_records())
             roster = self.overlay.membership.roster
             if self.overlay.membership.removed and not self.stop.is_set():
@@ -454,6 +482,8 @@ class Node:
             # Unrecorded, a crash now could make us sign a second update for
             # this round after the restart: better to stay silent this round.
             self.log(f"[{self.name}] cannot record round {round_} as sent: not sending it")
+            if self.compressed is not None:
+                self.compressed.own.restart()  # the chain's link is not sent: start again with a keyframe
             return
         for i, message in enumerate(messages):
             if i:
@@ -475,7 +505,10 @@ class Node:
                 event = self.protocol.receive(
                     received.message, self.clock.now_s(), self.clock.wall_ms(), link=received.link
                 )
-                if isinstance(event, EquivocationFound):
+                if isinstance(event, Accepted) and self.compressed is not None and event.update is not None:
+                    update = event.update
+                    self.compressed.neighbours.apply(update.sender, update.round, update.base, update.tensors)
+                elif isinstance(event, EquivocationFound):
                     self._on_equivocation(event)
                 elif isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and overlay:
                     overlay.stranger(received.link)
@@ -500,7 +533,7 @@ class Node:
         """
         own = self._own
         if mixed is None:
-            mixed = done.mix(own, self.mix_settings)
+            mixed = self.combine(done, own)
         if not self.plan.overlap:
             self.learner.set_state(self.algorithm.finish(own, mixed, self._steps))
         else:
@@ -512,6 +545,27 @@ class Node:
                 self.algorithm.shift_start(delta)
         self._aggregation_error = self._measure_aggregation(done)
         self._send_proofs()
+
+    def combine(self, done: RoundComplete, own: Mapping[str, Array]) -> dict[str, Array]:
+        """What the round's mix makes of ``own``: the plain mix, or (compressed) the estimates' mix."""
+        if self.compressed is None:
+            return done.mix(own, self.mix_settings)
+        own_estimate = self.compressed.own.estimate
+        if own_estimate is None:  # nothing published this round (the sent record failed): keep the state
+            return dict(own)
+        settings = self.mix_settings
+        return choco_mix(
+            settings.rule, own, own_estimate, self._received(done), done.weights, step=self.compressed.step,
+            trim=settings.trim, byzantine_weight=settings.byzantine_weight,
+        )  # fmt: skip
+
+    def _received(self, done: RoundComplete) -> dict[PeerId, Mapping[str, Array]]:
+        """The neighbours' states this round mixes: their updates, or (compressed) our estimates of them."""
+        if self.compressed is None:
+            return {peer: update.tensors for peer, update in done.updates.items()}
+        estimates = self.compressed.neighbours
+        found = {peer: estimates.get(peer) for peer in done.updates}
+        return {peer: state for peer, state in found.items() if state is not None}
 
     def alone(self) -> None:
         """A node that never mixes (the ``local`` baseline) still runs its algorithm, on its own state.
@@ -525,11 +579,12 @@ class Node:
 
     def _measure_aggregation(self, done: RoundComplete) -> float | None:
         """The LoRA aggregation error of this round's mix (its weights; None: nothing to measure)."""
-        if not done.updates:
+        received = self._received(done)
+        if not received:
             return None
-        peers = list(done.updates)
+        peers = list(received)
         own_weight = 1.0 - sum(done.weights[p] for p in peers)
-        states = [self._own, *(done.updates[p].tensors for p in peers)]
+        states = [self._own, *(received[p] for p in peers)]
         try:
             return aggregation_error(states, [own_weight, *(done.weights[p] for p in peers)])
         except (ValueError, KeyError):  # a diagnostic: never a reason to stop a round
@@ -621,7 +676,16 @@ class Node:
             "banned": sorted(self.peer_names.get(p, p.short) for p in self.protocol.banned),
             "internal_errors": self._internal_errors,
             "io_errors": dict(self.store.io_errors),
+            **self._compression_counters(),
             **self._membership_counters(),
+        }
+
+    def _compression_counters(self) -> dict[str, Any]:
+        if self.compressed is None:
+            return {}
+        return {
+            "keyframes_sent": self.compressed.own.keyframes,
+            "estimates_broken": dict(self.compressed.neighbours.broken),
         }
 
     def _membership_counters(self) -> dict[str, Any]:

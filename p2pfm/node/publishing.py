@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from p2pfm.core.compression import OwnEstimate
 from p2pfm.core.protocol import GossipProtocol
 
 Array = np.ndarray[Any, Any]
@@ -29,18 +30,34 @@ class Publisher(Protocol):
 
 
 class Honest:
-    """One update of the node's own state, in the configured wire dtypes."""
+    """One update of the node's own state, in the configured wire dtypes.
+
+    With compression (``own``: the node's public estimate) the update is the
+    compressed change of that estimate, or a keyframe (p2pfm/core/compression.py).
+    """
 
     gap_s = 0.0
 
-    def __init__(self, wire_dtypes: Mapping[str, str] | None = None) -> None:
+    def __init__(self, wire_dtypes: Mapping[str, str] | None = None, own: OwnEstimate | None = None) -> None:
         self.wire_dtypes = dict(wire_dtypes or {})
+        self.own = own
 
     def messages(
         self, protocol: GossipProtocol, state: Mapping[str, Array], *, samples: int, wall_time_ms: int
     ) -> list[bytes]:
-        return [
-            protocol.make_update(
-                state, samples=samples, wall_time_ms=wall_time_ms, wire_dtypes=self.wire_dtypes
-            )
-        ]
+        if self.own is None:
+            return [
+                protocol.make_update(
+                    state, samples=samples, wall_time_ms=wall_time_ms, wire_dtypes=self.wire_dtypes
+                )
+            ]
+        audience = protocol.neighbours if protocol.partners is None else frozenset(protocol.partners)
+        out = self.own.outgoing(state, protocol.round, audience)
+        message = protocol.make_update(
+            out.tensors,
+            samples=samples,
+            wall_time_ms=wall_time_ms,
+            wire_dtypes=out.wire_dtypes,
+            base=out.base,
+        )
+        return [message]

@@ -1,0 +1,234 @@
+"""Compressed gossip with error feedback: public estimates stay equal on both ends of a chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from p2pfm.core.compression import (
+    COMPRESSIONS,
+    NeighbourEstimates,
+    OwnEstimate,
+    choco_mix,
+    delta_encoding,
+    keyframe_encoding,
+    received,
+)
+from p2pfm.core.consensus import robust_mix
+from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.identity import Identity
+from p2pfm.node.metrics import read_metrics
+from tests.quadratic_network import network, run_all
+
+Array = np.ndarray[Any, Any]
+A, B, C = (Identity(bytes([i]) * 32).peer_id for i in (1, 2, 3))
+LOSSY = [c for c in COMPRESSIONS if c != "none"]
+
+
+def _state(rng: np.random.Generator, scale: float = 1.0) -> dict[str, Array]:
+    return {
+        "lora_A": (rng.standard_normal((8, 300)) * scale).astype(np.float32),
+        "lora_B": (rng.standard_normal((300, 8)) * scale).astype(np.float32),
+    }
+
+
+def _drift(state: dict[str, Array], rng: np.random.Generator) -> dict[str, Array]:
+    """A training round's small change."""
+    return {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_the_receivers_estimate_is_the_senders_bit_for_bit(compression: Any) -> None:
+    rng = np.random.default_rng(0)
+    sender, receiver = OwnEstimate(compression, keyframe_every=4), NeighbourEstimates()
+    state = _state(rng)
+    for round_ in range(1, 11):
+        state = _drift(state, rng)
+        out = sender.outgoing(state, round_, frozenset({B}))
+        # What travels is decoded by the receiver as the wire's encodings decode it.
+        decoded = {name: received(out.wire_dtypes.get(name, "float32"), v) for name, v in out.tensors.items()}
+        assert receiver.apply(A, round_, out.base, decoded)
+        mine, theirs = sender.estimate, receiver.get(A)
+        assert mine is not None and theirs is not None
+        for name in state:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+    assert receiver.broken == {}
+
+
+@pytest.mark.parametrize("compression", LOSSY)
+def test_error_feedback_brings_the_estimate_to_a_resting_state(compression: Any) -> None:
+    """What one round drops travels later: with the state held still the estimate closes in on it."""
+    rng = np.random.default_rng(1)
+    sender = OwnEstimate(compression, keyframe_every=1000)
+    state = _state(rng)
+    errors = []
+    for round_ in range(1, 81):
+        sender.outgoing(state, round_, frozenset({B}))
+        assert sender.estimate is not None
+        errors.append(max(float(np.abs(sender.estimate[k] - state[k]).max()) for k in state))
+    scale = max(float(np.abs(v).max()) for v in state.values())
+    assert errors[-1] < 1e-3 * scale, (errors[0], errors[-1])
+    assert errors[-1] < 0.05 * errors[0]
+
+
+def test_messages_are_differences_between_keyframes() -> None:
+    rng = np.random.default_rng(2)
+    sender = OwnEstimate("topk8_d16", keyframe_every=3)
+    bases, encodings = [], []
+    state = _state(rng)
+    for round_ in range(1, 8):
+        state = _drift(state, rng)
+        out = sender.outgoing(state, round_, frozenset({B}))
+        bases.append(out.base)
+        encodings.append(set(out.wire_dtypes.values()))
+    assert bases == [None, 1, 2, None, 4, 5, None]
+    assert encodings == [{"q8"}, *[{"topk8_d16"}] * 2, {"q8"}, *[{"topk8_d16"}] * 2, {"q8"}]
+    # A new neighbour gets a keyframe at once; a neighbour leaving needs none.
+    assert sender.outgoing(state, 8, frozenset({B, C})).base is None
+    assert sender.outgoing(state, 9, frozenset({C})).base == 8
+    sender.restart()
+    assert sender.outgoing(state, 10, frozenset({C})).base is None
+
+
+def test_a_missed_link_breaks_the_chain_until_the_next_keyframe() -> None:
+    rng = np.random.default_rng(3)
+    sender, receiver = OwnEstimate("q8", keyframe_every=4), NeighbourEstimates()
+    state = _state(rng)
+    applied = []
+    for round_ in range(1, 10):
+        state = _drift(state, rng)
+        out = sender.outgoing(state, round_, frozenset({B}))
+        if round_ == 2:  # lost on the way
+            continue
+        decoded = {name: received(out.wire_dtypes[name], v) for name, v in out.tensors.items()}
+        applied.append(receiver.apply(A, round_, out.base, decoded))
+    # round 1 keyframe; 3 builds on the lost 2; 4 on 3 (no estimate); 5 is the next keyframe.
+    assert applied == [True, False, False, True, True, True, True, True]
+    assert receiver.broken == {"missed_base": 2}
+
+
+def test_a_non_finite_estimate_is_dropped_not_mixed() -> None:
+    receiver = NeighbourEstimates()
+    big = {"w": np.full(4, 3e38, np.float32)}
+    assert receiver.apply(A, 1, None, big)
+    with np.errstate(over="ignore"):
+        assert not receiver.apply(A, 2, 1, big)  # 6e38 overflows float32
+    assert receiver.get(A) is None and receiver.broken == {"non_finite": 1}
+
+
+def test_a_difference_with_other_tensors_is_refused() -> None:
+    receiver = NeighbourEstimates()
+    assert receiver.apply(A, 1, None, {"w": np.zeros(3, np.float32)})
+    assert not receiver.apply(A, 2, 1, {"v": np.zeros(3, np.float32)})
+    assert receiver.broken == {"schema": 1}
+
+
+def test_estimates_of_former_neighbours_are_dropped() -> None:
+    receiver = NeighbourEstimates()
+    for peer in (A, B, C):
+        receiver.apply(peer, 1, None, {"w": np.zeros(2, np.float32)})
+    receiver.keep_only(frozenset({B}))
+    assert [receiver.get(p) is not None for p in (A, B, C)] == [False, True, False]
+
+
+@pytest.mark.parametrize("rule", ["mean", "trimmed-mean", "median", "clip"])
+def test_without_compression_and_a_full_step_the_mix_is_the_plain_mix(rule: Any) -> None:
+    rng = np.random.default_rng(4)
+    own = _state(rng)
+    others = {A: _state(rng), B: _state(rng), C: _state(rng)}
+    weights = {A: 0.25, B: 0.25, C: 0.25}
+    plain = robust_mix(rule, own, others, weights)
+    choco = choco_mix(rule, own, own, others, weights, step=1.0)
+    for name in own:
+        np.testing.assert_allclose(choco[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_scales_the_move_towards_the_estimates_mix() -> None:
+    local = {"w": np.array([10.0, 0.0], np.float32)}
+    own_estimate = {"w": np.array([8.0, 0.0], np.float32)}  # what the neighbours hold of us
+    estimates = {A: {"w": np.array([0.0, 4.0], np.float32)}}
+    mixed = choco_mix("mean", local, own_estimate, estimates, {A: 0.5}, step=0.5)
+    # mix of estimates = (4, 2); minus own estimate = (-4, 2); half of it added to the local state
+    np.testing.assert_array_equal(mixed["w"], np.array([8.0, 1.0], np.float32))
+    # A neighbour without an estimate keeps its weight with us: the mix is our own estimate.
+    alone = choco_mix("mean", local, own_estimate, {}, {A: 0.5}, step=0.5)
+    np.testing.assert_array_equal(alone["w"], local["w"])
+
+
+def test_encodings_and_misuse() -> None:
+    assert [delta_encoding(c) for c in LOSSY] == [
+        "bfloat16",
+        "q8",
+        *[c for c in LOSSY if c.startswith("topk")],
+    ]
+    assert keyframe_encoding("none") == "float32" and keyframe_encoding("bf16") == "bfloat16"
+    assert all(keyframe_encoding(c) == "q8" for c in LOSSY if c != "bf16")
+    with pytest.raises(LocalProtocolError):
+        delta_encoding("none")
+    with pytest.raises(LocalProtocolError, match="unknown compression"):
+        OwnEstimate("zip", keyframe_every=1)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="keyframe_every"):
+        OwnEstimate("q8", keyframe_every=0)
+
+
+# ------------------------------------------------------------ in the node loop
+
+
+def _finish(folder: Path, i: int) -> dict[str, Any]:
+    return [r for r in read_metrics(folder / f"n{i}" / "out" / "metrics.jsonl") if r["event"] == "done"][-1]
+
+
+def _start_error(folder: Path) -> float:
+    """The nodes' mean distance to the optimum before training (round 0 is not evaluated: recompute)."""
+    _, learners = network(folder / "probe", {"rounds": 1}, dim=2000)
+    return float(np.mean([np.linalg.norm(x.initial - x.optimum) for x in learners.values()]))
+
+
+def _run(folder: Path, gossip: dict[str, Any], **kwargs: Any) -> tuple[list[float], list[dict[str, Any]]]:
+    """A ring of 4 quadratic nodes (2000 coordinates): final distances to the optimum, and done records."""
+    nodes, learners = network(folder, {"rounds": 20, **gossip}, lr=0.1, step_s=0.1, dim=2000, **kwargs)
+    results = run_all(nodes)
+    assert all(r.rounds_completed == 20 for r in results.values())
+    optimum = learners[0].optimum
+    errors = [float(np.linalg.norm(learners[i].get_state()["x"] - optimum)) for i in nodes]
+    return errors, [_finish(folder, i) for i in nodes]
+
+
+def test_compressed_nodes_reach_the_optimum_with_fewer_bytes(tmp_path: Path) -> None:
+    plain, plain_ends = _run(tmp_path / "none", {})
+    sent = sum(end["bytes_sent"] for end in plain_ends)
+    for compression, step, bytes_share, quality in (("bf16", 1.0, 0.55, 1.05), ("q8", 1.0, 0.3, 1.05)):
+        errors, ends = _run(tmp_path / compression, {"compression": compression, "compression_step": step})
+        assert max(errors) <= quality * max(plain) + 1e-3, (compression, errors, plain)
+        assert sum(end["bytes_sent"] for end in ends) < bytes_share * sent, compression
+        assert all(end["keyframes_sent"] == 1 and end["estimates_broken"] == {} for end in ends)
+        assert all(end["rejected"] == {} for end in ends), [end["rejected"] for end in ends]
+    errors, ends = _run(tmp_path / "topk", {"compression": "topk8_d16", "compression_step": 0.5})
+    assert sum(end["bytes_sent"] for end in ends) < 0.1 * sent
+    assert max(errors) < 0.5 * _start_error(tmp_path / "topk"), errors  # coarser, but it converges
+
+
+def test_a_lost_difference_breaks_the_chain_until_the_next_keyframe(tmp_path: Path) -> None:
+    gossip = {"compression": "q8", "keyframe_every": 4}
+    errors, ends = _run(tmp_path, gossip, faults={0: {"drop": {"n1": 0.3}}})
+    assert ends[0]["keyframes_sent"] == 5  # rounds 1, 5, 9, 13, 17
+    assert ends[1]["estimates_broken"].get("missed_base", 0) >= 1, ends[1]
+    assert ends[3]["estimates_broken"] == {}  # node0's other neighbour lost nothing
+    plain, _ = _run(tmp_path / "plain", {"keyframe_every": 4}, faults={0: {"drop": {"n1": 0.3}}})
+    assert max(errors) < 2.0 * max(plain) + 1e-3, (errors, plain)
+
+
+def test_an_attack_reaches_the_robust_rule_in_a_compressing_network(tmp_path: Path) -> None:
+    """The attacker's scaled states travel as keyframes: accepted and clipped, no worse than uncompressed."""
+    attack = {0: {"attack": "scale", "attack_factor": 10.0}}
+    gossip = {"compression": "q8", "rule": "clip", "byzantine_weight": 0.5}
+    errors, ends = _run(tmp_path / "attacked", gossip, faults=attack)
+    for i in (1, 3):  # the attacker's neighbours heard it every round and refused nothing
+        assert ends[i]["rejected"] == {} and ends[i]["messages_received"] >= 2 * 20
+    naive, _ = _run(tmp_path / "mean", {"compression": "q8"}, faults=attack)
+    assert max(errors[1:]) < 0.5 * max(naive[1:]), (errors, naive)  # the rule mattered
+    plain, _ = _run(tmp_path / "plain", {"rule": "clip", "byzantine_weight": 0.5}, faults=attack)
+    assert max(errors[1:]) < 1.2 * max(plain[1:]), (errors, plain)
