@@ -93,6 +93,30 @@ def test_messages_are_differences_between_keyframes() -> None:
     assert sender.outgoing(state, 10, frozenset({C})).base is None
 
 
+def test_chains_from_a_shared_start_need_no_first_keyframe() -> None:
+    """Every node starts from the same adapter: round 1 is already a difference on top of it (base 0)."""
+    rng = np.random.default_rng(5)
+    start = _state(rng)
+    sender = OwnEstimate("topk8_d16", keyframe_every=50, start=start, audience=frozenset({B}))
+    receiver = NeighbourEstimates()
+    receiver.start(start, frozenset({A, C}))
+    state = start
+    for round_ in (1, 2, 3):
+        state = _drift(state, rng)
+        out = sender.outgoing(state, round_, frozenset({B}))
+        assert out.base == round_ - 1 and set(out.wire_dtypes.values()) == {"topk8_d16"}
+        decoded = {name: received(out.wire_dtypes[name], v) for name, v in out.tensors.items()}
+        assert receiver.apply(A, round_, out.base, decoded)
+        assert sender.estimate is not None and receiver.get(A) is not None
+        for name in state:
+            np.testing.assert_array_equal(sender.estimate[name], receiver.get(A)[name])  # type: ignore[index]
+    assert sender.keyframes == 0
+    assert receiver.get(C) is not None  # C is still at the start, untouched by A's chain
+    for name in start:
+        np.testing.assert_array_equal(receiver.get(C)[name], start[name])  # type: ignore[index]
+    assert sender.outgoing(state, 4, frozenset({B, C})).base is None  # C joined: it needs a keyframe
+
+
 def test_a_missed_link_breaks_the_chain_until_the_next_keyframe() -> None:
     rng = np.random.default_rng(3)
     sender, receiver = OwnEstimate("q8", keyframe_every=4), NeighbourEstimates()

@@ -341,7 +341,10 @@ def test_report_with_baselines_and_an_attacker(tmp_path: Path) -> None:
     )
     row = next(line for line in report.splitlines() if line.startswith("| 3 |"))  # the per-round table
     assert f"| {summary.consensus[0].consensus_distance:.3e} |" in row
-    assert "| round | node0 | node1 | node2 | node3 | mean accuracy | consensus distance |" in report
+    assert (
+        "| round | node0 | node1 | node2 | node3 | mean accuracy | MB sent per node | consensus distance |"
+        in report
+    )
     assert "| node0 | 6 / 6 | 0 | 0 | 0 | 0 | - |" in report
     assert "| node1 | 4 / 6 | 1 | 2 | fault_injected 3, send_queue_full 1 | replay 2 | node3 |" in report
     assert "| node3 (attacker: scale) | 6 / 6 | 0 | 0 | 0 | 0 | - |" in report
@@ -468,6 +471,7 @@ def _hand_made_summary(task: str = "classification") -> Summary:
                 bytes_sent=2_340_000,
                 bytes_received=1_230_000,
                 aggregation_error=((5, 0.25), (10, 0.125)),
+                bytes_curve=((0, 0.0), (5, 1_000_000.0), (10, 2_340_000.0)),
             ),
             NodeSummary(
                 "beta",
@@ -477,6 +481,7 @@ def _hand_made_summary(task: str = "classification") -> Summary:
                 rounds_trained=10,
                 rejected={"replay": 4},
                 aggregation_error=((5, 0.75),),
+                bytes_curve=((5, 2_000_000.0),),
             ),
             NodeSummary("gamma", None, 0.125, attack="noise", dropped={"fault_injected": 7}, banned=("x1",)),
         ),
@@ -502,19 +507,24 @@ def test_report_md_is_rendered_from_a_summary_alone(tmp_path: Path) -> None:
     assert "- mean gossip accuracy (honest nodes; attackers: gamma): **0.750**" in report
     assert "- mean local-only accuracy: 0.500 (gossip is 25.0 points above)" in report
     assert "0.938 (gossip is 18.8 points below)" in report
-    # Per round: each node's metric, their mean, the consensus distance, the mean aggregation error.
-    header = "| round | alpha | beta | gamma | mean accuracy | consensus distance | LoRA aggregation error |"
+    # Per round: each node's metric, their mean, the mean MB sent so far, the consensus distance, the
+    # mean aggregation error.
+    header = (
+        "| round | alpha | beta | gamma | mean accuracy | MB sent per node | consensus distance "
+        "| LoRA aggregation error |"
+    )
     assert header in report
-    assert "| 5 | n/a | n/a | n/a | n/a | 6.250e-02 | 5.000e-01 |" in report
-    assert "| 10 | 0.875 | n/a | n/a | 0.875 | 3.500e-05 | 1.250e-01 |" in report
-    assert "| 0 | 0.310 | n/a | n/a | 0.310 | - | - |" in report
+    assert "| 5 | n/a | n/a | n/a | n/a | 1.50 | 6.250e-02 | 5.000e-01 |" in report
+    assert "| 10 | 0.875 | n/a | n/a | 0.875 | 2.34 | 3.500e-05 | 1.250e-01 |" in report
+    assert "| 0 | 0.310 | n/a | n/a | 0.310 | 0.00 | - | - |" in report
     assert "- algorithm: `scaffold` (drift_beta 0.5, freeze_a False)" in report
     assert "| alpha | 9 / 10 | 1 | 1 | 0 | 0 | - |" in report
     assert "| beta | 10 / 10 | 0 | 0 | 0 | replay 4 | - |" in report
     assert "| gamma (attacker: noise) | 0 / 0 | 0 | 0 | fault_injected 7 | 0 | x1 |" in report
     assert "Faults injected: node1 trains 2x slower\n" in report
-    for png in ("accuracy.png", "consensus.png", "bytes.png"):
+    for png in ("accuracy.png", "consensus.png", "bytes.png", "accuracy_bytes.png"):
         assert (tmp_path / png).read_bytes().startswith(PNG)
+    assert "![accuracy against bytes](accuracy_bytes.png)" in report
     assert not (tmp_path / "summary.json").exists()  # the report never rewrites its source
 
 

@@ -21,7 +21,11 @@ a *keyframe*, a full state that (re)starts the chain. A receiver that
 missed a link of a chain (a lost message, a restart) holds no estimate of
 that sender until its next keyframe, and mixes as if it had not been heard.
 A sender sends a keyframe first, every ``gossip.keyframe_every`` rounds,
-and whenever it has a neighbour that its last keyframe did not reach.
+and whenever it has a neighbour that its last keyframe did not reach. When
+every node starts from the same adapter (the same model, LoRA settings and
+``gossip.seed``, which the fingerprint then binds), the chains start from it
+instead: ``base = 0`` names that shared start, and the first keyframe is
+saved.
 
 Encodings (p2pfm/core/codec.py, docs/protocol.md section 5):
 
@@ -94,7 +98,16 @@ class Outgoing:
 class OwnEstimate:
     """This node's public estimate ``x̂_i`` and the messages that keep its neighbours' copies equal to it."""
 
-    def __init__(self, compression: CompressionName, *, keyframe_every: int) -> None:
+    def __init__(
+        self,
+        compression: CompressionName,
+        *,
+        keyframe_every: int,
+        start: State | None = None,
+        audience: frozenset[PeerId] = frozenset(),
+    ) -> None:
+        """``start``: a state every node of ``audience`` holds already (the shared initial adapter):
+        the chain starts from it (round 0), so the first message is a difference, not a keyframe."""
         if compression not in COMPRESSIONS:
             raise LocalProtocolError(f"unknown compression {compression!r}; one of {', '.join(COMPRESSIONS)}")
         if keyframe_every < 1:
@@ -106,6 +119,9 @@ class OwnEstimate:
         self._keyframe_round = 0
         self._audience: frozenset[PeerId] = frozenset()  # who the last keyframe went to
         self.keyframes = 0  # keyframes sent (counted for the metrics)
+        if start is not None and compression != "none":
+            self.estimate = {name: np.array(value, np.float32) for name, value in start.items()}
+            self._last_round, self._audience = 0, audience
 
     def outgoing(self, state: State, round_: int, neighbours: frozenset[PeerId]) -> Outgoing:
         """The message of round ``round_`` for ``state``; advances the estimate as receivers will."""
@@ -166,6 +182,12 @@ class NeighbourEstimates:
             return self._break(peer, "non_finite")
         self._state[peer], self._round[peer] = estimate, round_
         return True
+
+    def start(self, state: State, peers: frozenset[PeerId]) -> None:
+        """Every peer of ``peers`` starts from ``state``: round 0 of its chain, the shared initial adapter."""
+        shared = {name: np.array(value, np.float32) for name, value in state.items()}
+        for peer in peers:  # one copy for all: apply() makes new arrays, never writes into these
+            self._state[peer], self._round[peer] = shared, 0
 
     def get(self, peer: PeerId) -> dict[str, Array] | None:
         return self._state.get(peer)

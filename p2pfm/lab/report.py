@@ -136,6 +136,9 @@ def node_summary(folder: Path, metric: Metric) -> NodeSummary:
             for r in rounds
             if r.get("aggregation_error") is not None
         ),
+        bytes_curve=tuple(
+            (_int(r, "round"), float(_int(r, "bytes_sent"))) for r in rounds if "bytes_sent" in r
+        ),
     )
 
 
@@ -197,7 +200,7 @@ def membership_per_round(node_dirs: list[Path]) -> tuple[MembershipPoint, ...]:
 
 
 def write_report(out: Path, summary: Summary) -> None:
-    """report.md and the plots (``<metric>.png``, consensus.png, bytes.png) in ``out``."""
+    """report.md and the plots (``<metric>.png``, ``<metric>_bytes.png``, consensus.png, bytes.png)."""
     _plots(out, summary)
     (out / "report.md").write_text(_markdown(summary), encoding="utf-8")
 
@@ -240,6 +243,8 @@ def _plots(out: Path, summary: Summary) -> None:
     fig.savefig(out / "consensus.png", dpi=100)
     plt.close(fig)
 
+    _plot_metric_against_bytes(plt, out, summary)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     index = np.arange(len(summary.nodes))
     ax.bar(index - 0.2, [n.bytes_sent / 1e6 for n in summary.nodes], 0.4, label="sent")
@@ -250,6 +255,24 @@ def _plots(out: Path, summary: Summary) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_metric_against_bytes(plt: Any, out: Path, summary: Summary) -> None:
+    """``<metric>_bytes.png``: each node's metric at each evaluated round against the bytes it had sent."""
+    metric = summary.metric
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for node in summary.nodes:
+        sent = {r: b for r, b in node.bytes_curve if b is not None}
+        points = [(sent[r] / 1e6, v) for r, v in node.curve if r in sent and v is not None]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=node.name)
+    ax.set_xlabel("MB sent by the node so far")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against bytes sent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{metric}_bytes.png", dpi=100)
     plt.close(fig)
 
 
@@ -295,7 +318,13 @@ def _markdown(summary: Summary) -> str:
         lines += ["", f"- mean final {metric}{_over(summary)}: **{_f(gossip_mean)}**"]
     lines += ["", f"![{metric} per round]({metric}.png)", "", "## Per round", ""]
     lines += _rounds_table(summary)
-    lines += ["", "![consensus distance](consensus.png)", ""]
+    lines += [
+        "",
+        "![consensus distance](consensus.png)",
+        "",
+        f"![{metric} against bytes]({metric}_bytes.png)",
+        "",
+    ]
     if summary.membership:
         lines += _membership_table(summary)
     lines += ["## Network and faults", ""]
@@ -322,7 +351,8 @@ def _algorithm_text(algorithm: Mapping[str, str | float | bool]) -> str:
 
 
 def _rounds_table(summary: Summary) -> list[str]:
-    """Per round: each node's metric, their mean, the consensus distance and the LoRA aggregation error.
+    """Per round: each node's metric, their mean, the mean MB a node had sent by then, the consensus
+    distance and the LoRA aggregation error.
 
     The aggregation error is the mean over the nodes that mixed that round of
     ``||mean(B) mean(A) - mean(BA)|| / ||mean(BA)||`` of their own mix (0 when A is frozen).
@@ -335,13 +365,19 @@ def _rounds_table(summary: Summary) -> list[str]:
             if value is not None:
                 errors.setdefault(round_, []).append(value)
     consensus = {c.round: c.consensus_distance for c in summary.consensus}
+    sent: dict[int, list[float]] = {}
+    for node in nodes:
+        for round_, value in node.bytes_curve:
+            if value is not None:
+                sent.setdefault(round_, []).append(value)
     rounds = sorted({r for curve in by_node for r in curve} | set(consensus) | set(errors))
     if not rounds:
         return ["No round was recorded."]
     names = " | ".join(node.name for node in nodes)
     lines = [
-        f"| round | {names} | mean {summary.metric} | consensus distance | LoRA aggregation error |",
-        "|---" * (len(nodes) + 4) + "|",
+        f"| round | {names} | mean {summary.metric} | MB sent per node | consensus distance "
+        "| LoRA aggregation error |",
+        "|---" * (len(nodes) + 5) + "|",
     ]
     for round_ in rounds:
         values = [curve.get(round_) for curve in by_node]
@@ -349,8 +385,10 @@ def _rounds_table(summary: Summary) -> list[str]:
         mean = sum(present) / len(present) if present else None
         distance = consensus.get(round_)
         error = errors.get(round_)
+        mb = sent.get(round_)
         lines.append(
             f"| {round_} | {' | '.join(_f(v) for v in values)} | {_f(mean)} "
+            f"| {'-' if not mb else f'{sum(mb) / len(mb) / 1e6:.2f}'} "
             f"| {'-' if distance is None else f'{distance:.3e}'} "
             f"| {'-' if not error else f'{sum(error) / len(error):.3e}'} |"
         )

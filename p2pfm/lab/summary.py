@@ -71,6 +71,8 @@ class NodeSummary:
     io_errors: Mapping[str, int] = field(default_factory=dict)  # its own failed writes, by what
     # (round, the LoRA aggregation error of its mix: p2pfm/learn/aggregation.py) for every mixed round
     aggregation_error: Curve = ()
+    # (round, bytes it had sent when it recorded that round): the x axis of metric against bytes
+    bytes_curve: Curve = ()
 
     @property
     def is_attacker(self) -> bool:
@@ -100,6 +102,7 @@ class NodeSummary:
             "io_errors": dict(self.io_errors),
             "curve": [[round_, value] for round_, value in self.curve],
             "aggregation_error": [[round_, value] for round_, value in self.aggregation_error],
+            "bytes_curve": [[round_, value] for round_, value in self.bytes_curve],
         }
 
     @classmethod
@@ -128,6 +131,7 @@ class NodeSummary:
             internal_errors=doc.get("internal_errors", _integer),
             io_errors=doc.get("io_errors", counts),
             aggregation_error=doc.get("aggregation_error", _curve) if doc.has("aggregation_error") else (),
+            bytes_curve=doc.get("bytes_curve", _curve) if doc.has("bytes_curve") else (),
         )
 
 

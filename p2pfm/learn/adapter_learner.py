@@ -38,6 +38,9 @@ class AdapterLearner:
         )
         self.schema = self.am.schema
         self.fingerprint = self.am.fingerprint
+        # The initial adapter is a function of the model, the LoRA settings and gossip.seed: nodes that
+        # share these start from the same state (compressed gossip's chains start from it).
+        self.shared_start = True
 
     def describe(self) -> dict[str, Any]:
         return {

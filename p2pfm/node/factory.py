@@ -19,6 +19,7 @@ from typing import Any
 from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
 from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, delta_encoding, keyframe_encoding
 from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.core.fingerprint import fingerprint as fingerprint_of
 from p2pfm.core.identity import Identity, PeerId, load_key_file
 from p2pfm.core.membership import Membership, MembershipConfig
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
@@ -230,7 +231,7 @@ def assemble_node(
     schema = tuple(
         dataclasses.replace(spec, dtype=wire_dtypes.get(spec.name, spec.dtype)) for spec in learner.schema
     )
-    compressed = _compressed(gossip, learner, plan)
+    compressed = _compressed(gossip, learner, plan, peers, fresh=not resume and membership is None)
     if compressed is not None:  # keyframes and differences travel in their encodings
         encodings = {keyframe_encoding(gossip.compression), delta_encoding(gossip.compression)}
         schema = tuple(
@@ -249,7 +250,9 @@ def assemble_node(
         [peer.id for peer in peers],
         ProtocolConfig(
             network=network,
-            fingerprint=learner.fingerprint,
+            fingerprint=learner.fingerprint
+            if compressed is None or not compressed.shared_start
+            else _chain_fingerprint(learner.fingerprint, gossip),
             round_timeout_s=gossip.round_timeout_s,
             limits=limits,
             schema=schema,
@@ -311,8 +314,15 @@ def assemble_node(
     )
 
 
-def _compressed(gossip: GossipSettings, learner: Learner, plan: RoundPlan) -> Compressed | None:
-    """The compression state of ``gossip.compression`` (None: full states travel)."""
+def _compressed(
+    gossip: GossipSettings, learner: Learner, plan: RoundPlan, peers: Sequence[Peer], *, fresh: bool
+) -> Compressed | None:
+    """The compression state of ``gossip.compression`` (None: full states travel).
+
+    A fresh node with fixed neighbours whose learner starts where every node
+    starts (``shared_start``) begins its chains, and its neighbours', at that
+    start: no keyframe in round 1 (docs/protocol.md section 8.3).
+    """
     if gossip.compression == "none":
         return None
     if plan.partners is not None:
@@ -323,8 +333,21 @@ def _compressed(gossip: GossipSettings, learner: Learner, plan: RoundPlan) -> Co
         )
     if any(spec.dtype != "float32" for spec in learner.schema):
         raise ConfigError("gossip.compression", "compresses float32 tensors only; this learner's are not")
-    own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every)
-    return Compressed(own, NeighbourEstimates(), gossip.compression_step)
+    neighbours = NeighbourEstimates()
+    if not (fresh and getattr(learner, "shared_start", False)):
+        own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every)
+        return Compressed(own, neighbours, gossip.compression_step)
+    start, ids = learner.get_state(), frozenset(peer.id for peer in peers)
+    own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every, start=start, audience=ids)
+    neighbours.start(start, ids)
+    return Compressed(own, neighbours, gossip.compression_step, shared_start=True)
+
+
+def _chain_fingerprint(fingerprint: bytes, gossip: GossipSettings) -> bytes:
+    """Compressed chains that start from the shared initial adapter bind its seed: nodes that would
+    start elsewhere are refused as another model (fingerprint_mismatch), never mixed wrongly."""
+    document = {"adapter": fingerprint.hex(), "compression": gossip.compression, "start_seed": gossip.seed}
+    return fingerprint_of(document)
 
 
 def _schemas(schema: tuple[TensorSpec, ...], plain: tuple[TensorSpec, ...]) -> list[tuple[TensorSpec, ...]]:
