@@ -19,7 +19,11 @@ fedadam), ``lr``/``mu`` (gossip.outer_lr / outer_momentum), ``beta``
 (train.optimizer / train.lr), ``freeze_a`` (0/1, FFA-LoRA), ``cr`` (consensus
 rounds at the end: mixing only), ``rounds``/``steps`` (instead of
 ``--rounds``/``--steps``), ``moments`` (an experiment p2pfm does not ship:
-"v" or "mv" also mixes the AdamW moments).
+"v" or "mv" also mixes the AdamW moments), ``comp``/``gamma``
+(gossip.compression / compression_step: the nodes mix their public
+estimates, p2pfm/core/compression.py, chains starting from the shared
+initial adapter as real nodes' do; ``bytes`` in the output is the payload
+each node sends per neighbour over the run).
 
 ``--pooled VARIANT`` takes pooled's train settings from a variant (default
 AdamW at 2e-3); ``--balanced-pooled`` trains it on the shards upsampled to
@@ -52,8 +56,10 @@ from p2pfm.config.settings import (
     ModelSettings,
     TrainSettings,
 )
+from p2pfm.core.compression import COMPRESSIONS, OwnEstimate
 from p2pfm.core.consensus import consensus_distance
 from p2pfm.core.topology import mixing_matrix, parse_topology
+from p2pfm.core.wire import TensorSpec
 from p2pfm.learn.adapter import build_adapter_model, get_state, set_state
 from p2pfm.learn.algorithm import ALGORITHMS, RoundAlgorithm
 from p2pfm.learn.data import Dataset, load_dataset, partition, split_test
@@ -74,6 +80,8 @@ class Variant:
     lr: float | None = None  # the local lr (None: the default 2e-3)
     rounds: int | None = None  # None: --rounds
     steps: int | None = None  # None: --steps (rounds x steps should stay the budget)
+    compression: str = "none"  # gossip.compression
+    gamma: float = 1.0  # gossip.compression_step
 
 
 def parse_variant(text: str) -> Variant:
@@ -101,7 +109,11 @@ def parse_variant(text: str) -> Variant:
         lr=float(values.pop("inner_lr")) if "inner_lr" in values else None,
         rounds=None if rounds is None else int(rounds),
         steps=None if steps is None else int(steps),
+        compression=values.pop("comp", "none"),
+        gamma=float(values.pop("gamma", 1.0)),
     )
+    if variant.compression not in COMPRESSIONS:
+        raise SystemExit(f"unknown compression {variant.compression!r}; one of {', '.join(COMPRESSIONS)}")
     if values:
         raise SystemExit(f"unknown variant keys {sorted(values)} in {text!r}")
     return variant
@@ -160,6 +172,12 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
         am = build_adapter_model(model_settings, lora, seed=args.seed)
         trainers.append(Trainer(am, split.shards[i].examples, train, seed=args.seed * 100_003 + i))
         algorithms.append(RoundAlgorithm(variant.algorithm))
+    everyone = frozenset(range(n))
+    estimates = [
+        OwnEstimate(variant.compression, keyframe_every=10**6, start=get_state(t.am), audience=everyone)  # type: ignore[arg-type]
+        for t in trainers
+    ]
+    sent_bytes = 0  # payload per neighbour, node 0
     started = time.perf_counter()
     curve: list[float] = []
     rounds = variant.rounds or args.rounds
@@ -172,11 +190,24 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
             if steps:
                 trainer.train_steps(steps, algorithm.correction())
             local.append(get_state(trainer.am))
+        if variant.compression != "none":  # everyone receives everything: their estimates are the senders'
+            outgoing = [e.outgoing(local[i], round_, everyone) for i, e in enumerate(estimates)]
+            sent_bytes += sum(
+                TensorSpec(name, outgoing[0].wire_dtypes[name], tuple(v.shape)).nbytes
+                for name, v in outgoing[0].tensors.items()
+            )
+            public = [e.estimate for e in estimates]
+        else:
+            sent_bytes += sum(4 * v.size for v in local[0].values())
         for i, (trainer, algorithm) in enumerate(zip(trainers, algorithms, strict=True)):
+            source = local if variant.compression == "none" else public
             mixed = {
-                name: sum(np.float32(weights[i, j]) * local[j][name] for j in range(n) if weights[i, j])
+                name: sum(np.float32(weights[i, j]) * source[j][name] for j in range(n) if weights[i, j])  # type: ignore[index]
                 for name in local[i]
             }
+            if variant.compression != "none":  # x_i + gamma * (mix of the estimates - own estimate)
+                own = public[i]
+                mixed = {k: local[i][k] + np.float32(variant.gamma) * (mixed[k] - own[k]) for k in mixed}  # type: ignore[index]
             set_state(trainer.am, algorithm.finish(local[i], mixed, steps))
         if variant.mix_moments and steps:
             _mix_moments(trainers, weights, variant.mix_moments)
@@ -191,6 +222,7 @@ def run_variant(args: argparse.Namespace, variant: Variant, split: Split) -> dic
         "worst": round(float(np.min(accuracies)), 4),
         "curve": [round(c, 4) for c in curve],
         "consensus_distance": consensus_distance(states),
+        "bytes": sent_bytes,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{variant.text:40s} mean {result['mean']:.4f} worst {result['worst']:.4f}{gap} "
                 f"nodes {result['accuracies']} cd {result['consensus_distance']:.2e} "
-                f"curve {result['curve']} {result['seconds']} s",
+                f"bytes {result['bytes']} curve {result['curve']} {result['seconds']} s",
                 flush=True,
             )
     return 0

@@ -91,3 +91,18 @@ def test_the_degree_table_in_membership_md_is_what_the_benchmark_computes() -> N
         cells = [c.strip() for c in line.strip("|").split("|")[1:]]
         ours = [r for r in rows if r["nodes"] == n]
         assert cells == [f"{r['lambda2']:.3f} ({r['rounds_to_1e-3']})" for r in ours], (n, cells)
+
+
+@pytest.mark.slow  # starts 8 node processes
+def test_averaging_benchmark_runs_and_every_peer_holds_the_exact_mean() -> None:
+    report = _run_json("averaging.py", "--mib", "1", "--repeats", "1", "--stages", "--json")
+    assert report["peers"] == 4 and report["topology"] == "complete:4" and report["mib"] == 1
+    for mode in ("curve", "plaintext"):  # encryption on (the default) and off, side by side
+        result = report[mode]
+        assert result["every_peer_heard_all"] and result["exact"], result
+        assert 0.0 <= result["max_abs_error"] <= report["float32_bound"] < 1e-6
+        assert len(result["s_runs"]) == 1 and result["median_s"] > 0
+        assert result["profile"]["threads"]["libzmq I/O thread"]["cpu_s"] > 0
+        assert result["profile"]["stages_cpu_s"]["mix"] > 0
+    assert report["exact"] is True
+    assert report["pass"] == (report["ratio_to_target"] <= 1.0)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import platform
 import resource
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -285,3 +290,72 @@ def test_a_bad_answer_at_a_down_neighbours_address_does_not_cut_the_link() -> No
                 got = receiver.receive(0.2)
             assert got, "the link stayed cut after one bad answer"
             assert sender.stats.links_rebuilt >= 1
+
+
+# A process with a sender and a receiver transport for 40 MiB updates (above glibc's 32 MiB mmap
+# ceiling): the minor page faults of libzmq's I/O threads while each CURVE message crosses.
+_LARGE_MESSAGES = textwrap.dedent(
+    """
+    import glob, json, os
+    import numpy as np
+    from p2pfm.core import wire
+    from p2pfm.core.identity import Identity
+    from p2pfm.net.zmq_transport import ZmqTransport
+
+    A, B = Identity(b"\\1" * 32), Identity(b"\\2" * 32)
+    here, limit = "tcp://127.0.0.1:*", 64 * 2**20
+    rx = ZmqTransport(here, {}, identity=B, allowed=[A.peer_id], max_message_bytes=limit)
+    tx = ZmqTransport(here, {B.peer_id: rx.listen_address}, identity=A, max_message_bytes=limit)
+    body = wire.encode_update(
+        network="n", round=1, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=1,
+        tensors={"x": np.ones(10 * 2**20, np.float32)},
+    )
+    message = wire.sign(body, A)
+
+    def io_faults():
+        total = 0
+        for task in glob.glob(f"/proc/{os.getpid()}/task/*"):
+            with open(task + "/comm") as comm, open(task + "/stat") as stat:
+                if comm.read().startswith("ZMQbg/IO"):
+                    total += int(stat.read().rsplit(")", 1)[1].split()[7])
+        return total
+
+    faults = []
+    for _ in range(4):
+        before = io_faults()
+        tx.send(message)
+        got = []
+        for _ in range(100):
+            got = rx.receive(0.1)
+            if got:
+                break
+        assert got and got[0].message.nbytes == len(message)
+        del got
+        faults.append(io_faults() - before)
+    print(json.dumps({"faults": faults, "keeps": [tx.keeps_buffers, rx.keeps_buffers]}))
+    tx.close()
+    rx.close()
+    """
+)
+
+
+@pytest.mark.slow  # a process of its own: the allocator settings are process-wide
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
+def test_large_messages_reuse_memory_instead_of_fresh_pages() -> None:
+    """Without keep_large_buffers, each 40 MiB CURVE message costs libzmq ~30,000 fresh pages
+    (the received frame, and the plaintext copy and box of the encryption); with it, none."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LARGE_MESSAGES], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["keeps"] == [True, True]
+    pages_per_message = 40 * 2**20 // resource.getpagesize()
+    # The first messages grow the heap; after that the freed buffers are reused.
+    assert report["faults"][-1] < pages_per_message // 4, report
+
+
+def test_small_message_bounds_leave_the_allocator_alone() -> None:
+    port = _free_port()
+    with _receiver(f"tcp://127.0.0.1:{port}", max_message_bytes=2**20) as receiver:
+        assert receiver.keeps_buffers is False

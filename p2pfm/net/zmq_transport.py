@@ -30,10 +30,20 @@ own queue.
   with the peer authenticated on its connection (the ZAP User-Id), so the
   protocol can refuse a message signed by anyone else. Plaintext needs the
   explicit ``insecure`` setting, and then no link identity is known.
+- Large messages reuse memory: a node whose messages can exceed glibc's
+  largest mmap threshold (32 MiB) makes the process keep the memory it
+  frees (:func:`keep_large_buffers`). libzmq allocates every frame it
+  receives afresh and, with CURVE, two more buffers per frame it encrypts;
+  glibc serves each such allocation with a new mapping and unmaps it on
+  free, so every one cost the kernel's page faults and zeroing (on the
+  2-core machine more than the encryption itself: docs/benchmarks.md,
+  averaging).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -73,6 +83,46 @@ _RELINK_GRACE_S = 1.0
 # (name 8, nonce 8, MAC 16, flags 1), and libzmq bounds the wrapped size.
 CURVE_FRAME_OVERHEAD_BYTES = 33
 CONTROL_QUEUE_MESSAGES = 16  # control messages queued per connection (the channel does not conflate)
+
+
+# glibc serves an allocation above its mmap threshold, which it never raises
+# above 32 MiB on 64-bit, with a fresh mapping (mallopt(3)).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # <malloc.h>
+_KEEP_UNTRIMMED_BYTES = 2**31 - 1  # the largest int mallopt takes
+
+
+@functools.cache
+def keep_large_buffers() -> bool:
+    """Make glibc keep and reuse the memory this process frees; True when applied (glibc only).
+
+    Three ``mallopt`` settings: large allocations come from the heap instead
+    of fresh mappings (``M_MMAP_MAX = 0``), freed memory is not returned to
+    the kernel (``M_TRIM_THRESHOLD`` at its largest), and threads started
+    from now on share the main arena (``M_ARENA_MAX = 1``). The last matters
+    because a thread's own arena cannot hold a chunk above 64 MiB, so glibc
+    maps such chunks afresh whatever the other two say; libzmq's I/O thread
+    starts with the first socket, so this must run before the first
+    ``zmq.Context`` creates one (ZmqTransport calls it before its own), and
+    its I/O thread gets the main arena only where few other threads have
+    arenas of their own: to cover every thread, a process calls this
+    first thing, before it imports torch.
+
+    The price: the process's memory stays at its high-water mark (a node
+    allocates the same sizes every round, so it reuses it) and its threads
+    share one arena lock. Security is unchanged: what a peer can make us
+    buffer stays bounded by ``MAXMSGSIZE`` per connection.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  glibc only (musl's mallopt does nothing)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_UNTRIMMED_BYTES))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 class _Admission:
@@ -139,6 +189,8 @@ class ZmqTransport:
         self.settings = settings or TransportSettings()
         self.stats = TransportStats()
         self.max_message_bytes = max_message_bytes
+        # Before the context starts libzmq's I/O thread (module docstring: large messages).
+        self.keeps_buffers = max_message_bytes > GLIBC_MMAP_THRESHOLD_MAX and keep_large_buffers()
         self._context = zmq.Context()
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._links: dict[str, PeerId] = {}  # ZAP User-Id (Z85 CurveZMQ key) -> peer
