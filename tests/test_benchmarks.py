@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
+
+from tests.conftest import topic_examples, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +109,37 @@ def test_averaging_benchmark_runs_and_every_peer_holds_the_exact_mean() -> None:
         assert result["profile"]["stages_cpu_s"]["mix"] > 0
     assert report["exact"] is True
     assert report["pass"] == (report["ratio_to_target"] <= 1.0)
+
+
+@pytest.mark.slow  # node processes in network namespaces
+def test_overlap_benchmark_runs_in_network_namespaces(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(240, seed=1))
+    scenario = {
+        "name": "overlap-smoke",
+        "topology": "ring:4",
+        "model": {"path": str(tiny_bert_dir), "task": "classification", "num_labels": 2},
+        "lora": {"rank": 2, "target_modules": ["query", "value"]},
+        "data": {"source": str(data), "partition": "iid"},
+        "train": {"local_steps": 2, "batch_size": 4, "max_length": 16},
+        "gossip": {"rounds": 4, "round_timeout_s": 20.0},
+    }
+    path = tmp_path / "scenario.toml"
+    path.write_text(tomli_w.dumps(scenario))
+    args = ["--scenario", str(path), "--transfer-steps", "1", "--out", str(tmp_path / "runs"), "--json"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overlap.py"), *args],
+        check=False, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode == 2 and "cannot emulate hosts" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    for mode in ("synchronous", "overlap"):
+        figures = report["modes"][mode]
+        assert len(figures["accuracy"]) == 4 and figures["message_bytes"] > 0
+        assert 0 < figures["steady_fraction"] <= 1 and 0 < figures["whole_fraction"] <= 1
+    assert report["tc"][0].startswith("eth0 root tbf rate") and report["transfer_steps"] > 0
+    # Every node of the overlapped run recorded which round each mix came from.
+    records = (tmp_path / "runs" / "overlap-0" / "nodes" / "node0" / "metrics.jsonl").read_text().splitlines()
+    mixed = [json.loads(line).get("mixed_round") for line in records if '"event": "round"' in line]
+    assert mixed == [None, 1, 2, 4], mixed
