@@ -143,3 +143,28 @@ def test_overlap_benchmark_runs_in_network_namespaces(tmp_path: Path, tiny_bert_
     records = (tmp_path / "runs" / "overlap-0" / "nodes" / "node0" / "metrics.jsonl").read_text().splitlines()
     mixed = [json.loads(line).get("mixed_round") for line in records if '"event": "round"' in line]
     assert mixed == [None, 1, 2, 4], mixed
+
+
+@pytest.mark.slow  # node processes
+def test_bytes_to_accuracy_benchmark_runs_on_a_tiny_model(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", topic_examples(240, seed=1))
+    scenario = {
+        "name": "bytes-smoke",
+        "topology": "ring:4",
+        "baselines": ["local"],  # dropped by the benchmark: it runs the gossip job only
+        "model": {"path": str(tiny_bert_dir), "task": "classification", "num_labels": 2},
+        "lora": {"rank": 2, "target_modules": ["query", "value"]},
+        "data": {"source": str(data), "partition": "iid"},
+        "train": {"local_steps": 2, "batch_size": 4, "max_length": 16},
+        "gossip": {"rounds": 3, "round_timeout_s": 20.0},
+    }
+    path = tmp_path / "scenario.toml"
+    path.write_text(tomli_w.dumps(scenario))
+    report = _run_json("bytes_to_accuracy.py", "--scenario", str(path), "q8", "--json")
+    none, q8 = report["variants"]["none"], report["variants"]["q8"]
+    assert [p["round"] for p in none["curve"]] == [0, 1, 2, 3] == [p["round"] for p in q8["curve"]]
+    assert none["curve"][0]["mb_sent"] == 0 and none["bytes_to_threshold"] is not None
+    # q8 sends a quarter of float32's payload; on this tiny adapter the headers (signed, in every
+    # message) are about as large as the payload, so the whole is about half.
+    assert 0 < q8["curve"][-1]["mb_sent"] < 0.6 * none["curve"][-1]["mb_sent"]
+    assert report["threshold"] == pytest.approx(none["final_mean_accuracy"] - 0.005)
