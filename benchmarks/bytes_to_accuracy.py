@@ -70,8 +70,9 @@ def curve(summary: Summary) -> list[tuple[int, float, float]]:
 
 
 def bytes_to(rows: list[tuple[int, float, float]], threshold: float) -> float | None:
-    """Mean bytes a node had sent when the mean accuracy first reached ``threshold`` (None: never)."""
-    return next((sent for _, accuracy, sent in rows if accuracy >= threshold), None)
+    """Mean bytes a node had sent when the mean accuracy first reached ``threshold`` after round 0 (None:
+    never). Round 0 (before training, nothing sent) does not count: the question is what training costs."""
+    return next((sent for round_, accuracy, sent in rows if round_ >= 1 and accuracy >= threshold), None)
 
 
 def main() -> int:
@@ -102,7 +103,7 @@ def main() -> int:
             "curve": [{"round": r, "mean_accuracy": a, "mb_sent": b / 1e6} for r, a, b in rows],
             "final_mean_accuracy": rows[-1][1],
             "bytes_to_threshold": reached,
-            "fewer_bytes": None if reached is None or reference is None else reference / reached,
+            "fewer_bytes": None if not reached or reference is None else reference / reached,
         }
     best = max((v["fewer_bytes"] or 0.0 for k, v in report["variants"].items() if k != "none"), default=0.0)
     report["best_ratio"] = best
