@@ -705,6 +705,30 @@ def _damage(spec: TensorSpec, data: bytearray, rng: random.Random) -> str:
     return "valid"
 
 
+def _edit_base(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
+    """A compressed difference's ``base`` (docs/protocol.md 4.2, 8.3): valid, or not below the round."""
+    round_ = header["round"]
+    value = rng.choice(
+        (
+            round_ - 1,
+            0,
+            round_ - 1,
+            round_,
+            round_ + 1,
+            -1,
+            2**63 - 1,
+            2**64 - 1,
+            -(2**63),
+            "1",
+            None,
+            1.5,
+            [1],
+        )
+    )
+    header["base"] = value
+    return header, payload, None, f"base := {value!r}"[:80]
+
+
 def _edit_bytes(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
     body = bytearray(msgpack.packb(header, use_bin_type=True))
     for _ in range(rng.randrange(1, 4)):
@@ -730,6 +754,8 @@ def gen_insider(index: int, rng: random.Random) -> Case:
     edit = rng.choice(_INSIDER_EDITS)
     if edit is _edit_tree and rng.random() < 0.5:  # lossy tensors take half of the random trees' share
         edit = _edit_lossy  # (a draw of their own: the other edits' cases stay as they were)
+    elif edit is _edit_field and rng.random() < 0.25:  # a chain's base takes a quarter of the fields' share
+        edit = _edit_base
     if edit is None:
         accused = rng.choice((signer, ACCUSED, STRANGER))
         evidence, desc = _evidence(case.ledger, rng, accused, signer if accused is not signer else ACCUSED)

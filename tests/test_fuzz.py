@@ -174,3 +174,21 @@ def test_lossy_tensors_are_fuzzed_past_the_digest() -> None:
             }
     assert opened > 0
     assert refused == {"bitmap marks", "padding", "scale of block", "-128"}
+
+
+def test_a_chains_base_is_fuzzed() -> None:
+    """Insider headers carry ``base`` values: below the round they open, anything else is malformed."""
+    pool = fuzz.genuine_pool(0)
+    opened, refused = 0, 0
+    for index in range(6000):
+        case = fuzz.make_case(0, index, pool)
+        if case.generator != "insider" or not case.desc.startswith("base :="):
+            continue
+        try:
+            update = fuzz.open_message(case.message)
+        except wire.MalformedMessage:
+            refused += 1
+            continue
+        assert isinstance(update, wire.Update) and update.base is not None and 0 <= update.base < update.round
+        opened += 1
+    assert opened > 0 and refused > 0
