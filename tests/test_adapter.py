@@ -24,6 +24,7 @@ from p2pfm.learn.adapter import (
     get_state,
     save_adapter,
     set_state,
+    snapshot_state,
 )
 
 LORA = LoraSettings(rank=4, alpha=8.0)
@@ -81,6 +82,20 @@ def test_get_state_returns_copies(tiny_bert_dir: pathlib.Path) -> None:
         value[...] = value + 1.0
     second = get_state(am)
     assert all(not np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_a_snapshot_keeps_the_state_it_was_taken_at(tiny_bert_dir: pathlib.Path) -> None:
+    """An overlapped node snapshots, trains on, and brings the snapshot to the host later."""
+    am = build_cls(tiny_bert_dir)
+    before = get_state(am)
+    later = snapshot_state(am)
+    set_state(am, random_state(am, 3))  # training moves the live parameters
+    taken = later()
+    assert taken.keys() == before.keys()
+    for name in before:
+        np.testing.assert_array_equal(taken[name], before[name])
+        assert taken[name].dtype == np.float32 and taken[name].flags.c_contiguous
+    assert any(not np.array_equal(get_state(am)[name], before[name]) for name in before)
 
 
 def test_set_state_round_trip_in_place(tiny_bert_dir: pathlib.Path) -> None:

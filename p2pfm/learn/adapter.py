@@ -26,7 +26,7 @@ import json
 import pathlib
 import struct
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -299,6 +299,28 @@ def get_state(am: AdapterModel) -> dict[str, np.ndarray[Any, np.dtype[np.float32
         host = tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
         out[name] = np.ascontiguousarray(host.numpy())
     return out
+
+
+def snapshot_state(am: AdapterModel) -> Callable[[], dict[str, np.ndarray[Any, np.dtype[np.float32]]]]:
+    """A copy of the adapter made on its own device now, and a function that brings it to the host later.
+
+    On a GPU the copy is a device-to-device clone (queued on the current
+    stream, no host synchronisation); the device-to-host copy happens when
+    the returned function is called, on whichever thread calls it: an
+    overlapped node calls it on its exchange thread, off the training path.
+    """
+    copies = {
+        name: tensor.detach().clone()
+        for name, tensor in _state_tensors(am.model, frozen_a=am.lora.freeze_a).items()
+    }
+
+    def to_host() -> dict[str, np.ndarray[Any, np.dtype[np.float32]]]:
+        return {
+            name: np.ascontiguousarray(tensor.to(device="cpu", dtype=torch.float32).numpy())
+            for name, tensor in copies.items()
+        }
+
+    return to_host
 
 
 def set_state(am: AdapterModel, state: Mapping[str, np.ndarray[Any, Any]]) -> None:

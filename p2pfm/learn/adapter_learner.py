@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,14 @@ import numpy as np
 
 from p2pfm.config.node_config import NodeConfig
 from p2pfm.core.errors import ConfigError
-from p2pfm.learn.adapter import AdapterModel, build_adapter_model, get_state, save_adapter, set_state
+from p2pfm.learn.adapter import (
+    AdapterModel,
+    build_adapter_model,
+    get_state,
+    save_adapter,
+    set_state,
+    snapshot_state,
+)
 from p2pfm.learn.data import node_shards
 from p2pfm.learn.train import Trainer
 
@@ -60,6 +67,10 @@ class AdapterLearner:
 
     def get_state(self) -> dict[str, np.ndarray[Any, Any]]:
         return get_state(self.am)
+
+    def snapshot(self) -> Callable[[], dict[str, np.ndarray[Any, Any]]]:
+        """The state as it is now, brought to the host when the returned function is called."""
+        return snapshot_state(self.am)
 
     def set_state(self, state: Mapping[str, np.ndarray[Any, Any]]) -> None:
         set_state(self.am, state)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from p2pfm.config.settings import GossipSettings
 from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, choco_mix
@@ -271,8 +271,7 @@ class Node:
                 self.record(round_, trained, done, wait_s=self.clock.now_s() - started_s)
                 self.round_ended()
                 if round_ < self.plan.rounds and not self.stop.is_set():
-                    self.publish(round_)
-                    self.launch()
+                    self.launch(round_)
                 completed, next_round = round_, round_ + 1
         finally:
             self.abandon()
@@ -300,21 +299,25 @@ class Node:
 
     # ----------------------------------------------------------- overlap
 
-    def launch(self) -> None:
-        """Run the published round's exchange on its own thread (``gossip.overlap``).
+    def launch(self, round_: int) -> None:
+        """Publish round ``round_`` and run its exchange on its own thread (``gossip.overlap``).
 
-        The thread owns the protocol and the transport until ``land``: it
-        judges arrivals, waits for the round and computes the mix; the
-        caller only trains meanwhile.
+        The caller takes a snapshot of the state (on the learner's device)
+        and goes on training; the thread brings the snapshot to the host,
+        encodes, signs and sends it, judges arrivals, waits for the round and
+        computes the mix. It owns the protocol and the transport until
+        ``land``.
         """
         flight = _InFlight(threading.Event())
-        own = self._own
+        snapshot = self._snapshot()
+        self._own_start, self._own_steps = self.algorithm.start, self._steps  # before the next round begins
 
         def exchange() -> None:
             try:
+                self.publish(round_, snapshot())
                 flight.done = self.await_round(flight.abandon)
                 if flight.done is not None:
-                    flight.mixed = self.combine(flight.done, own)
+                    flight.mixed = self.combine(flight.done, self._own)
             except BaseException as exc:  # noqa: BLE001  handed to the caller by land()
                 flight.error = exc
 
@@ -468,14 +471,19 @@ class Node:
         self.rounds_trained += 1
         return Trained(loss, self.clock.now_s() - started_s)
 
-    def publish(self, round_: int) -> None:
-        """Start round ``round_`` and send this node's messages (recorded as sent first, see above)."""
+    def publish(self, round_: int, state: dict[str, Array] | None = None) -> None:
+        """Start round ``round_`` and send this node's messages (recorded as sent first, see above).
+
+        ``state``: what to publish, taken earlier (``launch``); None: the learner's state now.
+        """
         assert self.transport is not None
         self.judge(0.0)  # what arrived while we trained
         partners = None if self.plan.partners is None else self.plan.partners(round_)
         self.protocol.start_round(round_, self.clock.now_s(), partners=partners)
-        self._own = self.learner.get_state()
-        self._own_start, self._own_steps, self._own_round = self.algorithm.start, self._steps, round_
+        if state is None:
+            state = self.learner.get_state()
+            self._own_start, self._own_steps = self.algorithm.start, self._steps
+        self._own, self._own_round = state, round_
         messages = self.publisher.messages(
             self.protocol, self._own, samples=self.plan.samples_per_round, wall_time_ms=self.clock.wall_ms()
         )
@@ -546,6 +554,14 @@ class Node:
                 self.algorithm.shift_start(delta)
         self._aggregation_error = self._measure_aggregation(done)
         self._send_proofs()
+
+    def _snapshot(self) -> Callable[[], dict[str, Array]]:
+        """The learner's state as it is now, on the host when called (a device copy first, if it can)."""
+        take = getattr(self.learner, "snapshot", None)
+        if take is not None:
+            return cast(Callable[[], dict[str, Array]], take())
+        state = self.learner.get_state()
+        return lambda: state
 
     def combine(self, done: RoundComplete, own: Mapping[str, Array]) -> dict[str, Array]:
         """What the round's mix makes of ``own``: the plain mix, or (compressed) the estimates' mix."""
