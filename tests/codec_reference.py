@@ -1,4 +1,4 @@
-"""An independent reading of docs/protocol.md section 5.1 (q8, topk8_dN): plain Python, no numpy, no p2pfm.
+"""An independent reading of docs/protocol.md section 5.1 (q8, topk8_dN, sign1) in plain Python.
 
 Slow and simple on purpose: the tests compare p2pfm/core/codec.py against it
 byte for byte, so that the page, and not only the code, says what travels.
@@ -32,10 +32,14 @@ MIN_SCALE = bits_to_f32(1)
 
 
 def kept(encoding: str, n: int) -> int:
+    if encoding == "sign1":
+        return 0
     return n if encoding == "q8" else math.ceil(n / DENSITIES[encoding])
 
 
 def nbytes(encoding: str, n: int) -> int:
+    if encoding == "sign1":
+        return math.ceil(n / 8) + 4 * math.ceil(n / BLOCK)
     k = kept(encoding, n)
     bitmap = 0 if encoding == "q8" else math.ceil(n / 8)
     return bitmap + 4 * math.ceil(k / BLOCK) + k
@@ -68,6 +72,14 @@ def encode(encoding: str, values: list[float]) -> bytes:
     if encoding == "q8":
         return _quantize(values)
     n = len(values)
+    if encoding == "sign1":  # the bitmap of negative elements, then each block's mean magnitude
+        bitmap = bytearray(math.ceil(n / 8))
+        for i, v in enumerate(values):
+            if v < 0:
+                bitmap[i // 8] |= 1 << (i % 8)
+        blocks = [values[start : start + BLOCK] for start in range(0, n, BLOCK)]
+        scales = [min(f32(math.fsum(abs(v) for v in b) / len(b)), MAX_SCALE) for b in blocks]
+        return bytes(bitmap) + struct.pack(f"<{len(scales)}f", *scales)
     k = kept(encoding, n)
     order = sorted(range(n), key=lambda i: (-abs(values[i]), i))  # larger magnitude, then lower index
     chosen = sorted(order[:k])
@@ -84,6 +96,18 @@ def decode(encoding: str, n: int, payload: bytes) -> list[float]:
         raise ValueError("length")
     at = 0
     positions = list(range(n))
+    if encoding == "sign1":
+        size = math.ceil(n / 8)
+        bitmap = payload[:size]
+        if n % 8 and bitmap[-1] >> (n % 8):
+            raise ValueError("padding")
+        bits = struct.unpack_from(f"<{math.ceil(n / BLOCK)}I", payload, size)
+        if any(b > MAX_SCALE_BITS for b in bits):
+            raise ValueError("scale")
+        return [
+            -bits_to_f32(bits[i // BLOCK]) if bitmap[i // 8] >> (i % 8) & 1 else bits_to_f32(bits[i // BLOCK])
+            for i in range(n)
+        ]
     if encoding != "q8":
         size = math.ceil(n / 8)
         bitmap, at = payload[:size], size

@@ -47,12 +47,12 @@ def test_wire_benchmark_runs_and_reports_its_ratio() -> None:
 @pytest.mark.slow  # starts a process
 def test_codec_benchmark_runs_and_reports_sizes() -> None:
     rows = _run_json("codec.py", "--mib", "0.25", "--repeats", "1", "--json")
-    encodings = ["float32", "q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64"]
+    encodings = ["float32", "q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64", "sign1"]
     assert [r["encoding"] for r in rows] == encodings
     assert all(r["elements"] == 2**16 and r["wire_ms"] > 0 for r in rows)
     sizes = {r["encoding"]: r["bytes"] for r in rows}
     assert sizes["float32"] == 2**18 and sizes["q8"] == 2**16 + 4 * 2**8
-    assert sizes["q8"] > sizes["topk8_d4"] > sizes["topk8_d16"] > sizes["topk8_d64"]
+    assert sizes["q8"] > sizes["topk8_d4"] > sizes["topk8_d16"] > sizes["topk8_d64"] > sizes["sign1"]
     assert all(r["encode_ms"] > 0 and r["decode_ms"] > 0 for r in rows[1:])
 
 

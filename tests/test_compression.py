@@ -183,11 +183,8 @@ def test_the_step_scales_the_move_towards_the_estimates_mix() -> None:
 
 
 def test_encodings_and_misuse() -> None:
-    assert [delta_encoding(c) for c in LOSSY] == [
-        "bfloat16",
-        "q8",
-        *[c for c in LOSSY if c.startswith("topk")],
-    ]
+    topks = [c for c in LOSSY if c.startswith("topk")]
+    assert [delta_encoding(c) for c in LOSSY] == ["bfloat16", "q8", *topks, "sign1"]
     assert keyframe_encoding("none") == "float32" and keyframe_encoding("bf16") == "bfloat16"
     assert all(keyframe_encoding(c) == "q8" for c in LOSSY if c != "bf16")
     with pytest.raises(LocalProtocolError):

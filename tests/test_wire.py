@@ -879,7 +879,7 @@ def test_wire_dtypes_are_the_eight_raw_ones_and_the_lossy_encodings() -> None:
     assert in_order == wire.WIRE_DTYPES
     assert len(wire.DTYPES) == 8 and set(wire.DTYPES).isdisjoint(wire.ENCODINGS)
     assert LIMITS.dtypes == frozenset(wire.WIRE_DTYPES)
-    assert wire.ENCODINGS == ("q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64")
+    assert wire.ENCODINGS == ("q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64", "sign1")
 
 
 @pytest.mark.parametrize("encoding", codec.ENCODINGS)

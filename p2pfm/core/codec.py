@@ -1,6 +1,6 @@
-"""Lossy wire encodings of float32 tensors: ``q8`` and ``topk8_dN`` (docs/protocol.md section 5.1).
+"""Lossy wire encodings of float32 tensors: ``q8``, ``topk8_dN``, ``sign1`` (docs/protocol.md section 5.1).
 
-Two families of encodings a float32 tensor may travel as instead of its
+Three families of encodings a float32 tensor may travel as instead of its
 raw bytes, for compressed adapter updates and compressed differences with
 error feedback (CHOCO-gossip):
 
@@ -11,6 +11,12 @@ error feedback (CHOCO-gossip):
     Only the ``k = ceil(n / N)`` largest-magnitude elements, quantised as
     ``q8`` quantises, and a bitmap saying where they are: about 20x smaller
     than float32 for ``topk8_d16``.
+``sign1``
+    One bit per element, its sign, and one float32 scale per block of 256
+    elements, the block's mean magnitude (scaled sign, as in error-feedback
+    signSGD): about 28x smaller. Every element decodes to plus or minus its
+    block's scale. Dense, evenly sized changes (what Adam-like steps make)
+    keep their direction in every coordinate, where top-k keeps a few.
 
 The API::
 
@@ -49,8 +55,9 @@ Float32Array = npt.NDArray[np.float32]
 
 BLOCK: Final = 256  # values per scale
 Q8: Final = "q8"
+SIGN1: Final = "sign1"
 TOPK_DENSITIES: Final = (4, 8, 16, 32, 64)  # N of topk8_dN: one value kept in N
-ENCODINGS: Final[tuple[str, ...]] = (Q8, *(f"topk8_d{n}" for n in TOPK_DENSITIES))
+ENCODINGS: Final[tuple[str, ...]] = (Q8, *(f"topk8_d{n}" for n in TOPK_DENSITIES), SIGN1)
 _DENSITY: Final = {f"topk8_d{n}": n for n in TOPK_DENSITIES}
 # The largest scale whose 127-fold is still a finite float32 (0x7c010204 * 127
 # rounds to +inf): every decoded value is finite. The bits of a non-negative
@@ -70,9 +77,11 @@ _SAMPLED_SELECTION: Final = 2**18  # top-k of at least this many elements: thres
 
 
 def kept(encoding: str, elements: int) -> int:
-    """How many int8 values the payload of a tensor of ``elements`` elements stores."""
+    """How many int8 values the payload of a tensor of ``elements`` elements stores (sign1: none)."""
     if encoding == Q8:
         return elements
+    if encoding == SIGN1:
+        return 0
     try:
         density = _DENSITY[encoding]
     except KeyError:
@@ -83,9 +92,12 @@ def kept(encoding: str, elements: int) -> int:
 def encoded_nbytes(encoding: str, shape: Sequence[int]) -> int:
     """Payload bytes of a tensor of ``shape`` in ``encoding``: exact, from the shape alone.
 
-    q8: ``4 * ceil(n / 256) + n``; topk8_dN: ``ceil(n / 8) + 4 * ceil(k / 256) + k``, ``k = ceil(n / N)``.
+    q8: ``4 * ceil(n / 256) + n``; topk8_dN: ``ceil(n / 8) + 4 * ceil(k / 256) + k``, ``k = ceil(n / N)``;
+    sign1: ``ceil(n / 8) + 4 * ceil(n / 256)``.
     """
     elements = math.prod(shape)
+    if encoding == SIGN1:
+        return -(-elements // 8) + 4 * -(-elements // BLOCK)
     values = kept(encoding, elements)
     bitmap = 0 if encoding == Q8 else -(-elements // 8)
     return bitmap + 4 * -(-values // BLOCK) + values
@@ -109,6 +121,8 @@ def encode(encoding: str, array: np.ndarray[Any, Any]) -> memoryview:
     flat: Float32Array = np.ascontiguousarray(array, dtype=_F32).reshape(-1)  # no copy if already so
     n = flat.size
     out = np.empty(encoded_nbytes(encoding, (n,)), dtype=np.uint8)
+    if encoding == SIGN1:
+        return _encode_sign(flat, out)
     if encoding == Q8:
         values = flat
         bitmap_bytes = 0
@@ -124,6 +138,28 @@ def encode(encoding: str, array: np.ndarray[Any, Any]) -> memoryview:
     scales = _scales(absmax)
     out[bitmap_bytes : bitmap_bytes + 4 * blocks].view(_F32)[:] = scales
     _quantize(values, scales, out[bitmap_bytes + 4 * blocks :].view(np.int8))
+    return out.data
+
+
+def _encode_sign(flat: Float32Array, out: npt.NDArray[np.uint8]) -> memoryview:
+    """sign1: the bitmap of negative elements, then each block's mean magnitude (float64 sum / count)."""
+    n = flat.size
+    bitmap_bytes = -(-n // 8)
+    full, tail = divmod(n, BLOCK)
+    sums = np.empty(full + (tail > 0), dtype=np.float64)
+    if full:
+        np.abs(flat[: full * BLOCK]).reshape(full, BLOCK).sum(axis=1, dtype=np.float64, out=sums[:full])
+    if tail:
+        sums[full] = np.abs(flat[full * BLOCK :]).sum(dtype=np.float64)
+    if not np.isfinite(sums).all():
+        raise LocalProtocolError(f"a {SIGN1} tensor must be finite: it holds a NaN or an infinity")
+    counts = np.full(sums.size, BLOCK, dtype=np.float64)
+    if tail:
+        counts[-1] = tail
+    scales = (sums / counts).astype(np.float32)
+    np.minimum(scales, np.float32(MAX_SCALE), out=scales)
+    out[:bitmap_bytes] = np.packbits(flat < 0, bitorder="little")  # -0.0 and +0.0 are not negative
+    out[bitmap_bytes:].view(_F32)[:] = scales
     return out.data
 
 
@@ -246,6 +282,8 @@ def decode(encoding: str, shape: Sequence[int], buffer: Buffer) -> Float32Array:
             f"{encoding} tensor of shape {tuple(shape)} takes {expected} bytes, got {view.nbytes}"
         )
     bitmap_bytes = 0 if encoding == Q8 else -(-n // 8)
+    if encoding == SIGN1:
+        return _decode_sign(np.frombuffer(view, dtype=np.uint8), n, bitmap_bytes).reshape(tuple(shape))
     blocks = -(-k // BLOCK)
     bitmap = np.frombuffer(view, dtype=np.uint8, count=bitmap_bytes)
     if bitmap_bytes:
@@ -268,12 +306,30 @@ def decode(encoding: str, shape: Sequence[int], buffer: Buffer) -> Float32Array:
     return out.reshape(tuple(shape))
 
 
-def _check_bitmap(encoding: str, bitmap: npt.NDArray[np.uint8], n: int, k: int) -> None:
+def _decode_sign(payload: npt.NDArray[np.uint8], n: int, bitmap_bytes: int) -> Float32Array:
+    """sign1: plus or minus the block's scale; padding bits and scales checked as for the others."""
+    bitmap = payload[:bitmap_bytes]
+    _check_padding(SIGN1, bitmap, n)
+    scale_bits = payload[bitmap_bytes:].view("<u4")
+    if scale_bits.size and int(scale_bits.max()) > MAX_SCALE_BITS:
+        _refuse_scale(SIGN1, scale_bits)
+    scales = scale_bits.view(_F32)
+    negative = np.unpackbits(bitmap, count=n, bitorder="little").view(np.bool_)
+    out = np.repeat(scales, BLOCK)[:n]  # each element its block's scale ...
+    np.negative(out, out=out, where=negative)  # ... with its sign
+    return out
+
+
+def _check_padding(encoding: str, bitmap: npt.NDArray[np.uint8], n: int) -> None:
     used = n % 8
     if used and int(bitmap[-1]) >> used:
         raise MalformedMessage(
             f"{encoding}: bitmap padding bits are set (last byte {int(bitmap[-1]):#04x} for {n} elements)"
         )
+
+
+def _check_bitmap(encoding: str, bitmap: npt.NDArray[np.uint8], n: int, k: int) -> None:
+    _check_padding(encoding, bitmap, n)
     population = int(_POPCOUNT[bitmap].sum(dtype=np.int64))
     if population != k:
         raise MalformedMessage(f"{encoding}: bitmap marks {population} elements; {n} elements keep {k}")

@@ -36,6 +36,7 @@ none       (full states, as without compression)
 bf16       bfloat16             bfloat16
 q8         q8                   q8
 topk8_dN   topk8_dN             q8
+sign1      sign1                q8
 ========== ==================== ====================
 
 Nothing here does I/O: the node (p2pfm/node/loop.py) calls it.
@@ -58,7 +59,9 @@ from p2pfm.core.wire import bfloat16_bits_to_float32, float32_to_bfloat16_bits
 Array = np.ndarray[Any, Any]
 State = Mapping[str, Array]
 #: gossip.compression: what a round's difference travels as (the table above).
-CompressionName = Literal["none", "bf16", "q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64"]
+CompressionName = Literal[
+    "none", "bf16", "q8", "topk8_d4", "topk8_d8", "topk8_d16", "topk8_d32", "topk8_d64", "sign1"
+]
 COMPRESSIONS: Final[tuple[CompressionName, ...]] = get_args(CompressionName)
 
 
