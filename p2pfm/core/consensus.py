@@ -43,6 +43,9 @@ def metropolis_weights(own_degree: int, neighbour_degrees: Mapping[K, int]) -> d
     return {peer: metropolis_weight(own_degree, degree) for peer, degree in neighbour_degrees.items()}
 
 
+_MIX_BLOCK = 1 << 16  # elements mixed at a time (512 KiB of float64 per temporary)
+
+
 def mix(own: State, received: Mapping[K, State], weights: Mapping[K, float]) -> dict[str, Array]:
     """Return ``x_i <- (1 - sum_j w_ij) x_i + sum_j w_ij x_j`` over the senders in ``received``.
 
@@ -54,13 +57,23 @@ def mix(own: State, received: Mapping[K, State], weights: Mapping[K, float]) -> 
     self_weight = _self_weight(received, weights)
     _check_schema(own, received)
     mixed: dict[str, Array] = {}
+    # float64 temporaries of one block, reused: they stay in cache, and a large tensor costs no
+    # tensor-sized float64 arrays (element by element the arithmetic is the same: bit-identical).
+    acc_buffer = np.empty(_MIX_BLOCK, dtype=np.float64)
+    term_buffer = np.empty(_MIX_BLOCK, dtype=np.float64)
     for name, mine in own.items():
-        acc = np.multiply(mine, self_weight, dtype=np.float64)
-        term = np.empty_like(acc)
-        for peer, state in received.items():
-            np.multiply(state[name], weights[peer], out=term, dtype=np.float64)  # no float64 copy first
-            acc += term
-        mixed[name] = acc.astype(mine.dtype, copy=False)
+        flat_mine = np.ravel(mine)
+        theirs = [(np.ravel(state[name]), weights[peer]) for peer, state in received.items()]
+        out = np.empty(flat_mine.size, dtype=mine.dtype)
+        for start in range(0, flat_mine.size, _MIX_BLOCK):
+            stop = min(start + _MIX_BLOCK, flat_mine.size)
+            acc, term = acc_buffer[: stop - start], term_buffer[: stop - start]
+            np.multiply(flat_mine[start:stop], self_weight, out=acc, dtype=np.float64)
+            for flat, weight in theirs:
+                np.multiply(flat[start:stop], weight, out=term, dtype=np.float64)  # no float64 copy first
+                acc += term
+            out[start:stop] = acc  # rounded to the tensor's dtype
+        mixed[name] = out.reshape(mine.shape)
     return mixed
 
 
