@@ -125,7 +125,10 @@ def test_overlap_benchmark_runs_in_network_namespaces(tmp_path: Path, tiny_bert_
     }
     path = tmp_path / "scenario.toml"
     path.write_text(tomli_w.dumps(scenario))
-    args = ["--scenario", str(path), "--transfer-steps", "1", "--out", str(tmp_path / "runs"), "--json"]
+    args = [
+        "--dim", "4096", "--step-s", "0.1", "--rounds", "4", "--local-steps", "2", "--transfer-steps", "1",
+        "--accuracy", "--scenario", str(path), "--out", str(tmp_path / "runs"), "--json",
+    ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "overlap.py"), *args],
         check=False, capture_output=True, text=True, timeout=600,
@@ -136,11 +139,14 @@ def test_overlap_benchmark_runs_in_network_namespaces(tmp_path: Path, tiny_bert_
     report = json.loads(result.stdout)
     for mode in ("synchronous", "overlap"):
         figures = report["modes"][mode]
-        assert len(figures["accuracy"]) == 4 and figures["message_bytes"] > 0
+        assert figures["message_bytes"] > 4 * 4096 and figures["wait_s_per_round"] >= 0
         assert 0 < figures["steady_fraction"] <= 1 and 0 < figures["whole_fraction"] <= 1
-    assert report["tc"][0].startswith("eth0 root tbf rate") and report["transfer_steps"] > 0
-    # Every node of the overlapped run recorded which round each mix came from.
-    records = (tmp_path / "runs" / "overlap-0" / "nodes" / "node0" / "metrics.jsonl").read_text().splitlines()
+        assert len(report["demo"][mode]["accuracy"]) == 4
+    assert report["tc"][0].startswith("eth0 htb, per destination:") and report["transfer_steps"] > 0
+    # Every node of the overlapped demo run recorded which round each mix came from.
+    records = (
+        (tmp_path / "runs" / "demo-overlap" / "nodes" / "node0" / "metrics.jsonl").read_text().splitlines()
+    )
     mixed = [json.loads(line).get("mixed_round") for line in records if '"event": "round"' in line]
     assert mixed == [None, 1, 2, 4], mixed
 

@@ -101,6 +101,34 @@ def limit_rate(
     return " ".join(argv[4:])
 
 
+def limit_links(host: Host, rates_bytes_per_s: dict[str, float], *, burst_bytes: int = 32_768) -> str:
+    """Cap what ``host`` sends to each address at its own rate (one HTB class per destination).
+
+    Each link gets its own bandwidth, as paths across a wide-area network do,
+    where :func:`limit_rate` shares one uplink among all of them. Traffic to
+    other addresses is not limited. Returns a summary of what was applied.
+    """
+
+    def tc(*argv: str) -> None:
+        result = subprocess.run(
+            host.command("tc", *argv), capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+        )
+        if result.returncode != 0:
+            raise NetnsUnavailable(f"tc {' '.join(argv)} failed in {host.namespace}: {result.stderr.strip()}")
+
+    tc("qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "99")
+    tc("class", "add", "dev", "eth0", "parent", "1:", "classid", "1:99", "htb", "rate", "10gbit")
+    applied = []
+    for index, (address, rate) in enumerate(sorted(rates_bytes_per_s.items()), start=10):
+        rate_bit_s = max(8, round(rate * 8))
+        tc("class", "add", "dev", "eth0", "parent", "1:", "classid", f"1:{index}", "htb",
+           "rate", f"{rate_bit_s}bit", "ceil", f"{rate_bit_s}bit", "burst", str(burst_bytes))  # fmt: skip
+        tc("filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+           "match", "ip", "dst", f"{address}/32", "flowid", f"1:{index}")  # fmt: skip
+        applied.append(f"{address} {rate_bit_s}bit")
+    return "eth0 htb, per destination: " + ", ".join(applied)
+
+
 def impair(host: Host, *, delay_ms: int = 40, loss_percent: float = 5.0) -> str:
     """A lossy, slow uplink: netem delay and loss where the kernel has netem, else a 100 kbit/s tbf.
 
