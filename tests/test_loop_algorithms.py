@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tomli_w
 
 from p2pfm.config.node_config import load_node_config
 from p2pfm.core.consensus import consensus_distance
-from p2pfm.core.identity import Identity, write_key_file
+from p2pfm.core.identity import Identity
 from p2pfm.core.topology import parse_topology
 from p2pfm.learn.checkpoint import ALGORITHM_FILE, load_checkpoint
 from p2pfm.learn.learner import QuadraticLearner, quadratic_problem
@@ -24,6 +23,7 @@ from p2pfm.net.memory import memory_transports
 from p2pfm.node.factory import build_node
 from p2pfm.node.loop import Node, RoundPlan
 from p2pfm.node.metrics import read_metrics
+from tests.quadratic_network import write_config
 
 Array = np.ndarray[Any, Any]
 
@@ -47,23 +47,6 @@ class _Recording(QuadraticLearner):
         return super().evaluate()
 
 
-def _config(folder: Path, me: Identity, peers: dict[str, Identity], gossip: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "node.key").exists():
-        write_key_file(me, folder / "node.key")
-    doc = {
-        "node": {"key": "node.key", "listen": "tcp://127.0.0.1:1", "network": "n", "out": "out"},
-        "peers": [
-            {"id": p.peer_id.hex, "address": "tcp://127.0.0.1:1", "name": name} for name, p in peers.items()
-        ],
-        "model": {"path": "minilm", "num_labels": 5},  # described, never loaded: the learner replaces it
-        "train": {"local_steps": 2},
-        "gossip": {"round_timeout_s": 10.0, **gossip},
-    }
-    (folder / "node.toml").write_text(tomli_w.dumps(doc))
-    return folder / "node.toml"
-
-
 def _network(
     tmp_path: Path, gossip: dict[str, Any], *, spec: str = "ring:4", resume: bool = False
 ) -> tuple[dict[int, Node], dict[int, _Recording]]:
@@ -76,7 +59,7 @@ def _network(
     )
     nodes, learners = {}, {}
     for i in range(n):
-        config = _config(
+        config = write_config(
             tmp_path / f"n{i}", ids[i], {f"n{j}": ids[j] for j in topology.neighbours(i)}, gossip
         )
         learners[i] = _Recording(centres[i], optimum, lr=0.3, seed=i)
@@ -217,7 +200,7 @@ def test_a_node_that_never_mixes_still_runs_its_outer_optimizer(tmp_path: Path) 
     centres, optimum = quadratic_problem(2, 8, seed=5, spread=3.0)
     runs = {}
     for algorithm in ("dpsgd", "fedadam"):
-        config = _config(
+        config = write_config(
             tmp_path / algorithm,
             me,
             {},

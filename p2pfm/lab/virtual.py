@@ -312,19 +312,25 @@ class VirtualScheduler:
             self._land_overlapped(slot, done)
             return
         node.mix(done)
+        if self._record(slot, done):
+            slot.round = node.catch_up(slot.round + 1)
+            self._push(self.clock.now_s(), slot, _TRAIN)
+
+    def _record(self, slot: _Slot, done: RoundComplete | None) -> bool:
+        """The round's record, then its leave or crash fault; False: the node is gone."""
+        node = slot.node
         assert slot.trained is not None
-        node.record(slot.round, slot.trained, done, wait_s=now_s - slot.waiting_since_s)
+        node.record(slot.round, slot.trained, done, wait_s=self.clock.now_s() - slot.waiting_since_s)
         node.round_ended()
         self._recorded(slot, done)
         if slot.leave_after is not None and slot.round >= slot.leave_after:
             node.leave()
             self._finish(slot)
-            return
+            return False
         if slot.crash_after is not None and slot.round >= slot.crash_after and not slot.crashes:
             self._crash(slot)
-            return
-        slot.round = node.catch_up(slot.round + 1)
-        self._push(self.clock.now_s(), slot, _TRAIN)
+            return False
+        return True
 
     def _trained_overlapped(self, slot: _Slot) -> None:
         """gossip.overlap, after a round's training: land the round in flight (or wait for it)."""
@@ -351,16 +357,7 @@ class VirtualScheduler:
             slot.phase = "wait"
             self._check(slot)
             return
-        assert slot.trained is not None
-        node.record(slot.round, slot.trained, done, wait_s=self.clock.now_s() - slot.waiting_since_s)
-        node.round_ended()
-        self._recorded(slot, done)
-        if slot.leave_after is not None and slot.round >= slot.leave_after:
-            node.leave()
-            self._finish(slot)
-            return
-        if slot.crash_after is not None and slot.round >= slot.crash_after and not slot.crashes:
-            self._crash(slot)
+        if not self._record(slot, done):
             return
         node.publish(slot.round)
         slot.in_flight, slot.phase = True, "train"
