@@ -51,9 +51,9 @@ def test_pure_averaging_with_overlap_is_the_synchronous_sequence_one_round_later
 def test_overlapped_nodes_converge_as_synchronous_ones_do(tmp_path: Path, algorithm: str) -> None:
     """Real node loops: every algorithm gets about as near the network's optimum with overlap.
 
-    Local steps move a node 10% of the way to its own centre per step (lr
-    0.05): with moves of 50% (lr 0.3), DiLoCo's momentum applied a round late
-    oscillated (mu 0.3) or diverged (mu 0.6); docs/training.md says so.
+    A local step moves a node 5% of the way to its own centre (lr 0.05; two
+    steps a round): with 30% per step (lr 0.3), DiLoCo's momentum applied a
+    round late oscillated (mu 0.3) or diverged (mu 0.6); docs/node.md says so.
     """
     assert set(ALGORITHMS) == {"dpsgd", "diloco", "fedadam", "scaffold"}
     rounds = 20
