@@ -222,14 +222,15 @@ def _plots(out: Path, summary: Summary) -> None:
         ax.axhline(baselines.local, color="grey", linestyle="--", label="local-only (mean)")
     if baselines.pooled is not None:
         ax.axhline(baselines.pooled, color="black", linestyle=":", label="pooled")
-    ax.set_xlabel("round")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per node per round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{metric}.png", dpi=100)
-    plt.close(fig)
+    _finish(
+        plt,
+        fig,
+        ax,
+        out / f"{metric}.png",
+        xlabel="round",
+        ylabel=metric,
+        title=f"{metric} per node per round",
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4))
     positive = [(c.round, c.consensus_distance) for c in summary.consensus if c.consensus_distance > 0]
@@ -266,13 +267,27 @@ def _plot_metric_against_bytes(plt: Any, out: Path, summary: Summary) -> None:
         sent = {r: b for r, b in node.bytes_curve if b is not None}
         points = [(sent[r] / 1e6, v) for r, v in node.curve if r in sent and v is not None]
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=node.name)
-    ax.set_xlabel("MB sent by the node so far")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against bytes sent")
+    title = f"{metric} against bytes sent"
+    _finish(
+        plt,
+        fig,
+        ax,
+        out / f"{metric}_bytes.png",
+        xlabel="MB sent by the node so far",
+        ylabel=metric,
+        title=title,
+    )
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
+    """Label a per-node line plot (grid, small legend) and write it to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"{metric}_bytes.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
