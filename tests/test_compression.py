@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from p2pfm.config.node_config import load_node_config
 from p2pfm.core.compression import (
     COMPRESSIONS,
     NeighbourEstimates,
@@ -20,8 +21,10 @@ from p2pfm.core.compression import (
 from p2pfm.core.consensus import robust_mix
 from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
+from p2pfm.net.memory import memory_transports
+from p2pfm.node.factory import build_node
 from p2pfm.node.metrics import read_metrics
-from tests.quadratic_network import network, run_all
+from tests.quadratic_network import Recording, network, run_all, write_config
 
 Array = np.ndarray[Any, Any]
 A, B, C = (Identity(bytes([i]) * 32).peer_id for i in (1, 2, 3))
@@ -253,3 +256,35 @@ def test_an_attack_reaches_the_robust_rule_in_a_compressing_network(tmp_path: Pa
     assert max(errors[1:]) < 0.5 * max(naive[1:]), (errors, naive)  # the rule mattered
     plain, _ = _run(tmp_path / "plain", {"rule": "clip", "byzantine_weight": 0.5}, faults=attack)
     assert max(errors[1:]) < 1.2 * max(plain[1:]), (errors, plain)
+
+
+class _SharedStart(Recording):
+    """A learner whose initial state every node with the same settings shares (as AdapterLearner's)."""
+
+    shared_start = True
+
+
+def test_a_resumed_node_keeps_the_networks_fingerprint(tmp_path: Path) -> None:
+    """The chain fingerprint is the network's agreement, not the node's state: a node that resumes
+    (and restarts its chain with a keyframe) must still be heard by its fresh neighbours."""
+    centre, optimum = np.ones(4), np.zeros(4)
+    me, peer = Identity(b"\x31" * 32), Identity(b"\x32" * 32)
+    fingerprints = {}
+    for compression in ("none", "q8"):
+        for resume in (False, True):
+            folder = tmp_path / f"{compression}-{resume}"
+            config = load_node_config(write_config(folder, me, {"p": peer}, {"compression": compression}))
+            learner = _SharedStart(centre, optimum)
+            node = build_node(
+                config, transport=_transport(me, peer), learner=learner, resume=resume, log=print
+            )
+            fingerprints[compression, resume] = node.protocol.config.fingerprint
+            assert (node.compressed is None) == (compression == "none")
+            node.close()
+    assert fingerprints["none", False] == fingerprints["none", True] == learner.fingerprint
+    assert fingerprints["q8", False] == fingerprints["q8", True] != learner.fingerprint
+
+
+def _transport(me: Identity, peer: Identity) -> Any:
+    _, transports = memory_transports({me.peer_id: [peer.peer_id], peer.peer_id: [me.peer_id]})
+    return transports[me.peer_id]

@@ -250,9 +250,9 @@ def assemble_node(
         [peer.id for peer in peers],
         ProtocolConfig(
             network=network,
-            fingerprint=learner.fingerprint
-            if compressed is None or not compressed.shared_start
-            else _chain_fingerprint(learner.fingerprint, gossip),
+            fingerprint=_chain_fingerprint(learner.fingerprint, gossip)
+            if compressed is not None and _shares_start(learner)
+            else learner.fingerprint,
             round_timeout_s=gossip.round_timeout_s,
             limits=limits,
             schema=schema,
@@ -334,18 +334,24 @@ def _compressed(
     if any(spec.dtype != "float32" for spec in learner.schema):
         raise ConfigError("gossip.compression", "compresses float32 tensors only; this learner's are not")
     neighbours = NeighbourEstimates()
-    if not (fresh and getattr(learner, "shared_start", False)):
+    if not (fresh and _shares_start(learner)):
         own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every)
         return Compressed(own, neighbours, gossip.compression_step)
     start, ids = learner.get_state(), frozenset(peer.id for peer in peers)
     own = OwnEstimate(gossip.compression, keyframe_every=gossip.keyframe_every, start=start, audience=ids)
     neighbours.start(start, ids)
-    return Compressed(own, neighbours, gossip.compression_step, shared_start=True)
+    return Compressed(own, neighbours, gossip.compression_step)
+
+
+def _shares_start(learner: Learner) -> bool:
+    """Whether the learner starts where every node with the same settings starts (the initial adapter)."""
+    return bool(getattr(learner, "shared_start", False))
 
 
 def _chain_fingerprint(fingerprint: bytes, gossip: GossipSettings) -> bytes:
-    """Compressed chains that start from the shared initial adapter bind its seed: nodes that would
-    start elsewhere are refused as another model (fingerprint_mismatch), never mixed wrongly."""
+    """Compressed chains that may start from the shared initial adapter bind its seed: nodes that would
+    start elsewhere are refused as another model (fingerprint_mismatch), never mixed wrongly. Every
+    node of such a network uses it, fresh or resumed (a resumed node's chain restarts with a keyframe)."""
     document = {"adapter": fingerprint.hex(), "compression": gossip.compression, "start_seed": gossip.seed}
     return fingerprint_of(document)
 

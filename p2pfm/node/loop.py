@@ -125,7 +125,6 @@ class Compressed:
     own: OwnEstimate
     neighbours: NeighbourEstimates
     step: float
-    shared_start: bool = False  # the chains start from the initial adapter every node shares
 
 
 @dataclass
