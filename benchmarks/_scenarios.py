@@ -20,7 +20,7 @@ def run(doc: dict[str, Any], out: Path | None = None) -> tuple[Summary, Path]:
     path = folder / "scenario.toml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc))
-    summary = run_scenario(path, folder / "run", log=lambda _line: None)
+    summary = run_scenario(path, folder / "run")
     if not summary.ok:
         brief = json.dumps(summary.to_json())[:500]
         raise SystemExit(f"scenario {doc['name']} failed; see {folder / 'run'}: {brief}")

@@ -14,6 +14,7 @@ even on a machine with fewer cores than nodes.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -46,9 +47,10 @@ def main() -> int:
     parser.add_argument("--step-s", type=float, required=True)
     parser.add_argument("--dim", type=int, required=True)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_node_config(args.config)
     learner = TimedLearner(args.dim, args.step_s, seed=config.shard.shard)
-    node = build_node(config, learner=learner, log=lambda line: print(line, flush=True))
+    node = build_node(config, learner=learner)
     result = node.run()
     return 0 if not result.stopped else 130
 

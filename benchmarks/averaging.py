@@ -284,7 +284,6 @@ def _build_node(spec: WorkerSpec, start: np.ndarray[Any, Any]) -> tuple[Node, li
         store=MemoryStore(),
         seed=spec.index,
         stop=stop_event,
-        log=lambda _line: None,
     )
     return node, made
 

@@ -1,15 +1,21 @@
-"""The ``p2pfm`` command: argument parsing and display, nothing else.
+"""The ``p2pfm`` command: argument parsing, logging set-up and display, nothing else.
 
 Every operator mistake surfaces as a :class:`UserInputError` (or a
 :class:`LocalProtocolError` for a nonsensical numeric option); ``main``
 prints it on one line as ``p2pfm: error: ...`` and exits with status 1,
-never with a traceback.
+never with a traceback. A local run whose node failed
+(:class:`NodeFailedError`) ends the same way, naming the node and its log.
+
+Messages go through stdlib ``logging`` (one logger per module, the node's
+name in the records of node code, p2pfm/core/logs.py); ``-v`` and ``-q``
+(before or after the subcommand) set how much of it is shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +24,34 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from p2pfm import __version__, cli_roster, cli_simulate
-from p2pfm.core.errors import LocalProtocolError, UserInputError
+from p2pfm import __version__, cli_launch, cli_roster, cli_simulate
+from p2pfm.core.errors import LocalProtocolError, NodeFailedError, UserInputError
 
 if TYPE_CHECKING:
     from p2pfm.lab.summary import Summary
 
 EXIT_ERROR = 1
+_LEVELS = (logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
+#: Commands whose INFO messages are per simulated node and round: quiet unless -v.
+_QUIET_BY_DEFAULT = frozenset({"simulate"})
+#: One example per subcommand, shown by its --help (cli_simulate, cli_roster and cli_launch keep theirs).
+_EXAMPLES = {
+    "keygen": "p2pfm keygen --out keys/alice.key",
+    "peer-id": "p2pfm peer-id keys/alice.key",
+    "evidence check": "p2pfm evidence check runs/attack-ring-mean-*/nodes/node0/evidence/*.msgpack",
+    "roster init": "p2pfm roster init roster.toml --network my-network",
+    "roster add": "p2pfm roster add roster.toml --name alice --key keys/alice.key "
+    "--address tcp://203.0.113.7:5550",
+    "roster remove": "p2pfm roster remove roster.toml alice",
+    "roster check": "p2pfm roster check roster.toml",
+    "roster show": "p2pfm roster show roster.signed --network my-network",
+    "topology show": "p2pfm topology show torus:4x4 --png torus.png",
+    "node": "p2pfm node --config node.toml --bootstrap tcp://203.0.113.7:5550",
+    "run": "p2pfm run scenarios/faults.toml --out runs/faults",
+    "demo": "p2pfm demo -q",
+    "report": "p2pfm report runs/quickstart-20261207-101500",
+    "simulate": "p2pfm simulate ring:16 --rounds 30 --attack 3:scale:10 --rule clip",
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -33,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serverless peer-to-peer co-training of foundation models.",
     )
     parser.add_argument("--version", action="version", version=f"p2pfm {__version__}")
+    _add_verbosity(parser, default=0)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keygen = commands.add_parser("keygen", help="create an Ed25519 key file and print its peer id")
@@ -78,7 +106,74 @@ def _build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_cmd_report)
 
     cli_simulate.add_parser(commands)
+    cli_launch.add_parser(commands)
+    _finish_subcommands(parser, (), set())
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """-v / -q; a subcommand's copies default to SUPPRESS so they never reset what the top level got."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default, help="show more (-vv: debug messages)"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=default, help="show only warnings and errors"
+    )
+
+
+def _finish_subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...], seen: set[int]) -> None:
+    """Give every subcommand -v / -q and its example (shown by --help), walking the whole tree."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for name, sub in action.choices.items():
+            if id(sub) in seen:  # an alias of a subcommand already finished
+                continue
+            seen.add(id(sub))
+            here = (*path, name)
+            _add_verbosity(sub, default=argparse.SUPPRESS)
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            if not sub.epilog and " ".join(here) in _EXAMPLES:
+                sub.epilog = f"example:\n  {_EXAMPLES[' '.join(here)]}"
+            _finish_subcommands(sub, here, seen)
+
+
+def configure_logging(verbosity: int, console: Console | None = None) -> None:
+    """Show p2pfm's log records at the level ``verbosity`` asks for (0 = INFO, 1 = DEBUG, -1 = WARNING).
+
+    On ``console`` (a terminal with a live table) through rich; otherwise as
+    plain timestamped lines on stderr. Other libraries' loggers are left alone.
+    """
+    logger = logging.getLogger("p2pfm")
+    logger.setLevel(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity + 2))])
+    for old in list(logger.handlers):
+        if not isinstance(old, logging.NullHandler):
+            logger.removeHandler(old)
+    handler: logging.Handler
+    if console is not None:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(node_prefix)s%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(node_prefix)s%(message)s", "%Y-%m-%d %H:%M:%S")
+        )
+    handler.addFilter(_node_prefix)
+    logger.addHandler(handler)
+
+
+def _node_prefix(record: logging.LogRecord) -> bool:
+    """Show the node a record is about (``record.node``, set by p2pfm.core.logs.node_logger)."""
+    node = getattr(record, "node", None)
+    record.node_prefix = f"[{node}] " if node else ""
+    return True
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    base = -1 if args.command in _QUIET_BY_DEFAULT else 0
+    return base + int(getattr(args, "verbose", 0) or 0) - int(getattr(args, "quiet", 0) or 0)
 
 
 def _add_roster_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,9 +212,12 @@ def _add_roster_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    args.verbosity = _verbosity(args)
+    if args.command not in ("run", "demo"):  # those pick their handler with their display
+        configure_logging(args.verbosity)
     try:
         code: int = args.run(args)
-    except (UserInputError, LocalProtocolError) as exc:
+    except (UserInputError, LocalProtocolError, NodeFailedError) as exc:
         print(f"p2pfm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return code
@@ -237,12 +335,14 @@ def _cmd_node(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
-        print(f"p2pfm: {signal.Signals(signum).name} received, stopping at the end of this round", flush=True)
+        logging.getLogger(__name__).info(
+            f"{signal.Signals(signum).name} received, stopping at the end of this round"
+        )
         stop.set()
 
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
-    node = build_node(config, resume=args.resume, stop=stop, log=lambda line: print(line, flush=True))
+    node = build_node(config, resume=args.resume, stop=stop)
     result = node.run()
     if not result.adapter_saved:
         return EXIT_ERROR
@@ -250,9 +350,21 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from p2pfm.lab.progress import LineView, LiveView, ProgressView
     from p2pfm.lab.scenario import run_scenario
 
-    summary = run_scenario(args.scenario, args.out, log=lambda line: print(line, flush=True))
+    console = Console()
+    view: ProgressView
+    if console.is_terminal and args.verbosity >= 0:
+        configure_logging(args.verbosity, console)
+        view = LiveView(console, f"{args.scenario.stem}: nodes")
+    else:
+        configure_logging(args.verbosity)
+        view = LineView()
+    try:
+        summary = run_scenario(args.scenario, args.out, view=view)
+    finally:
+        view.close()
     _print_summary(summary)
     return 0 if summary.ok else EXIT_ERROR
 

@@ -98,7 +98,6 @@ def network(
             load_node_config(path),
             transport=transports[ids[i].peer_id],
             learner=learners[i],
-            log=lambda _: None,
         )
     return nodes, learners
 

@@ -51,7 +51,7 @@ byzantine_weight = 0.34
 {faults}
 """
     )
-    return run_scenario(scenario, tmp_path / "run", log=print)
+    return run_scenario(scenario, tmp_path / "run")
 
 
 def test_scale_attacker_breaks_the_mean_and_not_a_robust_rule(

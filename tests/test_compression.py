@@ -275,9 +275,7 @@ def test_a_resumed_node_keeps_the_networks_fingerprint(tmp_path: Path) -> None:
             folder = tmp_path / f"{compression}-{resume}"
             config = load_node_config(write_config(folder, me, {"p": peer}, {"compression": compression}))
             learner = _SharedStart(centre, optimum)
-            node = build_node(
-                config, transport=_transport(me, peer), learner=learner, resume=resume, log=print
-            )
+            node = build_node(config, transport=_transport(me, peer), learner=learner, resume=resume)
             fingerprints[compression, resume] = node.protocol.config.fingerprint
             assert (node.compressed is None) == (compression == "none")
             node.close()

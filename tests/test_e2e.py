@@ -104,7 +104,7 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     scenario.write_text(scenario.read_text().replace(train_line, "[train]\nlocal_steps = 40"))
     out = tmp_path / "run"
     result: dict[str, Summary] = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_scenario(scenario, out, log=print)))
+    runner = threading.Thread(target=lambda: result.update(summary=run_scenario(scenario, out)))
     runner.start()
     # Find node0's address once its config exists, then send it garbage while it runs.
     start, stop = threading.Event(), threading.Event()
@@ -182,7 +182,7 @@ def test_mixing_only_network_matches_lambda2(tmp_path: Path, tiny_bert_dir: Path
     """ring:4 has |lambda| = 1/3 for every non-trivial mode: distance shrinks 9x per round, exactly."""
     scenario = _scenario(tmp_path, tiny_bert_dir, "distinct_seeds = true\ntimeout_s = 300", rounds=5)
     scenario.write_text(scenario.read_text().replace("[train]", "[train]\nlocal_steps = 0"))
-    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    summary = run_scenario(scenario, tmp_path / "run")
     assert summary.ok
     distances = [c.consensus_distance for c in summary.consensus]
     assert len(distances) == 5 and all(b < a for a, b in itertools.pairwise(distances))
@@ -204,7 +204,7 @@ def test_mixing_only_network_matches_lambda2(tmp_path: Path, tiny_bert_dir: Path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nodes_train_on_cuda(tmp_path: Path, tiny_bert_dir: Path) -> None:
     scenario = _scenario(tmp_path, tiny_bert_dir, "timeout_s = 300", rounds=2)
-    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    summary = run_scenario(scenario, tmp_path / "run")
     assert summary.ok
     starts = [
         r
@@ -248,7 +248,7 @@ rounds = 4
 round_timeout_s = 10.0
 """
     )
-    summary = run_scenario(scenario, tmp_path / "run", log=print)
+    summary = run_scenario(scenario, tmp_path / "run")
     assert summary.ok and summary.metric == "perplexity"
     first = next(r for r in _rounds(tmp_path / "run" / "nodes" / "node0") if r["round"] == 0)
     final = summary.mean_final

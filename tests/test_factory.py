@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ def _assemble(
     gossip: GossipSettings | None = None,
     learner: QuadraticLearner | None = None,
     transport: Any = None,
-    logs: list[str] | None = None,
 ) -> tuple[Node, MemoryTransport]:
     network = MemoryNetwork(clock=VirtualClock().now_s)
     link = network.attach(ME.peer_id, [B.peer_id, C.peer_id])
@@ -48,7 +48,7 @@ def _assemble(
         identity=ME, name="me", network="n", peers=PEERS, gossip=gossip or GossipSettings(),
         faults=faults or FaultSettings(), plan=PLAN, learner=learner or _learner(),
         transport=link if transport is None else transport, clock=VirtualClock(), store=MemoryStore(),
-        seed=5, log=(logs if logs is not None else []).append,
+        seed=5,
     )  # fmt: skip
     return node, link
 
@@ -65,12 +65,12 @@ def test_a_healthy_node_uses_its_parts_as_given() -> None:
     assert node.facts["adapter_bytes"] == 4 * DIM and node.facts["learner"] == "quadratic"
 
 
-def test_faults_become_wrappers_and_an_attack_a_publisher() -> None:
-    logs: list[str] = []
+def test_faults_become_wrappers_and_an_attack_a_publisher(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfm")
     faults = FaultSettings(
         slow_factor=2.5, drop={"b": 0.4, "c": 0.0, "stranger": 0.9}, attack="scale", attack_factor=3.0
     )
-    node, link = _assemble(faults=faults, logs=logs)
+    node, link = _assemble(faults=faults)
     assert isinstance(node.learner, SlowLearner) and node.learner.factor == 2.5
     assert isinstance(node.transport, LossyTransport) and node.transport.inner is link
     assert node.transport.loss == {B.peer_id: 0.4}  # no loss and unknown names are no wrapper entries
@@ -80,7 +80,8 @@ def test_faults_become_wrappers_and_an_attack_a_publisher() -> None:
         3.0,
     )
     assert node.facts["attack"] == "scale" and node.facts["slow_factor"] == 2.5
-    assert logs == ["[me] ATTACKER: sends scale updates (fault injection)"]
+    said = [(getattr(r, "node", None), r.getMessage()) for r in caplog.records if "factory" in r.name]
+    assert said == [("me", "ATTACKER: sends scale updates (fault injection)")]
 
 
 def test_no_loss_no_slowness_means_no_wrapper() -> None:
@@ -146,7 +147,6 @@ def test_build_node_takes_its_plan_keys_and_store_from_the_config(tmp_path: Path
     stop = threading.Event()
     node = build_node(
         config, transport=network.attach(ME.peer_id, [B.peer_id]), learner=_learner(), stop=stop,
-        log=lambda _: None,
     )  # fmt: skip
     try:
         assert node.name == ME.peer_id.short and node.protocol.identity.peer_id == ME.peer_id

@@ -53,7 +53,7 @@ node = 0
 kind = "{attack}"
 """
     )
-    return run_scenario(scenario, tmp_path / "run", log=print)
+    return run_scenario(scenario, tmp_path / "run")
 
 
 def _done(run: Path, node: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def test_failing_checkpoint_and_metrics_writes_do_not_stop_training(
         real_save(folder, checkpoint)
 
     monkeypatch.setattr(store_module, "save_checkpoint", flaky_save)
-    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=4)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=4)))
     metrics = node.store.metrics  # type: ignore[attr-defined]  (a DiskStore)
     real_write = metrics.write
     failures = {"n": 0}
@@ -98,7 +98,7 @@ def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
     def full_disk(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "simulated")
 
-    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)))
     monkeypatch.setattr(node.learner, "save", full_disk)
     result = node.run()
     assert not result.adapter_saved and not result.stopped and result.rounds_trained == 1
@@ -110,15 +110,13 @@ def test_a_final_adapter_that_cannot_be_written_is_an_error_not_a_crash(
 def test_resume_after_a_crash_between_sending_and_checkpointing_starts_a_fresh_round(
     tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
-    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=2)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=2)))
     assert node.run().rounds_trained == 2
     sent = json.loads((tmp_path / "out" / SENT_FILE).read_text())
     assert sent["round"] == 2  # recorded before round 2's update went out
     # Simulate: round 3 was sent (seq 7), then the process died before its checkpoint.
     (tmp_path / "out" / SENT_FILE).write_text(json.dumps({"round": 3, "seq": 7}))
-    resumed = build_node(
-        load_node_config(_config(tmp_path, tiny_bert_dir, rounds=5)), resume=True, log=lambda _: None
-    )
+    resumed = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=5)), resume=True)
     result = resumed.run()
     rounds = [r["round"] for r in _rounds(tmp_path) if r["round"] > 2]
     assert rounds == [4, 5]  # round 3 is spoken for: never signed a second time
@@ -127,7 +125,7 @@ def test_resume_after_a_crash_between_sending_and_checkpointing_starts_a_fresh_r
 
 
 def test_out_folder_is_private(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)), log=lambda _: None)
+    node = build_node(load_node_config(_config(tmp_path, tiny_bert_dir, rounds=1)))
     node.run()
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o700

@@ -68,7 +68,6 @@ def _network(
             transport=transports[ids[i].peer_id],
             learner=learners[i],
             resume=resume,
-            log=lambda _: None,
         )
     return nodes, learners
 
@@ -207,7 +206,7 @@ def test_a_node_that_never_mixes_still_runs_its_outer_optimizer(tmp_path: Path) 
             {"rounds": 1, "mix": False, "algorithm": algorithm, "outer_lr": 0.05},
         )
         learner = _Recording(centres[0], optimum, lr=0.1, seed=0, start=optimum)
-        node = build_node(load_node_config(config), learner=learner, log=lambda _: None)
+        node = build_node(load_node_config(config), learner=learner)
         assert node.transport is None
         node.run()
         runs[algorithm] = learner.get_state()["x"]

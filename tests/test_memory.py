@@ -136,7 +136,6 @@ def test_two_real_node_loops_gossip_over_memory(tmp_path: Path, tiny_bert_dir: P
         me.peer_id: build_node(
             load_node_config(_tiny_model_config(tmp_path, tiny_bert_dir, me, peer, rounds=3)),
             transport=transports[me.peer_id],
-            log=lambda _: None,
         )
         for me, peer in ((A, B), (B, A))
     }
@@ -191,7 +190,6 @@ def _quadratic_network(tmp_path: Path, spec: str, rounds: int, *, mix: bool = Tr
             load_node_config(config),
             transport=transports[ids[i].peer_id],
             learner=learner,
-            log=lambda _: None,
         )
     results = _run_all(nodes)
     assert all(r.rounds_trained == rounds for r in results.values())

@@ -61,9 +61,7 @@ node = 3
 round = 4
 restart = false
 """
-    summary = run_scenario(
-        _scenario(tmp_path, tiny_bert_dir, 6, faults), tmp_path / "run", log=lambda _: None
-    )
+    summary = run_scenario(_scenario(tmp_path, tiny_bert_dir, 6, faults), tmp_path / "run")
     assert summary.ok  # the leaver exited 130, the crashed node stayed down, everyone else exited 0
     by_name = {n.name: n for n in summary.nodes}
     for name in ("node0", "node1", "node4", "node5"):  # everyone left in the network finishes every round
@@ -100,9 +98,7 @@ remove = [1]
 add = [4]
 """
     rounds = ROUNDS
-    summary = run_scenario(
-        _scenario(tmp_path, tiny_bert_dir, 5, faults, rounds), tmp_path / "run", log=lambda _: None
-    )
+    summary = run_scenario(_scenario(tmp_path, tiny_bert_dir, 5, faults, rounds), tmp_path / "run")
     assert summary.ok
     nodes = tmp_path / "run" / "nodes"
     by_name = {n.name: n for n in summary.nodes}

@@ -190,7 +190,7 @@ def test_an_unknown_task_fails_before_any_node_starts(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(BASE + 'task = "regression"\n')
     with pytest.raises(ConfigError) as info:
-        run_scenario(path, tmp_path / "out", log=lambda _line: None)
+        run_scenario(path, tmp_path / "out")
     assert info.value.field == "model.task" and "causal-lm" in str(info.value)
     assert not (tmp_path / "out").exists()
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,28 @@ def _checkpoint(round_: int) -> Checkpoint:
     )
 
 
-def _disk(out: Path, logs: list[str] | None = None) -> DiskStore:
-    sink = logs if logs is not None else []
-    return DiskStore(out, log=sink.append, name="n0", common={"node": "n0", "peer": "cafe"})
+def _disk(out: Path) -> DiskStore:
+    return DiskStore(out, name="n0", common={"node": "n0", "peer": "cafe"})
+
+
+class _Collect(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        assert getattr(record, "node", None) == "n0"  # every record names its node
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """What the store logs (through logging, p2pfm/core/logs.py)."""
+    lines: list[str] = []
+    handler, logger = _Collect(lines), logging.getLogger("p2pfm.node.store")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
 
 
 def _mode(path: Path) -> int:
@@ -70,10 +91,9 @@ def test_an_unreadable_sent_record_names_the_out_folder(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_is_counted_by_what_logged_and_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]
 ) -> None:
-    logs: list[str] = []
-    store = _disk(tmp_path / "out", logs)
+    store = _disk(tmp_path / "out")
     with monkeypatch.context() as patch:
         patch.setattr(store_module, "write_private_file", _full_disk)
         patch.setattr(store_module, "save_checkpoint", _full_disk)
@@ -92,10 +112,9 @@ def test_a_failed_write_is_counted_by_what_logged_and_retried(
 
 
 def test_metrics_records_the_disk_refused_are_written_later_in_order_and_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]
 ) -> None:
-    logs: list[str] = []
-    store = _disk(tmp_path / "out", logs)
+    store = _disk(tmp_path / "out")
     real_write = store.metrics.write
     disk = {"full": True}
 
@@ -121,12 +140,11 @@ def test_metrics_records_the_disk_refused_are_written_later_in_order_and_bounded
 
 
 def test_the_final_adapter_gets_three_tries_a_second_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]
 ) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr(time, "sleep", sleeps.append)  # the pause between tries
-    logs: list[str] = []
-    store = _disk(tmp_path / "out", logs)
+    store = _disk(tmp_path / "out")
     learner = QuadraticLearner(np.ones(4), np.zeros(4))
     failures = {"left": 2}
     real_save = learner.save

@@ -85,6 +85,14 @@ Address = Annotated[
         description="an address like tcp://127.0.0.1:5550 (port 1..65535)",
     ),
 ]
+#: ``HOST:PORT`` a node serves Prometheus ``/metrics`` on (``node.metrics_address``); "" is off.
+MetricsAddress = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=rf"\A(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):{_PORT})?\Z",
+        description='HOST:PORT with a port in 1..65535, like 127.0.0.1:9464, or "" (off)',
+    ),
+]
 Device = Annotated[
     str,
     msgspec.Meta(

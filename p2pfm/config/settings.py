@@ -22,6 +22,7 @@ from p2pfm.config.schema import (
     AttackKind,
     Device,
     Finite,
+    MetricsAddress,
     NonEmpty,
     Optimizer,
     PartitionScheme,
@@ -54,6 +55,7 @@ class NodeSection(Schema, frozen=True):
     out: Path  # output folder: metrics, checkpoint, final adapter
     name: str = ""  # human label for logs and reports (default: short peer id)
     roster: Path | None = None  # network member list (p2pfm roster); None: admit the neighbours only
+    metrics_address: MetricsAddress = ""  # HOST:PORT to serve Prometheus /metrics on; "" (default): off
 
     def __post_init__(self) -> None:
         check_network_id("node.network", self.network)

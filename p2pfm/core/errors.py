@@ -48,6 +48,15 @@ class LocalProtocolError(P2PFMError):
     """The caller used an API wrongly (not the peer's fault)."""
 
 
+class ArgumentError(LocalProtocolError, ValueError):
+    """A Python API was called with a bad argument (``p2pfm.simulate``); ``argument`` names it."""
+
+    def __init__(self, argument: str, problem: str) -> None:
+        super().__init__(f"argument {argument!r}: {problem}")
+        self.argument = argument
+        self.problem = problem
+
+
 class RemoteProtocolError(P2PFMError):
     """A peer sent data that is refused. ``reason`` says why."""
 
@@ -122,3 +131,15 @@ class SummaryError(UserInputError):
         self.source = source
         self.problem = problem
         self.key = key
+
+
+class NodeFailedError(P2PFMError):
+    """A node process of a local run exited in a way its plan did not ask for; the run was stopped."""
+
+    def __init__(self, node: str, exit_status: int, last_line: str, log: object) -> None:
+        said = f": {last_line}" if last_line else ""
+        super().__init__(f"{node} failed (exit status {exit_status}){said}\n  its log: {log}")
+        self.node = node
+        self.exit_status = exit_status
+        self.last_line = last_line
+        self.log = log

@@ -192,7 +192,7 @@ def simulate_overlay(config: OverlayConfig) -> OverlayResult:
             gossip=gossip, faults=_faults(attacks.get(i)), plan=plan, learner=learner,
             transport=network.attach(ids[i].peer_id, [r.peer for r in seeded]),
             clock=clock, store=MemoryStore(node=node_name(i)), seed=config.seed * 1_000_003 + i,
-            resume=resume, log=lambda _: None, membership=membership, contacts=contacts,
+            resume=resume, membership=membership, contacts=contacts,
         )  # fmt: skip
         node.peer_names.update(names)
         return node

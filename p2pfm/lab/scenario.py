@@ -11,6 +11,8 @@ pid before it returns, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import random
 import signal
@@ -32,14 +34,15 @@ from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.config.schema import AttackKind, Finite, NonEmpty, Schema, check_network_id, decode, number
 from p2pfm.config.settings import GossipSettings, LoraSettings, TrainSettings
 from p2pfm.config.toml import read_toml
-from p2pfm.core.errors import ConfigError
+from p2pfm.core.errors import ConfigError, NodeFailedError
 from p2pfm.core.identity import Identity, load_key_file, write_key_file
 from p2pfm.core.topology import Topology, parse_topology
+from p2pfm.lab.progress import LineView, MetricsTail, NodeStatus, ProgressView, last_error_line
 from p2pfm.lab.report import Setup, report_run
 from p2pfm.lab.roster_change import SIGNED_ROSTER, RosterBook
 from p2pfm.lab.summary import Summary
-from p2pfm.node.metrics import read_metrics
 
+_logger = logging.getLogger(__name__)
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml"
 _TEMPLATE_SECTIONS = ("model", "lora", "data", "train", "gossip", "transport", "membership")
 OPEN = "open:"  # topology = "open:N": N nodes whose neighbours come from membership (docs/membership.md)
@@ -137,11 +140,26 @@ class _Proc:
     config: Path
     log: Path
     metrics: Path
+    rounds: int  # gossip.rounds of its config
     popen: subprocess.Popen[bytes] | None = None
     crashed_at: float | None = None
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)  # one per process run that ended by itself
     running: bool = False
+    status: NodeStatus = field(init=False)
+    tail: MetricsTail = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.status = NodeStatus(self.name, self.rounds)
+        self.tail = MetricsTail(self.metrics)
+
+    @property
+    def rounds_done(self) -> int:
+        return self.status.round
+
+
+def _planned_rounds(doc: Mapping[str, Any]) -> int:
+    return int(doc.get("gossip", {}).get("rounds", GossipSettings().rounds))
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -266,7 +284,7 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
     topo, header = scenario.topology, scenario.header
     n = topo.n_nodes
     names = [f"node{i}" for i in range(n)]
-    ports = _free_port_runs(header.host, n, 3 if scenario.open_network else 1)
+    ports, metrics = _node_ports(scenario, out)
     identities = [Identity.generate() for _ in range(n)]
     (out / "keys").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -292,7 +310,7 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
         doc["node"] = {
             "key": str(key), "listen": f"tcp://{header.host}:{ports[i]}",
             "network": network, "out": str(node_dir), "name": names[i],
-            "roster": str(out / "roster.toml"),
+            "roster": str(out / "roster.toml"), "metrics_address": metrics[i],
         }  # fmt: skip
         addresses = {
             j: (identities[j].peer_id.hex, f"tcp://{header.host}:{ports[j]}") for j in topo.neighbours(i)
@@ -324,8 +342,49 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
                 doc["faults"]["attack_factor"] = attack.factor
         config = node_dir / "node.toml"
         config.write_text(tomli_w.dumps(doc))
-        procs.append(_Proc(names[i], config, node_dir / "log.txt", node_dir / "metrics.jsonl"))
+        procs.append(
+            _Proc(names[i], config, node_dir / "log.txt", node_dir / "metrics.jsonl", _planned_rounds(doc))
+        )
     return procs
+
+
+def _node_ports(scenario: Scenario, out: Path) -> tuple[list[int], list[str]]:
+    """Each node's base port and /metrics address (the port after the node's); writes prometheus.yml."""
+    host, n = scenario.header.host, scenario.topology.n_nodes
+    width = 3 if scenario.open_network else 1  # an open network's node listens on 3 ports
+    ports = _free_port_runs(host, n, width + 1)
+    metrics = [f"{host}:{port + width}" for port in ports]
+    write_prometheus_config(out, scenario.header.name, [(f"node{i}", metrics[i]) for i in range(n)])
+    return ports, metrics
+
+
+def write_prometheus_config(out: Path, scenario: str, targets: Sequence[tuple[str, str]]) -> Path:
+    """``out/prometheus.yml``: a Prometheus that scrapes each node's /metrics every second.
+
+    One static target per node, labelled with its name; ``honor_labels`` keeps
+    the ``node`` label of ``p2pfm_info`` as the node serves it (the same name).
+    docs/operations.md says how to run it.
+    """
+    lines = [
+        "# This scenario's nodes: prometheus --config.file=prometheus.yml (docs/operations.md)",
+        "global:",
+        "  scrape_interval: 1s",
+        "  scrape_timeout: 1s",
+        "  evaluation_interval: 1s",
+        "scrape_configs:",
+        '  - job_name: "p2pfm"',
+        "    honor_labels: true",
+        "    static_configs:",
+    ]
+    for name, address in targets:  # JSON strings are YAML strings
+        lines += [
+            f"      - targets: [{json.dumps(address)}]",
+            f"        labels: {{node: {json.dumps(name)}, scenario: {json.dumps(scenario)}}}",
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "prometheus.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _link_drop(faults: Faults, i: int, j: int) -> float:
@@ -354,6 +413,7 @@ def write_baseline_configs(scenario: Scenario, out: Path, gossip_procs: list[_Pr
             rounds = doc["gossip"].get("rounds", 10)
             doc["gossip"].update(mix=False, eval_every=rounds, snapshot_every=0)
             doc["node"].update(out=str(folder), name=f"{kind}-{name}")
+            doc["node"].pop("metrics_address", None)  # they run one per core: no /metrics ports to share
             doc["faults"] = {}
             doc["train"]["threads"] = 1  # they run one per core (run_scenario)
             if kind == "pooled":
@@ -364,7 +424,9 @@ def write_baseline_configs(scenario: Scenario, out: Path, gossip_procs: list[_Pr
                 _strongest_pooled(doc)
             config = folder / "node.toml"
             config.write_text(tomli_w.dumps(doc))
-            procs.append(_Proc(f"{kind}-{name}", config, folder / "log.txt", folder / "metrics.jsonl"))
+            procs.append(
+                _Proc(f"{kind}-{name}", config, folder / "log.txt", folder / "metrics.jsonl", rounds)
+            )
     return procs
 
 
@@ -384,17 +446,17 @@ def _strongest_pooled(doc: dict[str, Any]) -> None:
 
 
 def _start(proc: _Proc, resume: bool = False) -> None:
-    args = [sys.executable, "-m", "p2pfm", "node", "--config", str(proc.config)]
+    args = [sys.executable, "-m", "p2pfm"]
+    if logging.getLogger("p2pfm").isEnabledFor(logging.DEBUG):
+        args.append("-v")  # the runner's -v reaches the nodes' logs
+    args += ["node", "--config", str(proc.config)]
     if resume:
         args.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with proc.log.open("ab") as log:
         proc.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.running = True
-
-
-def _rounds_done(proc: _Proc) -> int:
-    return max((r["round"] for r in read_metrics(proc.metrics) if r.get("event") == "round"), default=-1)
+    proc.status.state, proc.status.detail = "starting", "loading the model"
 
 
 def _stop_all(procs: list[_Proc]) -> None:
@@ -420,7 +482,7 @@ def run_processes(
     procs: list[_Proc],
     crashes: tuple[Crash, ...],
     timeout_s: float,
-    log: Any = print,
+    view: ProgressView | None = None,
     max_parallel: int | None = None,
     *,
     joins: tuple[Join, ...] = (),
@@ -434,7 +496,14 @@ def run_processes(
     started once the first node has completed the join's round; one that
     leaves gets SIGTERM once it completed its round and must then exit with
     status 130 (stopped); one that crashes without restart stays down.
+
+    A process that exits in a way the plan did not ask for (a status other
+    than 0, or 130 for a planned leave) ends the run at once: every other
+    process is stopped by pid and :class:`NodeFailedError` names the node,
+    its last log line and its log file. ``view`` is shown every node's
+    progress (one log line per node and round by default).
     """
+    view = view or LineView()
     plan = _FaultPlan(
         {c.node: c for c in crashes}, {j.node: j.round for j in joins}, {v.node: v.round for v in leaves}
     )
@@ -444,8 +513,9 @@ def run_processes(
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
+            _observe(procs, view)
             running = sum(1 for p in procs if p.running)
-            furthest = max((_rounds_done(p) for p in procs if p.popen is not None), default=-1)
+            furthest = max((p.rounds_done for p in procs if p.popen is not None), default=-1)
             while changes and furthest >= changes[0][0]:
                 _, action, added, removed = changes.pop(0)
                 action()
@@ -455,21 +525,39 @@ def run_processes(
                 startable = index not in gated and furthest >= plan.joins.get(index, -1)
                 if proc.popen is None and running < limit and startable:
                     if index in plan.joins:
-                        log(f"join fault: starting {proc.name} after round {plan.joins[index]}")
+                        _logger.info(f"join fault: starting {proc.name} after round {plan.joins[index]}")
                     _start(proc)
+                    view.state_changed(proc.status)
                     running += 1
-            alive = [_step(index, proc, plan, log) for index, proc in enumerate(procs)]
+            alive = [_step(index, proc, plan, view) for index, proc in enumerate(procs)]
+            view.refresh([p.status for p in procs])
             if not any(alive):
+                _observe(procs, view)  # the records written just before the last exit
+                view.refresh([p.status for p in procs])
                 return all(
                     i in plan.down
                     or (p.exit_codes and p.exit_codes[-1] == (EXIT_STOPPED if i in plan.left else 0))
                     for i, p in enumerate(procs)
                 )
             time.sleep(_TICK_S)
-        log(f"scenario timed out after {timeout_s:.0f} s; stopping every node")
+        _logger.warning(f"timed out after {timeout_s:.0f} s; stopping every node")
         return False
     finally:
         _stop_all(procs)
+        view.refresh([p.status for p in procs])
+
+
+def _observe(procs: Sequence[_Proc], view: ProgressView) -> None:
+    """Read what every started node recorded since the last look."""
+    for proc in procs:
+        if proc.popen is None:
+            continue
+        for record in proc.tail.new_records():
+            before = proc.status.state
+            if proc.status.absorb(record):
+                view.round_done(proc.status)
+            if proc.status.state != before:
+                view.state_changed(proc.status)
 
 
 @dataclass
@@ -481,46 +569,63 @@ class _FaultPlan:
     down: set[int] = field(default_factory=set)  # crashed for good
 
 
-def _step(index: int, proc: _Proc, plan: _FaultPlan, log: Any) -> bool:
+def _step(index: int, proc: _Proc, plan: _FaultPlan, view: ProgressView) -> bool:
     """One look at one process: inject its faults; False once it is over for good."""
     if proc.popen is None:
         return True
     if index in plan.down:
         return False
     crash = plan.crashes.get(index)
+    status = proc.status
     if proc.crashed_at is not None:
         if crash is not None and not crash.restart:
             plan.down.add(index)
             del plan.crashes[index]
+            status.state, status.detail = "down", "crash fault, no restart"
+            view.state_changed(status)
             return False
         if crash is not None and time.monotonic() - proc.crashed_at >= crash.restart_after_s:
-            log(f"restarting {proc.name} with --resume")
+            _logger.info(f"restarting {proc.name} with --resume")
             proc.crashed_at = None
             proc.restarts += 1
             del plan.crashes[index]
             _start(proc, resume=True)
+            view.state_changed(status)
         return True
     code = proc.popen.poll()
     if code is None:
-        if index in plan.leaves and index not in plan.left and _rounds_done(proc) >= plan.leaves[index]:
-            log(f"leave fault: SIGTERM {proc.name} (pid {proc.popen.pid}) after round {plan.leaves[index]}")
+        if index in plan.leaves and index not in plan.left and proc.rounds_done >= plan.leaves[index]:
+            _logger.info(
+                f"leave fault: SIGTERM {proc.name} (pid {proc.popen.pid}) after round {plan.leaves[index]}"
+            )
             proc.popen.send_signal(signal.SIGTERM)
             plan.left.add(index)
-        elif crash is not None and _rounds_done(proc) >= crash.round:
-            log(f"crash fault: SIGKILL {proc.name} (pid {proc.popen.pid}) after round {crash.round}")
+        elif crash is not None and proc.rounds_done >= crash.round:
+            _logger.info(f"crash fault: SIGKILL {proc.name} (pid {proc.popen.pid}) after round {crash.round}")
             proc.popen.kill()
             proc.popen.wait(timeout=10.0)
             proc.crashed_at = time.monotonic()
+            status.state = "crashed"
+            status.detail = f"restart in {crash.restart_after_s:g} s" if crash.restart else "no restart"
+            view.state_changed(status)
         return True
     if proc.running:
         proc.running = False
         proc.exit_codes.append(code)
-        log(f"{proc.name} exited with status {code}")
+        expected = EXIT_STOPPED if index in plan.left else 0
+        status.detail = f"exit status {code}"
+        if code != expected:
+            status.state = "failed"
+            view.state_changed(status)
+            raise NodeFailedError(proc.name, code, last_error_line(proc.log), proc.log)
+        if status.state not in ("done", "stopped", "removed"):
+            status.state = "exited"
+        view.state_changed(status)
     return False
 
 
 def _roster_actions(
-    scenario: Scenario, out: Path, procs: list[_Proc], log: Any
+    scenario: Scenario, out: Path, procs: list[_Proc]
 ) -> list[tuple[int, Callable[[], None], frozenset[int], frozenset[int]]]:
     """One action per ``[[faults.roster]]``: sign the next version, publish it to a running member."""
     if not scenario.faults.roster:
@@ -542,7 +647,7 @@ def _roster_actions(
                 remove=[ids[i] for i in change.remove], add=[ids[i] for i in change.add],
                 to=f"tcp://{host}:{int(port) + 2}",
             )  # fmt: skip
-            log(
+            _logger.info(
                 f"roster fault: version {version} (removes {list(change.remove)}, adds {list(change.add)}) "
                 f"handed to {target.name}"
             )
@@ -610,8 +715,13 @@ def algorithm_facts(templates: Mapping[str, Any]) -> dict[str, str | float | boo
     }
 
 
-def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summary:
-    """Run a scenario end to end; write its summary.json, report.md and plots; return the Summary."""
+def run_scenario(path: Path, out: Path | None = None, view: ProgressView | None = None) -> Summary:
+    """Run a scenario end to end; write its summary.json, report.md and plots; return the Summary.
+
+    Progress goes to ``view`` (one log line per node and round by default).
+    A node that fails stops the run at once (:class:`NodeFailedError`): the
+    other nodes are stopped, no baseline runs and no report is written.
+    """
     scenario = load_scenario(path)
     setup = report_setup(scenario)  # before any process starts: an unknown task fails now
     if out is None:
@@ -620,20 +730,28 @@ def run_scenario(path: Path, out: Path | None = None, log: Any = print) -> Summa
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     procs = write_node_configs(scenario, out)
-    log(f"scenario {scenario.header.name}: {len(procs)} nodes on {scenario.header.topology}, output in {out}")
+    _logger.info(
+        f"scenario {scenario.header.name}: {len(procs)} nodes on {scenario.header.topology}, "
+        f"{procs[0].rounds} rounds, output in {out}"
+    )
+    _logger.info("starting the nodes; each loads its model before its first round")
     faults = scenario.faults
     ok = run_processes(
-        procs, faults.crash, scenario.header.timeout_s, log, joins=faults.join, leaves=faults.leave,
-        roster_changes=_roster_actions(scenario, out, procs, log),
+        procs, faults.crash, scenario.header.timeout_s, view, joins=faults.join, leaves=faults.leave,
+        roster_changes=_roster_actions(scenario, out, procs),
     )  # fmt: skip
     wall_s = time.monotonic() - started
     baseline_ok = True
     if scenario.header.baselines:
-        log(f"baselines: {', '.join(scenario.header.baselines)}")
         baseline_procs = write_baseline_configs(scenario, out, procs)
         # Independent runs: one per core at a time beats oversubscribing the cores.
         cores = os.cpu_count() or 1
-        baseline_ok = run_processes(baseline_procs, (), scenario.header.timeout_s, log, max_parallel=cores)
+        _logger.info(
+            f"baselines: training {', '.join(scenario.header.baselines)} without gossip "
+            f"({len(baseline_procs)} runs, {min(cores, len(baseline_procs))} at a time) to compare against"
+        )
+        baseline_ok = run_processes(baseline_procs, (), scenario.header.timeout_s, view, max_parallel=cores)
+    _logger.info("writing the report")
     summary = report_run(out, setup, wall_s=wall_s, ok=ok and baseline_ok)
-    log(f"report: {out / 'report.md'}")
+    _logger.info(f"report: {out / 'report.md'}")
     return summary

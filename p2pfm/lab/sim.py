@@ -14,6 +14,11 @@ vectors and their disagreement must shrink like lambda2^(2t). With local
 steps, node i descends ``||x - c_i||^2 / 2`` and ``distance`` measures how
 far it ends from the network's optimum (the mean of the c_i).
 
+A caller's own learner (``learner``: node index -> a ``Learner``) replaces
+the quadratic one: each node then trains it, ``step_s`` virtual seconds a
+local step, and ``distance`` (which needs a known optimum) is NaN; its own
+``evaluate`` is in ``SimResult.evaluations``.
+
 Large runs are spread over worker processes (``workers``; by default one per
 core for big networks), each running the nodes of one part of the graph.
 """
@@ -24,8 +29,9 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import blake3
@@ -42,7 +48,7 @@ from p2pfm.core.topology import Topology, parse_topology, spectral_stats
 from p2pfm.lab.scenario import Faults, check_faults
 from p2pfm.lab.sim_workers import run_parts
 from p2pfm.lab.virtual import NodeOutcome, RoundTally, VirtualScheduler
-from p2pfm.learn.learner import Array, QuadraticLearner
+from p2pfm.learn.learner import Array, Learner, QuadraticLearner
 from p2pfm.net.memory import Forward, MemoryNetwork
 from p2pfm.node.attacks import ATTACKS
 from p2pfm.node.clock import VirtualClock
@@ -51,6 +57,7 @@ from p2pfm.node.loop import Node, RoundPlan
 from p2pfm.node.store import MemoryStore
 
 SIM_NETWORK = "p2pfm-sim"
+LearnerFactory = Callable[[int], Learner]  # node index -> that node's learner (a fresh one per call)
 _BIG_NETWORK = 2_000_000  # nodes x dim from which a run is spread over worker processes
 
 
@@ -146,6 +153,8 @@ class SimResult:
     final_states: tuple[dict[str, Any], ...] = field(repr=False, default=())
     workers: int = 1
     virtual_time_s: float = 0.0  # when the last node finished, in virtual seconds
+    evaluations: tuple[dict[str, float], ...] = field(repr=False, default=())  # per node: its last evaluate()
+    train_losses: tuple[float | None, ...] = field(repr=False, default=())  # per round: mean loss of trainers
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -169,23 +178,30 @@ def node_name(index: int) -> str:
     return f"node{index}"
 
 
-def simulate(config: SimConfig) -> SimResult:
-    """Run ``config.rounds`` rounds of real node loops; return per-round and per-node statistics."""
-    topology = parse_topology(config.topology)
+def simulate(
+    config: SimConfig, *, learner: LearnerFactory | None = None, topology: Topology | None = None
+) -> SimResult:
+    """Run ``config.rounds`` rounds of real node loops; return per-round and per-node statistics.
+
+    ``learner`` builds node i's learner (default: the quadratic one of the
+    module docstring); ``topology`` is the graph to run (default: parsed
+    from ``config.topology``).
+    """
+    topology = parse_topology(config.topology) if topology is None else topology
     n = topology.n_nodes
     for fault in (*config.faults.attack, *config.faults.crash, *config.faults.slow):
         if not 0 <= fault.node < n:
             raise LocalProtocolError(f"fault names node {fault.node}; the topology has nodes 0..{n - 1}")
     check_faults(config.faults, topology)  # the bounds a scenario file's faults get (ConfigError)
-    workers = _workers(config, n)
+    workers = _workers(config, n) if learner is None or config.workers is not None else 1
     if workers == 1:
-        scheduler = build_part(config, topology, list(range(n)))
+        scheduler = build_part(config, topology, list(range(n)), learner=learner)
         scheduler.run_until()
         outcomes, tallies = scheduler.outcomes(), scheduler.tallies
     else:
         peers = {sim_identity(config.seed, i).peer_id: i for i in range(n)}
         outcomes, tallies = run_parts(
-            functools.partial(build_part, config, topology), partition(n, workers), peers,
+            functools.partial(build_part, config, topology, learner=learner), partition(n, workers), peers,
             latency_s=config.latency_s,
         )  # fmt: skip
     return _result(config, topology, outcomes, tallies, workers)
@@ -198,12 +214,17 @@ def partition(n: int, parts: int) -> list[list[int]]:
 
 
 def build_part(
-    config: SimConfig, topology: Topology, indices: list[int], forward: Forward | None = None
+    config: SimConfig,
+    topology: Topology,
+    indices: list[int],
+    forward: Forward | None = None,
+    *,
+    learner: LearnerFactory | None = None,
 ) -> VirtualScheduler:
     """A scheduler holding the real nodes ``indices`` of the simulated network."""
     n = topology.n_nodes
     peers = {i: sim_identity(config.seed, i) for i in range(n)}
-    starts, centres, optimum = _problem(config, n, indices)
+    starts, centres, optimum = _problem(config, n, indices) if learner is None else ({}, {}, np.zeros(0))
     stores = {i: MemoryStore(node=node_name(i)) for i in indices}
     slow = {s.node: s.factor for s in config.faults.slow}
     attacks = {a.node: a for a in config.faults.attack}
@@ -228,9 +249,13 @@ def build_part(
             slow_factor=slow.get(i, 1.0), drop={k: p for k, p in drop.items() if p > 0.0},
             attack=attack.kind if attack else "", attack_factor=attack.factor if attack else None,
         )  # fmt: skip
-        learner = TimedQuadratic(
-            centres[i], optimum, lr=config.lr, noise=config.noise, start=starts[i],
-            seed=config.seed * 1_000_003 + i, dtype=config.dtype, clock=clock, step_s=config.step_s,
+        timed: Learner = (
+            TimedQuadratic(
+                centres[i], optimum, lr=config.lr, noise=config.noise, start=starts[i],
+                seed=config.seed * 1_000_003 + i, dtype=config.dtype, clock=clock, step_s=config.step_s,
+            )
+            if learner is None
+            else TimedLearner(learner(i), clock=clock, step_s=config.step_s, node=i)
         )  # fmt: skip
         return assemble_node(
             identity=peers[i],
@@ -244,13 +269,12 @@ def build_part(
             else dataclasses.replace(
                 plan, partners=PeerSchedule(schedule, i, {j: peers[j].peer_id for j in neighbours})
             ),
-            learner=learner,
+            learner=timed,
             transport=network.attach(peers[i].peer_id, [peers[j].peer_id for j in neighbours]),
             clock=clock,
             store=stores[i],
             seed=config.seed * 1_000_003 + i,
             resume=resume,
-            log=lambda _: None,
         )
 
     crashes = {c.node: (c.round, c.restart_after_s) for c in config.faults.crash}
@@ -281,6 +305,62 @@ class TimedQuadratic(QuadraticLearner):
     def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         self.clock.sleep(max(steps, 1) * self.step_s)  # a pure-gossip round still computes a while
         return super().train_steps(steps, correction)
+
+
+class TimedLearner:
+    """A caller's learner in the simulator: its local steps take ``step_s`` virtual seconds each.
+
+    The same time ``TimedQuadratic`` takes (a round without steps one
+    step's), spent before the learner's own steps. Everything else, and any
+    attribute the node loop looks for (``snapshot``, ``shared_start``), is
+    the learner's.
+    """
+
+    _REQUIRED = (
+        "schema", "fingerprint", "describe", "train_steps", "evaluate", "get_state", "set_state",
+        "state_dict", "load_state_dict", "save",
+    )  # fmt: skip
+
+    def __init__(self, inner: Learner, *, clock: VirtualClock, step_s: float, node: int) -> None:
+        missing = [name for name in self._REQUIRED if not hasattr(inner, name)]
+        if missing:
+            raise LocalProtocolError(
+                f"learner: the factory gave node {node} a {type(inner).__name__}, which lacks "
+                f"{', '.join(missing)} (the Learner protocol, p2pfm/learn/learner.py)"
+            )
+        self.inner, self.clock, self.step_s = inner, clock, step_s
+        self.schema = inner.schema
+        self.fingerprint = inner.fingerprint
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
+        self.clock.sleep(max(steps, 1) * self.step_s)
+        return self.inner.train_steps(steps, correction)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def evaluate(self) -> dict[str, float]:
+        return self.inner.evaluate()
+
+    def get_state(self) -> dict[str, Array]:
+        return self.inner.get_state()
+
+    def set_state(self, state: Mapping[str, Array]) -> None:
+        self.inner.set_state(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def save(self, folder: Path) -> None:
+        self.inner.save(folder)
 
 
 def _problem(
@@ -359,10 +439,12 @@ def _result(
         rounds=tuple(rounds),
         rejected=sum(sum(o.rejected.values()) for o in outcomes),
         node_results=nodes,
-        initial_states=tuple({"x": o.initial} for o in outcomes) if keep else (),
-        final_states=tuple({"x": o.final} for o in outcomes) if keep else (),
+        initial_states=tuple(o.initial or {} for o in outcomes) if keep else (),
+        final_states=tuple(o.final or {} for o in outcomes) if keep else (),
         workers=workers,
         virtual_time_s=max((o.finished_s for o in outcomes), default=0.0),
+        evaluations=tuple(dict(o.result.final_eval) for o in outcomes),
+        train_losses=tuple(tallies.get(r, RoundTally()).train_loss for r in range(config.rounds + 1)),
     )
 
 

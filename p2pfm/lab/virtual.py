@@ -63,6 +63,13 @@ class RoundTally:
     messages: int = 0  # messages sent (lost ones included)
     bytes: int = 0  # wire bytes handed to the network
     delivered: int = 0  # neighbours' updates the round mixed
+    loss_sum: float = 0.0  # the training losses of this round's nodes that trained
+    losses: int = 0
+
+    @property
+    def train_loss(self) -> float | None:
+        """The mean training loss of the nodes that trained this round (None: none did)."""
+        return self.loss_sum / self.losses if self.losses else None
 
     def add(self, state: Array) -> None:
         x = np.asarray(state, np.float64).ravel()
@@ -80,6 +87,8 @@ class RoundTally:
         self.messages += other.messages
         self.bytes += other.bytes
         self.delivered += other.delivered
+        self.loss_sum += other.loss_sum
+        self.losses += other.losses
         if other.mean is None:
             return
         if self.mean is None:
@@ -113,8 +122,15 @@ class NodeOutcome:
     banned: list[str]
     crashes: int
     finished_s: float = 0.0  # virtual time at which it finished (or crashed for good)
-    initial: Array | None = None
-    final: Array | None = None
+    initial: dict[str, Array] | None = None
+    final: dict[str, Array] | None = None
+
+
+def state_vector(state: Mapping[str, Array]) -> Array:
+    """A learner's state as one float64 vector (its tensors flattened, by name): what the tally measures."""
+    if len(state) == 1:  # the model-free learner's one vector: no copy beyond the dtype's
+        return np.asarray(next(iter(state.values())), np.float64).ravel()
+    return np.concatenate([np.asarray(state[name], np.float64).ravel() for name in sorted(state)])
 
 
 NodeMaker = Callable[[int, VirtualClock, MemoryNetwork, bool], Node]  # (index, clock, network, resume)
@@ -139,7 +155,7 @@ class _Slot:
     restart_after_s: float | None = None
     crashes: int = 0
     sent_before: tuple[int, int, int] = (0, 0, 0)  # messages, fault drops, bytes at the last record
-    initial: Array | None = None
+    initial: dict[str, Array] | None = None
     outcome: NodeOutcome | None = None
     # gossip.overlap: a published round's exchange runs through the next round's training
     in_flight: bool = False
@@ -228,8 +244,8 @@ class VirtualScheduler:
             opening = node.open()
             slot.round = opening.next_round
             if slot.initial is None:  # not after a restart
-                slot.initial = node.learner.get_state()["x"]
-                self._tally(0).add(slot.initial)
+                slot.initial = node.learner.get_state()
+                self._tally(0).add(state_vector(slot.initial))
             if opening.joining:
                 slot.phase, slot.listen_until_s = "join", opening.listen_until_s or 0.0
                 self._check(slot)
@@ -367,7 +383,10 @@ class VirtualScheduler:
     def _recorded(self, slot: _Slot, done: RoundComplete | None) -> None:
         slot.completed = slot.round
         tally = self._tally(slot.round)
-        tally.add(slot.node.learner.get_state()["x"])
+        tally.add(state_vector(slot.node.learner.get_state()))
+        if slot.trained is not None and slot.trained.loss is not None:
+            tally.loss_sum += slot.trained.loss
+            tally.losses += 1
         stats = slot.node.transport.stats if slot.node.transport else None
         if stats is not None:
             now = (stats.messages_sent, stats.dropped[DROP_FAULT], stats.bytes_sent)
@@ -412,7 +431,7 @@ class VirtualScheduler:
             crashes=slot.crashes,
             finished_s=self.clock.now_s(),
             initial=slot.initial if self.keep_states else None,
-            final=slot.node.learner.get_state()["x"] if self.keep_states else None,
+            final=slot.node.learner.get_state() if self.keep_states else None,
         )
 
     # ------------------------------------------------------------ helpers

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, NodeConfig, Peer
 from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, delta_encoding, keyframe_encoding
 from p2pfm.core.errors import ConfigError, LocalProtocolError
 from p2pfm.core.fingerprint import fingerprint as fingerprint_of
 from p2pfm.core.identity import Identity, PeerId, load_key_file
+from p2pfm.core.logs import node_logger
 from p2pfm.core.membership import Membership, MembershipConfig
 from p2pfm.core.protocol import GossipProtocol, MixSettings, ProtocolConfig
 from p2pfm.core.records import PeerRecord
@@ -38,6 +39,9 @@ from p2pfm.node.overlay import JoinSettings, Overlay
 from p2pfm.node.publishing import Honest, Publisher
 from p2pfm.node.store import DiskStore, NodeStore
 
+if TYPE_CHECKING:
+    from p2pfm.core.logs import NodeLogger
+
 
 def build_node(
     config: NodeConfig,
@@ -45,7 +49,6 @@ def build_node(
     resume: bool = False,
     nodes_on_machine: int = 1,
     stop: threading.Event | None = None,
-    log: Callable[[str], None] = print,
     transport: Transport | None = None,
     learner: Learner | None = None,
 ) -> Node:
@@ -62,14 +65,18 @@ def build_node(
         raise ConfigError("node.key", f"this node ({me}) is not in the roster {config.node.roster}")
     name = config.node.name or identity.peer_id.short
     stop = stop or threading.Event()
-    store = DiskStore(
-        config.node.out, log=log, name=name, common={"node": name, "peer": identity.peer_id.hex}
-    )
+    log = node_logger(__name__, name)
+    store = DiskStore(config.node.out, name=name, common={"node": name, "peer": identity.peer_id.hex})
     open_files_limit = raise_open_files_limit()[0]
     if learner is None:
         from p2pfm.learn.adapter_learner import AdapterLearner  # noqa: PLC0415  torch only when a model runs
 
+        log.info(f"loading the model from {config.model.path} (the first round starts when it is ready)")
+        loading_s = time.monotonic()
         learner = AdapterLearner(config, nodes_on_machine=nodes_on_machine)
+        log.info(
+            f"model ready in {time.monotonic() - loading_s:.1f} s ({len(learner.schema)} adapter tensors)"
+        )
     members = None if config.roster is None else config.roster.ids
     network_parts = None if config.membership is None else _open_network(config, identity, store, stop, log)
     if network_parts is not None:
@@ -77,8 +84,8 @@ def build_node(
 
     def zmq_transport(limits: WireLimits) -> Transport:
         if config.transport.insecure:
-            log(
-                f"[{name}] WARNING: transport.insecure = true: links are PLAINTEXT and "
+            log.warning(
+                "transport.insecure = true: links are PLAINTEXT and "
                 "unauthenticated; anyone on the path can read them. Debugging only."
             )
         extra: dict[str, Any] = {}
@@ -98,7 +105,7 @@ def build_node(
             **extra,
         )
 
-    return assemble_node(
+    node = assemble_node(
         identity=identity,
         name=name,
         network=config.node.network,
@@ -123,11 +130,27 @@ def build_node(
         seed=config.shard.shard,
         resume=resume,
         stop=stop,
-        log=log,
         facts={"open_files_limit": open_files_limit, "insecure": config.transport.insecure},
         membership=None if network_parts is None else network_parts.membership,
         contacts=() if network_parts is None else network_parts.contacts,
     )
+    if config.node.metrics_address:
+        try:
+            node.on_close.append(_serve_metrics(config.node.metrics_address, store, name, identity))
+        except BaseException:
+            node.close()
+            raise
+    return node
+
+
+def _serve_metrics(address: str, store: DiskStore, name: str, identity: Identity) -> Callable[[], None]:
+    """Serve Prometheus /metrics at ``address`` from the records ``store`` writes; returns its close."""
+    from p2pfm.node.prometheus import MetricsServer, RecordMetrics  # noqa: PLC0415  only when asked for
+
+    exporter = RecordMetrics(node=name, peer=identity.peer_id.hex)
+    server = MetricsServer(address, exporter)
+    store.observers.append(exporter.observe)
+    return server.close
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,7 @@ def _open_network(
     identity: Identity,
     store: NodeStore,
     stop: threading.Event,
-    log: Callable[[str], None],
+    log: NodeLogger,
 ) -> _OpenNetwork:
     """The membership of a node with a ``[membership]`` section (p2pfm/node/open_network.py)."""
     settings = config.membership
@@ -162,6 +185,11 @@ def _open_network(
     wall_ms = int(time.time() * 1000)
     record = own_record(config, identity, wall_ms)
     kept = kept_records(store.load_peers(), config.node.network, roster, identity)
+    if settings.bootstrap:
+        log.info(
+            f"asking {', '.join(settings.bootstrap)} for the network's contacts "
+            f"(up to {settings.join_timeout_s:g} s each)"
+        )
     contacts = resolve_bootstrap(
         settings.bootstrap, config.node.network, roster, timeout_s=settings.join_timeout_s, stop=stop, log=log
     )
@@ -172,7 +200,9 @@ def _open_network(
             "(membership.join_timeout_s) and no peers are kept from an earlier run; is the network up?",
         )
     if settings.bootstrap and not contacts:
-        log(f"no bootstrap address answered: rejoining through the {len(kept)} peers kept in node.out")
+        log.warning(
+            f"no bootstrap address answered: rejoining through the {len(kept)} peers kept in node.out"
+        )
     membership = Membership(
         identity,
         MembershipConfig(
@@ -208,7 +238,6 @@ def assemble_node(
     members: Collection[PeerId] | None = None,
     resume: bool = False,
     stop: threading.Event | None = None,
-    log: Callable[[str], None] = print,
     facts: Mapping[str, Any] | None = None,
     membership: Membership | None = None,
     contacts: Sequence[PeerRecord] = (),
@@ -284,7 +313,7 @@ def assemble_node(
         publisher = Attacker(
             faults.attack, faults.attack_factor, seed, keyframes if compressed else wire_dtypes
         )
-        log(f"[{name}] ATTACKER: sends {faults.attack} updates (fault injection)")
+        node_logger(__name__, name).info(f"ATTACKER: sends {faults.attack} updates (fault injection)")
     return Node(
         name=name,
         protocol=protocol,
@@ -298,7 +327,6 @@ def assemble_node(
         peer_names={peer.id: peer.name for peer in peers},
         resume=resume,
         stop=stop,
-        log=log,
         facts={
             **learner.describe(),
             "neighbours": sorted(peer.name for peer in peers),

@@ -44,6 +44,7 @@ from p2pfm.core.compression import NeighbourEstimates, OwnEstimate, choco_mix
 from p2pfm.core.errors import RejectReason
 from p2pfm.core.evidence import encode_evidence
 from p2pfm.core.identity import PeerId
+from p2pfm.core.logs import node_logger
 from p2pfm.core.protocol import (
     Accepted,
     EquivocationFound,
@@ -163,7 +164,6 @@ class Node:
         peer_names: Mapping[PeerId, str],
         resume: bool = False,
         stop: threading.Event | None = None,
-        log: Callable[[str], None] = print,
         facts: Mapping[str, Any] | None = None,  # extra fields of the start/resume record
         overlay: Overlay | None = None,  # open membership (p2pfm/node/overlay.py); None: fixed neighbours
         algorithm: RoundAlgorithm | None = None,  # None: dpsgd (the mix is the next state)
@@ -171,7 +171,8 @@ class Node:
     ) -> None:
         self.name, self.protocol, self.learner, self.transport = name, protocol, learner, transport
         self.publisher, self.mix_settings, self.plan, self.store = publisher, mix_settings, plan, store
-        self.clock, self.peer_names, self.resume, self.log = clock, dict(peer_names), resume, log
+        self.clock, self.peer_names, self.resume = clock, dict(peer_names), resume
+        self.log = node_logger(__name__, name)
         self.stop = stop or threading.Event()
         self.facts = dict(facts or {})
         self.overlay = overlay
@@ -192,6 +193,8 @@ class Node:
         self._proofs: list[_PendingProof] = []
         self._no_stats = TransportStats()
         self._resumed_after = 0  # the round a resume restored (for its record)
+        # Closed after the transport and the store: what the node's I/O edge opened for it (/metrics).
+        self.on_close: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ driver
 
@@ -203,6 +206,7 @@ class Node:
             if opening.joining:
                 until_s = opening.listen_until_s or 0.0
                 windows = 0
+                self.log.info("joining: waiting for the network's current state from its members")
                 while not self.stop.is_set():
                     self.judge(POLL_S)
                     joined = self.joined(timed_out=self.clock.now_s() >= until_s)
@@ -212,13 +216,15 @@ class Node:
                     if self.clock.now_s() >= until_s:
                         windows += 1
                         if windows >= JOIN_WINDOWS:
-                            self.log(
-                                f"[{self.name}] no state from the network in {windows} deadlines: stopping"
-                            )
+                            self.log.warning(f"no state from the network in {windows} deadlines: stopping")
                             self.stop.set()
                         until_s = self.clock.now_s() + self.protocol.config.round_timeout_s
             elif opening.resumed:
                 until_s = opening.listen_until_s or 0.0
+                self.log.info(
+                    f"resumed: listening up to {max(0.0, until_s - self.clock.now_s()):.0f} s for where "
+                    "the neighbours are"
+                )
                 while (
                     self.clock.now_s() < until_s
                     and not self.stop.is_set()
@@ -352,8 +358,10 @@ class Node:
             self.store.write("start", **self.facts)
             if self.plan.eval_every == 1:
                 self.last_eval = self.learner.evaluate()
-                self.store.write("round", round=0, eval=self.last_eval, train_loss=None, **self.counters())
-                self.log(f"[{self.name}] round 0 (before training): {_fmt(self.last_eval)}")
+                self.store.write(
+                    "round", round=0, eval=self.last_eval, train_loss=None, **self._sizes(), **self.counters()
+                )
+                self.log.info(f"round 0 (before training): {_fmt(self.last_eval)}")
             if self.overlay is not None and self.overlay.joining:
                 self.overlay.start(self.clock.now_s())
                 until_s = self.clock.now_s() + self.protocol.config.round_timeout_s
@@ -368,7 +376,7 @@ class Node:
         if sent is not None and sent > (last_round, last_seq):
             # We sent round sent[0] and crashed before its checkpoint: that
             # round is spoken for; resume into the next one.
-            self.log(f"[{self.name}] round {sent[0]} was sent but not checkpointed: resuming after it")
+            self.log.info(f"round {sent[0]} was sent but not checkpointed: resuming after it")
             last_round, last_seq = max(last_round, sent[0]), max(last_seq, sent[1])
         self.protocol.restore(last_round, last_seq)
         self._resumed_after = last_round
@@ -415,7 +423,7 @@ class Node:
             self.store.write(
                 "joined", round=round_, sources=sources, neighbours=len(self.protocol.neighbours)
             )
-            self.log(f"[{self.name}] joined: holds round {round_}'s state from {sources} members")
+            self.log.info(f"joined: holds round {round_}'s state from {sources} members")
             return min(round_ + 1, self.plan.rounds + 1)
         fresh = self.protocol.round < 0  # never saw a round claimed, no checkpoint
         resumed = self._resumed_after > 0
@@ -430,7 +438,7 @@ class Node:
             # rounds claimed but got no state keeps listening: its own initial state is not the network's.
             start = max(1, self.protocol.round + 1)
             self.store.write("joined", round=start - 1, sources=0, neighbours=len(self.protocol.neighbours))
-            self.log(f"[{self.name}] joined; nobody has sent a round yet: starting at round {start}")
+            self.log.info(f"joined; nobody has sent a round yet: starting at round {start}")
             return start
         return None
 
@@ -444,7 +452,7 @@ class Node:
             roster = self.overlay.membership.roster
             if self.overlay.membership.removed and not self.stop.is_set():
                 self.store.write("removed", roster_version=roster.version)
-                self.log(f"[{self.name}] roster version {roster.version} removed this node: stopping")
+                self.log.info(f"roster version {roster.version} removed this node: stopping")
                 self.stop.set()
 
     def leave(self) -> None:
@@ -455,7 +463,7 @@ class Node:
     def opened(self, next_round: int) -> int:
         """After the listening: the round to play first."""
         self.store.write("resume", round=self._resumed_after, **self.facts)
-        self.log(f"[{self.name}] resumed after round {self._resumed_after}")
+        self.log.info(f"resumed after round {self._resumed_after}")
         return self.catch_up(next_round)
 
     def train(self, round_: int) -> Trained:
@@ -489,7 +497,7 @@ class Node:
         if not self.store.record_sent(self.protocol.round, self.protocol.seq):
             # Unrecorded, a crash now could make us sign a second update for
             # this round after the restart: better to stay silent this round.
-            self.log(f"[{self.name}] cannot record round {round_} as sent: not sending it")
+            self.log.error(f"cannot record round {round_} as sent: not sending it")
             if self.compressed is not None:
                 self.compressed.own.restart()  # the chain's link is not sent: start again with a keyframe
             return
@@ -520,9 +528,9 @@ class Node:
                     self._on_equivocation(event)
                 elif isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and overlay:
                     overlay.stranger(received.link)
-            except Exception as exc:  # noqa: BLE001  a bug must not let one message stop a node
+            except Exception as exc:
                 self._internal_errors += 1
-                self.log(f"[{self.name}] BUG: a message raised {exc!r}; dropped it and carried on")
+                self.log.exception(f"BUG: a message raised {exc!r}; dropped it and carried on")
                 continue
             if isinstance(event, Rejected):
                 self._log_rejection(event)
@@ -632,11 +640,11 @@ class Node:
             eval=evaluation, heard=heard, missing=missing, timed_out=bool(done and done.timed_out),
             train_s=trained.train_s, wait_s=wait_s, round_s=round_s, local_steps=self._steps,
             aggregation_error=self._aggregation_error if done else None,
-            mixed_round=done.round if done else None, **counters,
+            mixed_round=done.round if done else None, **self._sizes(), **counters,
         )  # fmt: skip
         loss = "" if trained.loss is None else f"loss {trained.loss:.3f} "
-        self.log(
-            f"[{self.name}] round {round_}/{plan.rounds} {loss}{_fmt(evaluation)} "
+        self.log.info(
+            f"round {round_}/{plan.rounds} {loss}{_fmt(evaluation)} "
             f"heard {len(heard)}/{len(self.protocol.neighbours)} sent {counters['bytes_sent'] / 1e6:.2f} MB "
             f"recv {counters['bytes_received'] / 1e6:.2f} MB {round_s:.1f} s"
         )
@@ -648,9 +656,7 @@ class Node:
         target = min(self.protocol.catch_up_target(next_round, self.clock.now_s()), self.plan.rounds)
         if target > next_round:
             self.store.write("caught_up", from_round=next_round, to_round=target, skipped=target - next_round)
-            self.log(
-                f"[{self.name}] a majority of neighbours are at round {target}: skipping from {next_round}"
-            )
+            self.log.info(f"a majority of neighbours are at round {target}: skipping from {next_round}")
             return target
         return next_round
 
@@ -664,16 +670,20 @@ class Node:
             "done", rounds_completed=completed, rounds_trained=self.rounds_trained, stopped=stopped,
             adapter_saved=saved and not stopped, **self.counters(),
         )  # fmt: skip
-        self.log(
-            f"[{self.name}] {'stopped' if stopped else 'done'} after round {completed} "
+        self.log.info(
+            f"{'stopped' if stopped else 'done'} after round {completed} "
             f"({self.rounds_trained} rounds trained)"
         )
         return NodeResult(completed, self.rounds_trained, self.last_eval, stopped, adapter_saved=saved)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        self.store.close()
+        try:
+            if self.transport is not None:
+                self.transport.close()
+            self.store.close()
+        finally:
+            for close in self.on_close:
+                close()
 
     # ------------------------------------------------------------ helpers
 
@@ -695,6 +705,15 @@ class Node:
             **self._compression_counters(),
             **self._membership_counters(),
         }
+
+    def _sizes(self) -> dict[str, int | None]:
+        """A round record's gauges: the neighbours it has now, and the network's members as it knows them."""
+        if self.overlay is not None:
+            members: int | None = len(self.overlay.membership.roster.members)
+        else:
+            known = self.protocol.config.members  # node.roster's members; None: no roster
+            members = None if known is None else len(known)
+        return {"neighbours_active": len(self.protocol.neighbours), "members": members}
 
     def _compression_counters(self) -> dict[str, Any]:
         if self.compressed is None:
@@ -725,7 +744,7 @@ class Node:
         key = (sender, event.reason.value)
         if key not in self._logged_rejections:  # once per sender and reason: no log floods
             self._logged_rejections.add(key)
-            self.log(f"[{self.name}] rejected a message from {sender}: {event.reason.value} ({event.detail})")
+            self.log.info(f"rejected a message from {sender}: {event.reason.value} ({event.detail})")
 
     def _on_equivocation(self, event: EquivocationFound) -> None:
         if not event.new:
@@ -739,9 +758,8 @@ class Node:
         where = self.store.save_evidence(
             event.accused.hex, event.round, encode_evidence(self.protocol.config.network, event.evidence)
         )
-        self.log(
-            f"[{self.name}] EQUIVOCATION by {accused} in round {event.round} ({via}): "
-            f"banned; proof in {where}"
+        self.log.warning(
+            f"EQUIVOCATION by {accused} in round {event.round} ({via}): banned; proof in {where}"
         )
         to = [p for p in self.protocol.neighbours if p not in (event.accused, event.reporter)]
         self._proofs.append(_PendingProof(self.protocol.make_proof(event.evidence), to))

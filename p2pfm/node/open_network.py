@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from p2pfm.config.node_config import NodeConfig
 from p2pfm.core.errors import ConfigError, RemoteProtocolError
@@ -39,6 +40,9 @@ from p2pfm.net.zmq_control import fetch_record
 
 _TCP = re.compile(r"\Atcp://(?P<host>.+):(?P<port>\d+)\Z")
 _WILDCARDS = {"*", "0.0.0.0", "::", "[::]"}
+
+if TYPE_CHECKING:
+    from p2pfm.core.logs import NodeLogger
 
 
 def roster_of(config: NodeConfig, identity: Identity) -> RosterDocument:
@@ -113,7 +117,7 @@ def resolve_bootstrap(
     *,
     timeout_s: float,
     stop: threading.Event,
-    log: Callable[[str], None],
+    log: NodeLogger,
 ) -> list[PeerRecord]:
     """Each bootstrap address's signed record, asked from its hello endpoint until ``timeout_s``.
 
@@ -131,14 +135,16 @@ def resolve_bootstrap(
                 )
             except TimeoutError:
                 if time.monotonic() >= deadline_s:
-                    log(f"bootstrap {address}: no answer from {hello} within {timeout_s:g} s; skipped")
+                    log.warning(
+                        f"bootstrap {address}: no answer from {hello} within {timeout_s:g} s; skipped"
+                    )
                     break
                 continue
             except RemoteProtocolError as exc:
-                log(f"bootstrap {address}: refused its answer ({exc.reason.value}: {exc}); skipped")
+                log.warning(f"bootstrap {address}: refused its answer ({exc.reason.value}: {exc}); skipped")
                 break
             if not roster.admits(record.peer):
-                log(f"bootstrap {address}: {record.peer.short} is not in the roster; skipped")
+                log.warning(f"bootstrap {address}: {record.peer.short} is not in the roster; skipped")
                 break
             records.append(record)
             break

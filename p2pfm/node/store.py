@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ import safetensors.numpy
 
 from p2pfm.core.errors import ConfigError
 from p2pfm.core.evidence import evidence_file_name
+from p2pfm.core.logs import node_logger
 from p2pfm.core.private_files import make_private_dir, write_private_file
 from p2pfm.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfm.learn.learner import Array, Learner
@@ -71,14 +72,19 @@ class NodeStore(Protocol):
 class DiskStore:
     """A node's out folder (0700; files 0600)."""
 
-    def __init__(self, out: Path, *, log: Callable[[str], None], name: str, common: dict[str, Any]) -> None:
+    def __init__(self, out: Path, *, name: str, common: dict[str, Any]) -> None:
         self.out = out
         self.checkpoint_dir = out / "checkpoint"
-        self.log, self.name = log, name
+        self.name = name
+        self.log = node_logger(__name__, name)
         make_private_dir(out)
         self.metrics = MetricsWriter(out / "metrics.jsonl", **common)
         self.io_errors: Counter[str] = Counter()
         self._unwritten: list[tuple[str, dict[str, Any]]] = []
+        # Fed every record as the node writes it (the /metrics exporter, p2pfm/node/prometheus.py), also
+        # while the disk refuses it: the same dict, time_s included, that metrics.jsonl gets.
+        self.observers: list[Callable[[Mapping[str, Any]], None]] = []
+        self._observer_errors = 0
 
     def load(self) -> tuple[Checkpoint | None, tuple[int, int] | None]:
         return load_checkpoint(self.checkpoint_dir), _read_sent(self.out / SENT_FILE)
@@ -119,14 +125,15 @@ class DiskStore:
                 return True
             if attempt + 1 < _FINAL_ATTEMPTS:
                 time.sleep(1.0)
-        self.log(
-            f"[{self.name}] ERROR: could not write the final adapter to {folder}; "
-            f"the checkpoint in {self.checkpoint_dir} holds it"
+        self.log.error(
+            f"could not write the final adapter to {folder}; the checkpoint in {self.checkpoint_dir} holds it"
         )
         return False
 
     def write(self, event: str, **fields: Any) -> None:
-        self._unwritten.append((event, {"time_s": time.time(), **fields}))
+        stamped = {"time_s": time.time(), **fields}
+        self._unwritten.append((event, stamped))
+        self._observe({"event": event, **stamped})
         while self._unwritten:
             pending_event, pending_fields = self._unwritten[0]
             try:
@@ -139,6 +146,15 @@ class DiskStore:
 
     def close(self) -> None:
         self.metrics.close()
+
+    def _observe(self, record: Mapping[str, Any]) -> None:
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception as exc:  # noqa: BLE001  a bug in an exporter must not stop a node
+                self._observer_errors += 1
+                if self._observer_errors == 1:  # once: no log floods
+                    self.log.error(f"BUG: a metrics observer raised {exc!r}; metrics.jsonl has the records")
 
     def _guard(self, what: str, write: Callable[..., object], *args: Any) -> bool:
         """Run one of our own writes; an OSError is logged and counted, never fatal."""
@@ -154,10 +170,7 @@ class DiskStore:
         self.io_errors[what] += 1
         count = self.io_errors[what]
         if count in (1, 10, 100) or count % 1000 == 0:
-            self.log(
-                f"[{self.name}] ERROR: {what} write failed ({exc}); "
-                f"{count} so far, retried later, training goes on"
-            )
+            self.log.error(f"{what} write failed ({exc}); {count} so far, retried later, training goes on")
 
 
 class MemoryStore:
