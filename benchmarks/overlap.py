@@ -3,7 +3,7 @@
 Run (as root: it makes network namespaces and limits their links with tc)::
 
     python benchmarks/overlap.py [--step-s 0.5] [--dim 2097152] [--transfer-steps 3.6]
-                                 [--rounds 10] [--pairs 1] [--accuracy] [--json]
+                                 [--rounds 10] [--pairs 1] [--compression sign1] [--accuracy] [--json]
 
 Four emulated hosts on a ring: one node process per network namespace
 (p2pfm/lab/netns.py), the links capped with tc so that one update to one
@@ -22,7 +22,9 @@ a sleep of ``--step-s``, as a step on an accelerator leaves the host's CPU
 free) and whose state is ``--dim`` float32 values. On this 2-core machine
 four MiniLM nodes would share two cores, and a node's step time then
 depends on whether the others are waiting: the fraction would measure the
-scheduler. Target (issue 13): overlap >= 0.97.
+scheduler. Target (issue 13): overlap >= 0.97. ``--compression`` (both
+modes; the links keep the rate of an uncompressed update) emulates issue
+13's GPU item on this machine: overlap with the best compressor.
 
 **Accuracy** (``--accuracy``): the demo's job (``--scenario``, default
 scenarios/quickstart.toml: its model, data, algorithm and rounds, evaluated
@@ -47,6 +49,7 @@ from typing import Any
 import tomli_w
 
 from p2pfm.config.toml import read_toml
+from p2pfm.core.compression import COMPRESSIONS
 from p2pfm.lab import netns
 from p2pfm.lab.scenario import load_scenario, stop_processes, write_node_configs
 from p2pfm.node.metrics import read_metrics
@@ -144,7 +147,9 @@ def _run(
     return Run(mode, {proc.name: list(read_metrics(proc.metrics)) for proc in procs}, wall_s)
 
 
-def _timed_scenario(folder: Path, rounds: int, local_steps: int, overlap: bool) -> Any:
+def _timed_scenario(
+    folder: Path, rounds: int, local_steps: int, overlap: bool, compression: str = "none"
+) -> Any:
     """A ring of 4 timed nodes (benchmarks/_timed_node.py): the model is named, never loaded."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "timed.toml"
@@ -158,6 +163,7 @@ def _timed_scenario(folder: Path, rounds: int, local_steps: int, overlap: bool) 
             "round_timeout_s": 120.0,
             "eval_every": rounds + 100,
             "overlap": overlap,
+            "compression": compression,
             "snapshot_every": 0,  # checkpoints only (the scenario runner keeps snapshots by default)
         },
     }
@@ -176,6 +182,9 @@ def main() -> int:
     parser.add_argument("--links", choices=("per-neighbour", "shared-uplink"), default="per-neighbour")
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=1, help="synchronous/overlapped pairs, run alternately")
+    parser.add_argument(
+        "--compression", choices=COMPRESSIONS, default="none", help="gossip.compression of the timed runs"
+    )
     parser.add_argument("--accuracy", action="store_true", help="also run --scenario both ways for accuracy")
     parser.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "quickstart.toml")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per run")
@@ -215,7 +224,7 @@ def main() -> int:
             for pair in range(args.pairs):
                 for mode, overlap in (("synchronous", False), ("overlap", True)):
                     scenario = _timed_scenario(
-                        out / f"timed-{mode}-{pair}", args.rounds, args.local_steps, overlap
+                        out / f"timed-{mode}-{pair}", args.rounds, args.local_steps, overlap, args.compression
                     )
                     folder = out / f"timed-{mode}-{pair}" / "run"
                     timed[mode].append(_run(scenario, hosts, folder, mode, args.timeout_s, timed_node))
@@ -268,6 +277,8 @@ def _result(
         "rate_bytes_per_s": rate,
         "tc": limits,
         "links": args.links,
+        "compression": args.compression,
+        "full_update_steps": (4 * args.dim + 2048) / rate / args.step_s,
         "transfer_steps": message_bytes / rate / args.step_s,
         "modes": modes,
         "pass_fraction": modes["overlap"]["steady_fraction"] >= TARGET_FRACTION,
@@ -300,6 +311,11 @@ def _print(result: dict[str, Any]) -> None:
         f"  links ({result['links']}): tc {result['tc'][0]}; one {size_mb:.2f} MB update to one neighbour "
         f"= {result['transfer_steps']:.2f} local steps"
     )
+    if result["compression"] != "none":
+        print(
+            f"  compression {result['compression']}: the mean message above; an uncompressed update "
+            f"would take {result['full_update_steps']:.2f} local steps"
+        )
     print(f"  {'':12} {'fraction (steady)':>18} {'fraction (whole)':>17} {'wait/round':>11} {'wall':>8}")
     for mode in ("synchronous", "overlap"):
         m = modes[mode]

@@ -6,6 +6,7 @@ of seconds; every process is stopped by pid by the scenario runner.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -85,7 +86,9 @@ def _garbage_sender(
     for i in range(50):  # bounded
         if stop.is_set():
             break
-        sock.send_multipart([b"junk" * (i + 1), b"\x00" * 10], flags=zmq.NOBLOCK)
+        # An outsider never completes a handshake, so its PUSH socket has no peer to queue for.
+        with contextlib.suppress(zmq.Again):
+            sock.send_multipart([b"junk" * (i + 1), b"\x00" * 10], flags=zmq.NOBLOCK)
         time.sleep(0.05)
     context.destroy(linger=0)
 

@@ -618,9 +618,9 @@ def _step(index: int, proc: _Proc, plan: _FaultPlan, view: ProgressView) -> bool
             status.state = "failed"
             view.state_changed(status)
             raise NodeFailedError(proc.name, code, last_error_line(proc.log), proc.log)
-        if status.state not in ("done", "stopped", "removed"):
+        if status.state not in ("done", "stopped", "removed"):  # else its record already said so
             status.state = "exited"
-        view.state_changed(status)
+            view.state_changed(status)
     return False
 
 
