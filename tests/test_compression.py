@@ -23,6 +23,7 @@ from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import Identity
 from p2pfm.net.memory import memory_transports
 from p2pfm.node.factory import build_node
+from p2pfm.node.faults import SlowLearner
 from p2pfm.node.metrics import read_metrics
 from tests.quadratic_network import Recording, network, run_all, write_config
 
@@ -281,6 +282,30 @@ def test_a_resumed_node_keeps_the_networks_fingerprint(tmp_path: Path) -> None:
             node.close()
     assert fingerprints["none", False] == fingerprints["none", True] == learner.fingerprint
     assert fingerprints["q8", False] == fingerprints["q8", True] != learner.fingerprint
+
+
+def test_a_slow_node_keeps_the_learners_shared_start(tmp_path: Path) -> None:
+    """The slow fault wraps the learner; the wrapper must not hide ``shared_start`` (or ``snapshot``):
+    a slow node of a compressing network would sign with another fingerprint and be refused."""
+    centre, optimum = np.ones(4), np.zeros(4)
+    me, peer = Identity(b"\x31" * 32), Identity(b"\x32" * 32)
+    nodes = {}
+    for slow in (1.0, 3.0):
+        folder = tmp_path / f"slow-{slow}"
+        config = load_node_config(
+            write_config(folder, me, {"p": peer}, {"compression": "q8"}, faults={"slow_factor": slow})
+        )
+        learner = _SharedStart(centre, optimum)
+        learner.snapshot = learner.get_state  # type: ignore[attr-defined]
+        nodes[slow] = build_node(config, transport=_transport(me, peer), learner=learner)
+    fast, slow_node = nodes[1.0], nodes[3.0]
+    assert isinstance(slow_node.learner, SlowLearner) and slow_node.learner.shared_start
+    assert slow_node.learner.snapshot == slow_node.learner.inner.snapshot  # type: ignore[attr-defined]
+    assert slow_node.protocol.config.fingerprint == fast.protocol.config.fingerprint
+    assert slow_node.compressed is not None and fast.compressed is not None
+    assert slow_node.compressed.own.estimate is not None  # the chain starts at the shared start
+    for node in nodes.values():
+        node.close()
 
 
 def _transport(me: Identity, peer: Identity) -> Any:

@@ -31,7 +31,6 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import blake3
@@ -48,7 +47,7 @@ from p2pfm.core.topology import Topology, parse_topology, spectral_stats
 from p2pfm.lab.scenario import Faults, check_faults
 from p2pfm.lab.sim_workers import run_parts
 from p2pfm.lab.virtual import NodeOutcome, RoundTally, VirtualScheduler
-from p2pfm.learn.learner import Array, Learner, QuadraticLearner
+from p2pfm.learn.learner import Array, Learner, LearnerWrapper, QuadraticLearner
 from p2pfm.net.memory import Forward, MemoryNetwork
 from p2pfm.node.attacks import ATTACKS
 from p2pfm.node.clock import VirtualClock
@@ -307,13 +306,13 @@ class TimedQuadratic(QuadraticLearner):
         return super().train_steps(steps, correction)
 
 
-class TimedLearner:
+class TimedLearner(LearnerWrapper):
     """A caller's learner in the simulator: its local steps take ``step_s`` virtual seconds each.
 
     The same time ``TimedQuadratic`` takes (a round without steps one
     step's), spent before the learner's own steps. Everything else, and any
     attribute the node loop looks for (``snapshot``, ``shared_start``), is
-    the learner's.
+    the learner's (``LearnerWrapper``).
     """
 
     _REQUIRED = (
@@ -328,39 +327,12 @@ class TimedLearner:
                 f"learner: the factory gave node {node} a {type(inner).__name__}, which lacks "
                 f"{', '.join(missing)} (the Learner protocol, p2pfm/learn/learner.py)"
             )
-        self.inner, self.clock, self.step_s = inner, clock, step_s
-        self.schema = inner.schema
-        self.fingerprint = inner.fingerprint
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (a copy being built): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.clock, self.step_s = clock, step_s
 
     def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         self.clock.sleep(max(steps, 1) * self.step_s)
         return self.inner.train_steps(steps, correction)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
-
-    def evaluate(self) -> dict[str, float]:
-        return self.inner.evaluate()
-
-    def get_state(self) -> dict[str, Array]:
-        return self.inner.get_state()
-
-    def set_state(self, state: Mapping[str, Array]) -> None:
-        self.inner.set_state(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def save(self, folder: Path) -> None:
-        self.inner.save(folder)
 
 
 def _problem(

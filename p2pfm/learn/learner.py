@@ -69,6 +69,52 @@ class Learner(Protocol):
         ...
 
 
+class LearnerWrapper:
+    """A learner around another: everything is the inner learner's unless a subclass overrides it.
+
+    Fault and timing wrappers (``SlowLearner``, the simulator's
+    ``TimedLearner``) change how training takes time, never what the learner
+    is: its schema, fingerprint, state and checkpoints, and the optional
+    extras the node reads when present (``snapshot``, ``shared_start``),
+    all pass through, so a wrapped node agrees with its neighbours exactly
+    as the bare one would.
+    """
+
+    def __init__(self, inner: Learner) -> None:
+        self.inner = inner
+        self.schema: tuple[TensorSpec, ...] = inner.schema
+        self.fingerprint: bytes = inner.fingerprint
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
+        return self.inner.train_steps(steps, correction)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.inner.evaluate()
+
+    def get_state(self) -> dict[str, Array]:
+        return self.inner.get_state()
+
+    def set_state(self, state: Mapping[str, Array]) -> None:
+        self.inner.set_state(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def save(self, folder: Path) -> None:
+        self.inner.save(folder)
+
+
 class QuadraticLearner:
     """Gradient descent on ``||x - centre||^2 / 2`` plus Gaussian gradient noise (module docstring).
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from p2pfm.core.errors import LocalProtocolError
 from p2pfm.core.identity import PeerId
-from p2pfm.core.wire import Buffer, TensorSpec
-from p2pfm.learn.learner import Array, Learner
+from p2pfm.core.wire import Buffer
+from p2pfm.learn.learner import Array, Learner, LearnerWrapper
 from p2pfm.net.link import DROP_FAULT, ControlTransport, Received, Transport, TransportStats
 from p2pfm.node.clock import Clock
 
@@ -72,15 +71,14 @@ class LossyTransport:
         self.inner.close()
 
 
-class SlowLearner:
+class SlowLearner(LearnerWrapper):
     """Training takes ``factor`` times as long: after each call the node waits (factor - 1) x its duration."""
 
     def __init__(self, inner: Learner, factor: float, clock: Clock) -> None:
         if not factor >= 1.0:
             raise LocalProtocolError(f"slow factor must be >= 1, got {factor}")
-        self.inner, self.factor, self.clock = inner, factor, clock
-        self.schema: tuple[TensorSpec, ...] = inner.schema
-        self.fingerprint: bytes = inner.fingerprint
+        super().__init__(inner)
+        self.factor, self.clock = factor, clock
 
     def train_steps(self, steps: int, correction: Mapping[str, Array] | None = None) -> float | None:
         started_s = self.clock.now_s()
@@ -90,21 +88,3 @@ class SlowLearner:
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "slow_factor": self.factor}
-
-    def evaluate(self) -> dict[str, float]:
-        return self.inner.evaluate()
-
-    def get_state(self) -> dict[str, Array]:
-        return self.inner.get_state()
-
-    def set_state(self, state: Mapping[str, Array]) -> None:
-        self.inner.set_state(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def save(self, folder: Path) -> None:
-        self.inner.save(folder)
