@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -310,3 +311,28 @@ def test_a_message_sent_while_the_receiver_is_down_arrives_if_it_is_back_by_then
     restarted = network.attach(B.peer_id, [A.peer_id])
     clock.now_s = 1.0
     assert [_value(item) for item in restarted.receive(0.0)] == [7.0]
+
+
+def test_a_long_wait_says_whom_it_waits_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator watching a node whose neighbour is not up sees why it waits, before the deadline."""
+    from p2pfm.node import loop  # noqa: PLC0415
+
+    monkeypatch.setattr(loop, "WAIT_NOTICE_S", 0.3)
+    caplog.set_level(logging.INFO, logger="p2pfm.node.loop")
+    _, transports = memory_transports({A.peer_id: [B.peer_id], B.peer_id: [A.peer_id]})
+    config = _write_config(
+        tmp_path / "a", A, {"bob": B}, model={"path": "minilm", "num_labels": 5},
+        train={"local_steps": 1}, gossip={"rounds": 1, "round_timeout_s": 1.5},
+    )  # fmt: skip
+    node = build_node(
+        load_node_config(config),
+        transport=transports[A.peer_id],
+        learner=QuadraticLearner(np.ones(4), np.zeros(4)),
+    )
+    result = node.run()  # bob never runs: the round ends at its deadline
+    assert result.rounds_completed == 1
+    said = [r for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(said) == 1 and getattr(said[0], "node", None) == node.name
+    assert said[0].getMessage().startswith("round 1: waiting for bob (at most ")

@@ -426,17 +426,8 @@ class GossipProtocol:
         """
         if self.phase is not Phase.COLLECTING:
             return None
-        expected = self.neighbours if self.partners is None else self.partners
-        fresh = {}
-        for peer in expected:
-            by_round = self._updates.get(peer)
-            # The neighbour's state of exactly this round when we have it (the
-            # synchronous iteration); else its newest, fresher one.
-            if not by_round:
-                continue
-            update = by_round.get(self.round) or by_round[max(by_round)]
-            if update.round >= self.round:
-                fresh[peer] = update
+        expected = self._expected()
+        fresh = self._fresh(expected)
         waiting_for = expected - self.absent - self.banned - fresh.keys()
         timed_out = now_s >= self.deadline_s
         if waiting_for and not timed_out:
@@ -451,6 +442,30 @@ class GossipProtocol:
         self.absent = set(missing)
         weights = metropolis_weights(len(expected), {p: u.degree for p, u in fresh.items()})
         return RoundComplete(self.round, fresh, frozenset(missing), timed_out and bool(waiting_for), weights)
+
+    def waiting_for(self) -> frozenset[PeerId]:
+        """The neighbours the round being collected still waits for (empty when not collecting)."""
+        if self.phase is not Phase.COLLECTING:
+            return frozenset()
+        expected = self._expected()
+        return frozenset(expected - self.absent - self.banned - self._fresh(expected).keys())
+
+    def _expected(self) -> frozenset[PeerId]:
+        return self.neighbours if self.partners is None else self.partners
+
+    def _fresh(self, expected: frozenset[PeerId]) -> dict[PeerId, Update]:
+        """Each expected neighbour's update that counts for this round, where one arrived."""
+        fresh = {}
+        for peer in expected:
+            by_round = self._updates.get(peer)
+            # The neighbour's state of exactly this round when we have it (the
+            # synchronous iteration); else its newest, fresher one.
+            if not by_round:
+                continue
+            update = by_round.get(self.round) or by_round[max(by_round)]
+            if update.round >= self.round:
+                fresh[peer] = update
+        return fresh
 
     def heard_claims(self, now_s: float) -> dict[PeerId, int]:
         """Each neighbour's highest claimed round, for those heard within two deadlines."""

@@ -34,6 +34,7 @@ Build a node from its config with ``p2pfm.node.factory.build_node``.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from p2pfm.node.publishing import Publisher
 from p2pfm.node.store import NodeStore
 
 POLL_S = 0.05  # receive granularity while waiting for neighbours
+WAIT_NOTICE_S = 10.0  # a round that waited this long for its neighbours says whom it waits for
 JOIN_WINDOWS = (
     5  # a joiner that holds no state after this many round_timeout_s gives up (the network is gone)
 )
@@ -290,11 +292,24 @@ class Node:
         return self.await_round()
 
     def await_round(self, abandon: threading.Event | None = None) -> RoundComplete | None:
-        """Judge arrivals until the published round completes (None: ``abandon`` was set)."""
+        """Judge arrivals until the published round completes (None: ``abandon`` was set).
+
+        A wait longer than ``WAIT_NOTICE_S`` is said once, naming whom it waits for.
+        """
+        notice_at_s = self.clock.now_s() + WAIT_NOTICE_S
         while abandon is None or not abandon.is_set():
             event = self.poll()
             if event is not None:
                 return event
+            if notice_at_s <= self.clock.now_s():
+                notice_at_s = math.inf
+                waiting = sorted(self._name(peer) for peer in self.protocol.waiting_for())
+                if waiting:
+                    left_s = max(0.0, self.protocol.deadline_s - self.clock.now_s())
+                    self.log.info(
+                        f"round {self.protocol.round}: waiting for {', '.join(waiting)} "
+                        f"(at most {left_s:.0f} s more)"
+                    )
             if self.stop.is_set():  # shutting down: finish the round with what we have
                 event = self.protocol.poll(self.protocol.deadline_s)
                 assert event is not None
