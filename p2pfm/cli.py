@@ -119,6 +119,10 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "-q", "--quiet", action="count", default=default, help="show only warnings and errors"
     )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text" if default == 0 else default,
+        help="text lines, or one JSON object per record (for log collectors); default text",
+    )  # fmt: skip
 
 
 def _finish_subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...], seen: set[int]) -> None:
@@ -138,11 +142,13 @@ def _finish_subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...], 
             _finish_subcommands(sub, here, seen)
 
 
-def configure_logging(verbosity: int, console: Console | None = None) -> None:
+def configure_logging(verbosity: int, console: Console | None = None, *, json_lines: bool = False) -> None:
     """Show p2pfm's log records at the level ``verbosity`` asks for (0 = INFO, 1 = DEBUG, -1 = WARNING).
 
     On ``console`` (a terminal with a live table) through rich; otherwise as
-    plain timestamped lines on stderr. Other libraries' loggers are left alone.
+    plain timestamped lines on stderr, or with ``json_lines`` one JSON object
+    per record (``time_s``, ``level``, ``logger``, ``node``, ``message``).
+    Other libraries' loggers are left alone.
     """
     logger = logging.getLogger("p2pfm")
     logger.setLevel(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity + 2))])
@@ -158,10 +164,30 @@ def configure_logging(verbosity: int, console: Console | None = None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(node_prefix)s%(message)s", "%Y-%m-%d %H:%M:%S")
+            _JsonLines()
+            if json_lines
+            else logging.Formatter(
+                "%(asctime)s %(levelname)s %(node_prefix)s%(message)s", "%Y-%m-%d %H:%M:%S"
+            )
         )
     handler.addFilter(_node_prefix)
     logger.addHandler(handler)
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object per record, for log collectors (``--log-format json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time_s": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "node": getattr(record, "node", None),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
 
 
 def _node_prefix(record: logging.LogRecord) -> bool:
@@ -214,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     args.verbosity = _verbosity(args)
     if args.command not in ("run", "demo"):  # those pick their handler with their display
-        configure_logging(args.verbosity)
+        configure_logging(args.verbosity, json_lines=args.log_format == "json")
     try:
         code: int = args.run(args)
     except (UserInputError, LocalProtocolError, NodeFailedError) as exc:
@@ -355,11 +381,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     console = Console()
     view: ProgressView
-    if console.is_terminal and args.verbosity >= 0:
+    if console.is_terminal and args.verbosity >= 0 and args.log_format == "text":
         configure_logging(args.verbosity, console)
         view = LiveView(console, f"{args.scenario.stem}: nodes")
     else:
-        configure_logging(args.verbosity)
+        configure_logging(args.verbosity, json_lines=args.log_format == "json")
         view = LineView()
     try:
         summary = run_scenario(args.scenario, args.out, view=view)

@@ -14,9 +14,10 @@ import pytest
 import tomli_w
 from rich.console import Console
 
-from p2pfm.cli import _build_parser
+from p2pfm.cli import _build_parser, configure_logging
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import NodeFailedError
+from p2pfm.core.logs import node_logger
 from p2pfm.lab.progress import LineView, LiveView, MetricsTail, NodeStatus, last_error_line, status_table
 from p2pfm.lab.scenario import load_scenario, run_processes, write_node_configs
 from tests.conftest import tiny_classifier_toml, topic_examples, write_jsonl
@@ -180,3 +181,27 @@ def test_every_subcommand_shows_an_example_and_takes_v_and_q() -> None:
     assert (args.quiet, args.verbose) == (1, 2)  # before and after the subcommand both count
     args = parser.parse_args(["-v", "topology", "show", "ring:4"])
     assert (args.quiet, args.verbose) == (0, 1)  # the subcommand's copy never resets the top level's
+
+
+def test_log_records_as_json_lines_name_the_node(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(0, json_lines=True)
+    try:
+        node_logger("p2pfm.node.loop", "node7").info("round 3/6 loss 0.5")
+        logging.getLogger("p2pfm.lab.scenario").debug("not shown at the default level")
+        [line] = capsys.readouterr().err.splitlines()
+        record = json.loads(line)
+        assert (
+            record["node"] == "node7"
+            and record["level"] == "INFO"
+            and record["message"] == "round 3/6 loss 0.5"
+        )
+        assert record["logger"] == "p2pfm.node.loop" and isinstance(record["time_s"], float)
+        configure_logging(-1)  # -q: warnings and errors only, as text
+        node_logger("p2pfm.node.loop", "node7").info("hidden")
+        node_logger("p2pfm.node.loop", "node7").warning("shown")
+        assert capsys.readouterr().err.strip().endswith("WARNING [node7] shown")
+    finally:
+        logger = logging.getLogger("p2pfm")
+        for handler in [h for h in logger.handlers if not isinstance(h, logging.NullHandler)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
