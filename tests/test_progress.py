@@ -205,3 +205,10 @@ def test_log_records_as_json_lines_name_the_node(capsys: pytest.CaptureFixture[s
         for handler in [h for h in logger.handlers if not isinstance(h, logging.NullHandler)]:
             logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+
+
+def test_a_nodes_planned_rounds_count_its_consensus_rounds(tmp_path: Path) -> None:
+    path = _scenario(tmp_path, tmp_path / "model", rounds=3)  # the model is named, never loaded
+    path.write_text(path.read_text().replace("rounds = 3\n", "rounds = 3\nconsensus_rounds = 2\n"))
+    procs = write_node_configs(load_scenario(path), tmp_path / "run")
+    assert {p.rounds for p in procs} == {5} and procs[0].status.rounds == 5

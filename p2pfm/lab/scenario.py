@@ -159,7 +159,11 @@ class _Proc:
 
 
 def _planned_rounds(doc: Mapping[str, Any]) -> int:
-    return int(doc.get("gossip", {}).get("rounds", GossipSettings().rounds))
+    """The rounds a node of config ``doc`` plays: gossip.rounds, then gossip.consensus_rounds."""
+    gossip, defaults = doc.get("gossip", {}), GossipSettings()
+    return int(gossip.get("rounds", defaults.rounds)) + int(
+        gossip.get("consensus_rounds", defaults.consensus_rounds)
+    )
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -425,7 +429,13 @@ def write_baseline_configs(scenario: Scenario, out: Path, gossip_procs: list[_Pr
             config = folder / "node.toml"
             config.write_text(tomli_w.dumps(doc))
             procs.append(
-                _Proc(f"{kind}-{name}", config, folder / "log.txt", folder / "metrics.jsonl", rounds)
+                _Proc(
+                    f"{kind}-{name}",
+                    config,
+                    folder / "log.txt",
+                    folder / "metrics.jsonl",
+                    _planned_rounds(doc),
+                )
             )
     return procs
 
