@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from p2pfm.config.node_config import load_node_config
+from p2pfm.core import codec, wire
 from p2pfm.core.compression import (
     COMPRESSIONS,
     NeighbourEstimates,
@@ -311,3 +312,26 @@ def test_a_slow_node_keeps_the_learners_shared_start(tmp_path: Path) -> None:
 def _transport(me: Identity, peer: Identity) -> Any:
     _, transports = memory_transports({me.peer_id: [peer.peer_id], peer.peer_id: [me.peer_id]})
     return transports[me.peer_id]
+
+
+@pytest.mark.parametrize("compression", [c for c in COMPRESSIONS if c in codec.ENCODINGS])
+def test_a_difference_is_encoded_once_and_travels_as_encoded(compression: Any) -> None:
+    """The bytes the sender decoded for its own estimate are the bytes on the wire, not a second encoding."""
+    rng = np.random.default_rng(6)
+    sender = OwnEstimate(compression, keyframe_every=50)
+    state = _drift(_state(rng), rng)
+    sender.outgoing(state, 1, frozenset({B}))  # the keyframe
+    assert sender.estimate is not None
+    before = {name: value.copy() for name, value in sender.estimate.items()}
+    state = _drift(state, rng)
+    out = sender.outgoing(state, 2, frozenset({B}))
+    assert out.base == 1 and all(isinstance(v, codec.Encoded) for v in out.tensors.values())
+    header = {"network": "n", "round": 2, "seq": 1, "ts_ms": 0, "fingerprint": b"f" * 32, "degree": 1}
+    sent = wire.encode_update(**header, samples=1, tensors=out.tensors, wire_dtypes=out.wire_dtypes, base=1)
+    # What the wire used to encode a second time: the difference itself, as the same wire dtypes.
+    difference = {name: np.subtract(state[name], before[name], dtype=np.float32) for name in state}
+    old = wire.encode_update(**header, samples=1, tensors=difference, wire_dtypes=out.wire_dtypes, base=1)
+    assert sent.header == old.header and b"".join(sent.payload) == b"".join(old.payload)
+    wrong = {name: "float32" for name in out.tensors}
+    with pytest.raises(LocalProtocolError, match="encoded as"):
+        wire.encode_update(**header, samples=1, tensors=out.tensors, wire_dtypes=wrong, base=1)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Union
 
 import numpy as np
@@ -252,6 +253,29 @@ def _round_clip_store(quotients: np.ndarray[Any, Any], out: np.ndarray[Any, Any]
     np.rint(quotients, out=quotients)  # round half to even
     np.clip(quotients, -127, 127, out=quotients)
     np.copyto(out, quotients, casting="unsafe")  # exact: integers in [-127, 127]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A float32 tensor already in a lossy wire encoding: ``encode``'s bytes, and the tensor's shape.
+
+    A sender that must know what its receivers decode (error feedback,
+    p2pfm/core/compression.py) encodes once, decodes these bytes for itself
+    and hands them to ``wire.encode_update`` as they are: the bytes it
+    accounts for are the bytes that travel, and nothing is encoded twice.
+    """
+
+    encoding: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @classmethod
+    def of(cls, encoding: str, array: np.ndarray[Any, Any]) -> Encoded:
+        return cls(encoding, tuple(int(d) for d in array.shape), encode(encoding, array))
+
+    def decoded(self) -> Float32Array:
+        """What a receiver decodes from these bytes (a new array)."""
+        return decode(self.encoding, self.shape, self.data)
 
 
 # -------------------------------------------------------------------- decode

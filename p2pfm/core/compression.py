@@ -77,8 +77,10 @@ def keyframe_encoding(compression: CompressionName) -> str:
     return {"none": "float32", "bf16": "bfloat16"}.get(compression, codec.Q8)
 
 
-def received(encoding: str, array: Array) -> Array:
+def received(encoding: str, array: Array | codec.Encoded) -> Array:
     """What a receiver decodes from ``array`` sent as ``encoding``, bit for bit (float32)."""
+    if isinstance(array, codec.Encoded):
+        return array.decoded()
     values: Array = np.ascontiguousarray(array, dtype=np.float32)
     if encoding == "float32":
         copied: Array = values.copy()
@@ -93,7 +95,7 @@ def received(encoding: str, array: Array) -> Array:
 class Outgoing:
     """One round's message content: what to encode, as what, and on what it builds."""
 
-    tensors: dict[str, Array]  # a full state (keyframe) or a difference
+    tensors: dict[str, Array | codec.Encoded]  # a full state (keyframe) or a difference; lossy: encoded
     wire_dtypes: dict[str, str]
     base: int | None  # None: a keyframe; else the round of the sender's previous message
 
@@ -139,7 +141,7 @@ class OwnEstimate:
         )
         if keyframe:
             encoding = keyframe_encoding(self.compression)
-            tensors = {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}
+            tensors = {name: _sent(encoding, value) for name, value in state.items()}
             self.estimate = {name: received(encoding, value) for name, value in tensors.items()}
             self._keyframe_round, self._audience = round_, neighbours
             self.keyframes += 1
@@ -149,7 +151,8 @@ class OwnEstimate:
             encoding = delta_encoding(self.compression)
             estimate = self.estimate
             tensors = {
-                name: np.subtract(value, estimate[name], dtype=np.float32) for name, value in state.items()
+                name: _sent(encoding, np.subtract(value, estimate[name], dtype=np.float32))
+                for name, value in state.items()
             }
             for name, difference in tensors.items():
                 self.estimate[name] = self.estimate[name] + received(encoding, difference)
@@ -160,6 +163,12 @@ class OwnEstimate:
     def restart(self) -> None:
         """Forget the chain (after a restart nothing of it survives): the next message is a keyframe."""
         self.estimate, self._last_round, self._audience = None, None, frozenset()
+
+
+def _sent(encoding: str, array: Array) -> Array | codec.Encoded:
+    """What ``outgoing`` hands to the wire: a lossy encoding's bytes, encoded here once; else the array."""
+    values = np.ascontiguousarray(array, np.float32)
+    return codec.Encoded.of(encoding, values) if encoding in codec.ENCODINGS else values
 
 
 class NeighbourEstimates:

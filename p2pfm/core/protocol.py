@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pfm.core import wire
+from p2pfm.core import codec, wire
 from p2pfm.core.consensus import metropolis_weights
 from p2pfm.core.deadline import ArrivalTracker, RoundPace
 from p2pfm.core.errors import LocalProtocolError, RejectReason, RemoteProtocolError
@@ -200,7 +200,7 @@ class GossipProtocol:
 
     def make_update(
         self,
-        tensors: Mapping[str, np.ndarray[Any, Any]],
+        tensors: Mapping[str, np.ndarray[Any, Any] | codec.Encoded],
         *,
         samples: int,
         wall_time_ms: int,

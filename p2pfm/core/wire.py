@@ -234,7 +234,7 @@ def encode_update(
     fingerprint: bytes,
     degree: int,
     samples: int,
-    tensors: Mapping[str, np.ndarray[Any, Any]],
+    tensors: Mapping[str, np.ndarray[Any, Any] | codec.Encoded],
     wire_dtypes: Mapping[str, str] | None = None,
     limits: WireLimits | None = None,
     base: int | None = None,
@@ -248,6 +248,8 @@ def encode_update(
     ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor), or encodes
     float32 tensors lossily (``{"w": "q8"}``, ``{"w": "topk8_d16"}``;
     p2pfm/core/codec.py; ``codec.roundtrip`` gives what receivers decode).
+    A tensor may also come encoded already (``codec.Encoded``, its encoding
+    the tensor's wire dtype): its bytes travel as they are.
     """
     limits = limits or WireLimits()
     _check_network(network, limits, LocalProtocolError)
@@ -270,7 +272,9 @@ def encode_update(
     data: list[Buffer] = []
     payload_hash = blake3.blake3(max_threads=1)
     for name, array in tensors.items():
-        wire_dtype = (wire_dtypes or {}).get(name) or _wire_dtype_of(name, array)
+        wire_dtype = (wire_dtypes or {}).get(name) or (
+            array.encoding if isinstance(array, codec.Encoded) else _wire_dtype_of(name, array)
+        )
         if len(name.encode()) > limits.max_name_bytes or not name:
             raise LocalProtocolError(f"tensor name {name!r} must be 1..{limits.max_name_bytes} bytes")
         entries.append([name, wire_dtype, list(array.shape)])
@@ -323,7 +327,13 @@ def _wire_dtype_of(name: str, array: np.ndarray[Any, Any]) -> str:
         raise LocalProtocolError(f"tensor {name!r} has unsupported dtype {array.dtype}") from None
 
 
-def _to_wire_bytes(name: str, array: np.ndarray[Any, Any], wire_dtype: str) -> memoryview:
+def _to_wire_bytes(name: str, array: np.ndarray[Any, Any] | codec.Encoded, wire_dtype: str) -> memoryview:
+    if isinstance(array, codec.Encoded):  # encoded by the caller (compression's error feedback)
+        if array.encoding != wire_dtype:
+            raise LocalProtocolError(
+                f"tensor {name!r} is encoded as {array.encoding}, but its wire dtype is {wire_dtype}"
+            )
+        return array.data
     if wire_dtype in ENCODINGS:
         if array.dtype.kind != "f" or array.dtype.itemsize != 4:
             raise LocalProtocolError(
