@@ -30,7 +30,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from p2pfm.config.schema import decode
 from p2pfm.config.settings import NodeSection
 from p2pfm.core.errors import ConfigError
-from p2pfm.lab.scenario import load_scenario, run_scenario, write_baseline_configs, write_node_configs
+from p2pfm.lab.scenario import (
+    load_scenario,
+    run_scenario,
+    stop_processes,
+    write_baseline_configs,
+    write_node_configs,
+)
 from p2pfm.lab.summary import Summary
 from p2pfm.node.metrics import read_metrics
 from p2pfm.node.prometheus import MetricsServer, RecordMetrics
@@ -386,14 +392,7 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes the test starts; each is stopped by its pid at the end."""
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    stop_processes(procs)
 
 
 # docs/operations.md's queries, each run against the live scenario below.

@@ -27,6 +27,7 @@ import safetensors.numpy
 
 from p2pfm.core.consensus import consensus_distance
 from p2pfm.core.identity import load_key_file
+from p2pfm.lab.scenario import stop_processes
 from p2pfm.node.metrics import read_metrics
 from tests.conftest import file_mode, tiny_classifier_toml, topic_examples, write_jsonl
 
@@ -130,14 +131,8 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 def _stop(daemons: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    for _, proc in reversed(daemons):
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    for _, proc in reversed(daemons):  # slurmd, slurmctld, then munged
+        stop_processes([proc], grace_s=15.0)
 
 
 @pytest.fixture
