@@ -100,12 +100,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from p2pfm.core.identity import load_key_file  # noqa: PLC0415
     from p2pfm.core.records import RosterDocument, open_roster_document  # noqa: PLC0415
     from p2pfm.net.zmq_control import publish_roster  # noqa: PLC0415
+    from p2pfm.node.open_network import ports  # noqa: PLC0415
 
     address = check_address("--to", args.to)
     data = _read(args.file)
     admin = load_key_file(args.key)
-    host, _, port = address.removeprefix("tcp://").rpartition(":")
-    hello = f"tcp://{host}:{int(port) + 2}"
+    try:
+        _, _, hello, _ = ports(address)  # the member's hello endpoint (port + 2)
+    except ConfigError as exc:
+        raise ConfigError("--to", exc.problem) from None
     try:
         document: RosterDocument = open_roster_document(data, None)  # the member checks the network
     except RemoteProtocolError as exc:

@@ -238,6 +238,11 @@ class FaultSettings(Schema, frozen=True, kw_only=True):
     attack_factor: Finite | None = None  # default per attack (scale 10, noise 1, signflip 1)
 
 
+#: An open network's node listens on node.listen's port P (updates), P + 1 (control) and P + 2
+#: (hello): docs/deploy.md section 5. Launchers and scenarios lay out ports by it.
+OPEN_NODE_PORTS = 3
+
+
 class MembershipSettings(Schema, frozen=True, kw_only=True):
     """``[membership]``: an open network whose neighbours come from membership (docs/membership.md).
 

@@ -24,11 +24,11 @@ from typing import Any
 import tomli_w
 
 from p2pfm.config.node_config import NodeConfig, node_config_from_dict
-from p2pfm.config.settings import BBC_NEWS, MINILM, SMOLLM2
+from p2pfm.config.settings import BBC_NEWS, MINILM, OPEN_NODE_PORTS, SMOLLM2
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError
 
-PORTS_PER_NODE = 3  # node.listen's port P (updates), P + 1 (control), P + 2 (hello): docs/deploy.md section 5
+PORTS_PER_NODE = OPEN_NODE_PORTS  # a launched network is open: each node listens on 3 ports
 
 # Filled in per node by the launcher; a template that sets one is refused.
 _PER_NODE: Mapping[str, tuple[str, ...]] = {

@@ -32,7 +32,7 @@ from msgspec import Meta
 
 from p2pfm.config.roster import Member, Roster, save_roster
 from p2pfm.config.schema import AttackKind, Finite, NonEmpty, Schema, check_network_id, decode, number
-from p2pfm.config.settings import GossipSettings, LoraSettings, TrainSettings
+from p2pfm.config.settings import OPEN_NODE_PORTS, GossipSettings, LoraSettings, TrainSettings
 from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError, NodeFailedError
 from p2pfm.core.identity import Identity, load_key_file, write_key_file
@@ -41,6 +41,7 @@ from p2pfm.lab.progress import LineView, MetricsTail, NodeStatus, ProgressView, 
 from p2pfm.lab.report import Setup, report_run
 from p2pfm.lab.roster_change import SIGNED_ROSTER, RosterBook
 from p2pfm.lab.summary import Summary
+from p2pfm.node.open_network import ports
 
 _logger = logging.getLogger(__name__)
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml"
@@ -355,7 +356,7 @@ def write_node_configs(scenario: Scenario, out: Path) -> list[_Proc]:
 def _node_ports(scenario: Scenario, out: Path) -> tuple[list[int], list[str]]:
     """Each node's base port and /metrics address (the port after the node's); writes prometheus.yml."""
     host, n = scenario.header.host, scenario.topology.n_nodes
-    width = 3 if scenario.open_network else 1  # an open network's node listens on 3 ports
+    width = OPEN_NODE_PORTS if scenario.open_network else 1
     ports = _free_port_runs(host, n, width + 1)
     metrics = [f"{host}:{port + width}" for port in ports]
     write_prometheus_config(out, scenario.header.name, [(f"node{i}", metrics[i]) for i in range(n)])
@@ -651,12 +652,10 @@ def _roster_actions(
             target = next(
                 p for i, p in enumerate(procs) if p.running and p.popen is not None and i not in change.remove
             )
-            listen = str(read_toml(target.config, "config")["node"]["listen"])
-            host, _, port = listen.removeprefix("tcp://").rpartition(":")
+            _, _, hello, _ = ports(str(read_toml(target.config, "config")["node"]["listen"]))
             version = book.change(
-                remove=[ids[i] for i in change.remove], add=[ids[i] for i in change.add],
-                to=f"tcp://{host}:{int(port) + 2}",
-            )  # fmt: skip
+                remove=[ids[i] for i in change.remove], add=[ids[i] for i in change.add], to=hello
+            )
             _logger.info(
                 f"roster fault: version {version} (removes {list(change.remove)}, adds {list(change.add)}) "
                 f"handed to {target.name}"

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from p2pfm.config.node_config import NodeConfig
+from p2pfm.config.settings import OPEN_NODE_PORTS
 from p2pfm.core.errors import ConfigError, RemoteProtocolError
 from p2pfm.core.identity import Identity
 from p2pfm.core.records import (
@@ -70,7 +71,7 @@ def roster_of(config: NodeConfig, identity: Identity) -> RosterDocument:
 def ports(listen: str) -> tuple[str, str, str, int]:
     """(host, control address, hello address, port) for a node listening on ``listen``."""
     match = _TCP.match(listen)
-    if match is None or int(match["port"]) == 0 or int(match["port"]) + 2 > 65535:
+    if match is None or int(match["port"]) == 0 or int(match["port"]) + OPEN_NODE_PORTS - 1 > 65535:
         raise ConfigError(
             "node.listen", f"an open network needs tcp://HOST:PORT with PORT <= 65533, got {listen}"
         )
