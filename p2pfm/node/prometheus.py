@@ -18,6 +18,7 @@ checked against the sets the code defines, anything else is counted as
 from __future__ import annotations
 
 import bisect
+import copy
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -152,12 +153,8 @@ class RecordMetrics(Collector):
         return []  # no fixed families to announce: registering must not call collect
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            state = _State(
-                **{**vars(self._state), "counters": dict(self._state.counters),
-                   "gauges": dict(self._state.gauges), "evaluation": dict(self._state.evaluation),
-                   "wait_counts": list(self._state.wait_counts)},
-            )  # fmt: skip
+        with self._lock:  # a consistent copy: the node may write its next record while we render this one
+            state = copy.deepcopy(self._state)
         info = GaugeMetricFamily(
             PREFIX + "info",
             "This node: p2pfm version, node name, peer id (always 1).",
