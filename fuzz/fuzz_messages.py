@@ -24,7 +24,7 @@ A message is one buffer: prelude (101) | u32le header length | msgpack header
   payload length mismatch, random msgpack trees, proofs with hostile
   evidence, lossy tensors (q8, topk8_dN) whose bytes are valid or damaged
   under a correct digest: bitmap population and padding, scales, -128,
-  length), for a receiver that has that key as a neighbour (even messages)
+  length; a chain's ``base`` and ``resync``), for a receiver that has that key as a neighbour (even messages)
   or not (odd: any acceptance is a forgery);
 - ``random`` makes random buffers, some with a prelude-like start;
 - ``session`` plays a short script on a *fresh* receiver (setup messages,
@@ -729,6 +729,32 @@ def _edit_base(rng: random.Random, header: dict[str, Any], payload: bytes) -> _E
     return header, payload, None, f"base := {value!r}"[:80]
 
 
+def _edit_resync(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
+    """The keyframe requests of compressed gossip (docs/protocol.md 4.2, 8.3): valid, or any other shape."""
+    keys = [who.peer_id.key for who in (RECEIVER, ALICE, STRANGER)]
+    most = WireLimits().max_resync_peers
+    value = rng.choice(
+        (
+            keys[: rng.randrange(1, 4)],
+            [RECEIVER.peer_id.key],
+            [],
+            [keys[0], keys[0]],
+            [rng.randbytes(32) for _ in range(most)],
+            [rng.randbytes(32) for _ in range(most + 1)],
+            [keys[0][:31]],
+            [keys[0] + b"\0"],
+            [keys[0].hex()],
+            keys[0],
+            [keys[0], [keys[1]]],
+            None,
+            7,
+        )
+    )
+    header["resync"] = value
+    shown = f"{len(value)} entries" if isinstance(value, list) and len(value) > 3 else repr(value)
+    return header, payload, None, f"resync := {shown}"[:80]
+
+
 def _edit_bytes(rng: random.Random, header: dict[str, Any], payload: bytes) -> _Edited:
     body = bytearray(msgpack.packb(header, use_bin_type=True))
     for _ in range(rng.randrange(1, 4)):
@@ -754,8 +780,8 @@ def gen_insider(index: int, rng: random.Random) -> Case:
     edit = rng.choice(_INSIDER_EDITS)
     if edit is _edit_tree and rng.random() < 0.5:  # lossy tensors take half of the random trees' share
         edit = _edit_lossy  # (a draw of their own: the other edits' cases stay as they were)
-    elif edit is _edit_field and rng.random() < 0.25:  # a chain's base takes a quarter of the fields' share
-        edit = _edit_base
+    elif edit is _edit_field and rng.random() < 0.25:  # a chain's fields take a quarter of the fields' share
+        edit = _edit_base if rng.random() < 0.5 else _edit_resync
     if edit is None:
         accused = rng.choice((signer, ACCUSED, STRANGER))
         evidence, desc = _evidence(case.ledger, rng, accused, signer if accused is not signer else ACCUSED)

@@ -176,10 +176,12 @@ def test_header_tables_list_the_keys_the_code_writes() -> None:
     v = _vector()
     section = _section("## 4. Header")
     update_keys = _table_column(_section("### 4.2"), "key")
-    assert update_keys == [*msgpack.unpackb(v["header"]), "base"]  # same keys, same order; base optional
+    # same keys, same order; base and resync optional
+    assert update_keys == [*msgpack.unpackb(v["header"]), "base", "resync"]
     chained = wire.encode_update(
-        network="n", round=2, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=0, tensors={}, base=1
-    )
+        network="n", round=2, seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=0, tensors={}, base=1,
+        resync=[Identity(bytes(32)).peer_id],
+    )  # fmt: skip
     assert list(msgpack.unpackb(chained.header)) == update_keys
     proof = wire.encode_proof(network="n", evidence=(b"a", b"b"))
     assert _table_column(_section("### 4.3"), "key") == list(msgpack.unpackb(proof.header))

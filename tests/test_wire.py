@@ -1057,3 +1057,44 @@ def test_a_difference_names_the_round_it_builds_on() -> None:
         )
         with pytest.raises(wire.MalformedMessage):
             wire.open_update(wire.sign(forged, identity), wire.WireLimits())
+
+
+def test_an_update_may_ask_neighbours_for_keyframes() -> None:
+    """docs/protocol.md 4.2 and 8.3: ``resync`` is optional, 1..max_resync_peers distinct keys, signed."""
+    identity = Identity(b"\x09" * 32)
+    peers = [Identity(bytes([i]) * 32).peer_id for i in (1, 2, 3)]
+    fields: dict[str, Any] = dict(network="n", seq=1, ts_ms=0, fingerprint=bytes(32), degree=1, samples=0)
+    tensors = {"w": np.ones(4, np.float32)}
+    unsigned = wire.encode_update(round=5, base=4, resync=peers, tensors=tensors, **fields)
+    message = wire.sign(unsigned, identity)
+    update = wire.open_update(message, wire.WireLimits())
+    assert update.resync == tuple(peers) and update.base == 4
+    assert (
+        wire.open_update(
+            wire.sign(wire.encode_update(round=5, tensors=tensors, **fields), identity), wire.WireLimits()
+        ).resync
+        == ()
+    )
+    small = wire.WireLimits(max_resync_peers=2)
+    for bad in (peers, [peers[0], peers[0]]):
+        with pytest.raises(LocalProtocolError, match="resync"):
+            wire.encode_update(round=5, resync=bad, tensors=tensors, limits=small, **fields)
+    # A receiver refuses any other shape of the list (a writer that breaks the rule).
+    header = msgpack.unpackb(wire.encode_update(round=5, tensors=tensors, **fields).header)
+    for bad_resync in ([], [b"x" * 31], [peers[0].key, peers[0].key], b"k" * 32, [peers[0].key, 7], "a"):
+        forged = wire.Unsigned(
+            msgpack.packb({**header, "resync": bad_resync}, use_bin_type=True), (tensors["w"].tobytes(),)
+        )
+        with pytest.raises(wire.MalformedMessage, match="resync"):
+            wire.open_update(wire.sign(forged, identity), wire.WireLimits())
+    too_many = [p.key for p in peers]
+    forged = wire.Unsigned(
+        msgpack.packb({**header, "resync": too_many}, use_bin_type=True), (tensors["w"].tobytes(),)
+    )
+    with pytest.raises(wire.MalformedMessage, match="resync"):
+        wire.open_update(wire.sign(forged, identity), small)
+    # An unknown extra key is still refused.
+    extra = msgpack.packb({**header, "other": 1}, use_bin_type=True)
+    forged = wire.Unsigned(extra, (tensors["w"].tobytes(),))
+    with pytest.raises(wire.MalformedMessage, match="header keys"):
+        wire.open_update(wire.sign(forged, identity), wire.WireLimits())

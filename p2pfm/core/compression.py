@@ -19,9 +19,12 @@ against, so messages form a chain: an update that carries ``base`` (the
 round of the sender's previous message) is a difference; one without it is
 a *keyframe*, a full state that (re)starts the chain. A receiver that
 missed a link of a chain (a lost message, a restart) holds no estimate of
-that sender until its next keyframe, and mixes as if it had not been heard.
+that sender until its next keyframe, and mixes as if it had not been heard;
+its own next updates name that sender in ``resync``, asking for one.
 A sender sends a keyframe first, every ``gossip.keyframe_every`` rounds,
-and whenever it has a neighbour that its last keyframe did not reach. When
+whenever it has a neighbour that its last keyframe did not reach, and when
+a neighbour asks for one in an update of a round after its last keyframe
+(so at most every other round, whoever asks). When
 every node starts from the same adapter (the same model, LoRA settings and
 ``gossip.seed``, which the fingerprint then binds), the chains start from it
 instead: ``base = 0`` names that shared start, and the first keyframe is
@@ -44,6 +47,7 @@ Nothing here does I/O: the node (p2pfm/node/loop.py) calls it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
@@ -124,6 +128,8 @@ class OwnEstimate:
         self._keyframe_round = 0
         self._audience: frozenset[PeerId] = frozenset()  # who the last keyframe went to
         self.keyframes = 0  # keyframes sent (counted for the metrics)
+        self.keyframes_requested = 0  # of those, sent because a neighbour asked (resync)
+        self._requested = False
         if start is not None and compression != "none":
             self.estimate = {name: np.array(value, np.float32) for name, value in start.items()}
             self._last_round, self._audience = 0, audience
@@ -138,8 +144,12 @@ class OwnEstimate:
             or self._last_round is None
             or round_ - self._keyframe_round >= self.keyframe_every
             or not neighbours <= self._audience
+            or self._requested
         )
         if keyframe:
+            if self._requested:
+                self.keyframes_requested += 1
+                self._requested = False
             encoding = keyframe_encoding(self.compression)
             tensors = {name: _sent(encoding, value) for name, value in state.items()}
             self.estimate = {name: received(encoding, value) for name, value in tensors.items()}
@@ -160,9 +170,23 @@ class OwnEstimate:
         self._last_round = round_
         return Outgoing(tensors, {name: encoding for name in tensors}, base)
 
+    def keyframe_asked(self, in_round: int) -> bool:
+        """A neighbour's update of round ``in_round`` asks for a keyframe (``resync``); True: granted.
+
+        Granted when this node's last keyframe is older than that update: a
+        request made before the keyframe could have arrived is stale. So a
+        neighbour that asks every round gets a keyframe at most every other
+        round (docs/protocol.md 8.3).
+        """
+        if self.compression == "none" or self.estimate is None or self._keyframe_round >= in_round:
+            return False
+        self._requested = True
+        return True
+
     def restart(self) -> None:
         """Forget the chain (after a restart nothing of it survives): the next message is a keyframe."""
         self.estimate, self._last_round, self._audience = None, None, frozenset()
+        self._requested = False
 
 
 def _sent(encoding: str, array: Array) -> Array | codec.Encoded:
@@ -178,11 +202,13 @@ class NeighbourEstimates:
         self._state: dict[PeerId, dict[str, Array]] = {}
         self._round: dict[PeerId, int] = {}
         self.broken: dict[str, int] = {}  # updates that could not be applied, by reason
+        self._lost: dict[PeerId, None] = {}  # neighbours whose chain broke, oldest first: ask for keyframes
 
     def apply(self, peer: PeerId, round_: int, base: int | None, tensors: State) -> bool:
         """Take an accepted update; False (and no estimate of ``peer``) when it cannot be applied."""
         if base is None:
             estimate = {name: np.array(value, np.float32) for name, value in tensors.items()}
+            self._lost.pop(peer, None)
         elif self._round.get(peer) == base and peer in self._state:
             current = self._state[peer]
             if set(current) != set(tensors):
@@ -204,17 +230,27 @@ class NeighbourEstimates:
     def get(self, peer: PeerId) -> dict[str, Array] | None:
         return self._state.get(peer)
 
+    def lost(self, limit: int) -> tuple[PeerId, ...]:
+        """Up to ``limit`` neighbours whose chain broke (oldest first): the next update's ``resync``."""
+        return tuple(itertools.islice(self._lost, limit))
+
     def forget(self, peer: PeerId) -> None:
+        """Drop ``peer`` altogether (no longer a neighbour)."""
+        self._drop(peer)
+        self._lost.pop(peer, None)
+
+    def _drop(self, peer: PeerId) -> None:
         self._state.pop(peer, None)
         self._round.pop(peer, None)
 
     def keep_only(self, peers: frozenset[PeerId]) -> None:
         """Drop the estimates of peers that are no longer neighbours (memory stays bounded by the degree)."""
-        for peer in [p for p in self._state if p not in peers]:
+        for peer in [p for p in (*self._state, *self._lost) if p not in peers]:
             self.forget(peer)
 
     def _break(self, peer: PeerId, reason: str) -> bool:
-        self.forget(peer)
+        self._drop(peer)
+        self._lost[peer] = None
         self.broken[reason] = self.broken.get(reason, 0) + 1
         return False
 

@@ -206,8 +206,12 @@ class GossipProtocol:
         wall_time_ms: int,
         wire_dtypes: Mapping[str, str] | None = None,
         base: int | None = None,
+        resync: Sequence[PeerId] = (),
     ) -> bytes:
-        """Encode and sign this node's state (or, with ``base``, a compressed difference) for the round."""
+        """Encode and sign this node's state (or, with ``base``, a compressed difference) for the round.
+
+        ``resync``: neighbours whose chains this node lost (compressed gossip), asked for a keyframe.
+        """
         seq = self.take_seq()
         body = wire.encode_update(
             network=self.config.network,
@@ -221,6 +225,7 @@ class GossipProtocol:
             wire_dtypes=wire_dtypes,
             limits=self.config.limits,
             base=base,
+            resync=resync,
         )
         return wire.sign(body, self.identity)
 

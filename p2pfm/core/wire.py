@@ -74,7 +74,9 @@ _MAX_DIM = 2**31 - 1
 _UPDATE_KEYS = frozenset(
     {"kind", "network", "round", "seq", "ts_ms", "fingerprint", "degree", "samples", "tensors", "payload"}
 )
-_CHAIN_KEYS = _UPDATE_KEYS | {"base"}  # a compressed difference names the round it builds on
+# Optional update keys: ``base`` (a compressed difference names the round it builds on) and
+# ``resync`` (a compressing node names the senders whose chains it lost: docs/protocol.md 8.3).
+_OPTIONAL_UPDATE_KEYS = frozenset({"base", "resync"})
 _PROOF_KEYS = frozenset({"kind", "network", "evidence"})
 _MAX_MAP_KEYS = 16
 
@@ -120,6 +122,7 @@ class WireLimits:
     # The dense float32 arrays of an update's lossy tensors (4 bytes per
     # element, allocated when decoded): a 1 MiB topk8_d64 payload decodes to ~28 MiB.
     max_decoded_bytes: int = 512 * 2**20
+    max_resync_peers: int = 256  # senders one update may ask for a keyframe
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(WIRE_DTYPES))
 
     @property
@@ -190,6 +193,8 @@ class UpdateHeader:
     # None: the tensors are the sender's state. An int: they are a compressed difference on top of
     # the sender's message of round ``base`` (p2pfm/core/compression.py; docs/protocol.md 4.2).
     base: int | None
+    # Senders whose chains the sender of this update lost: each is asked for a keyframe (8.3).
+    resync: tuple[PeerId, ...] = field(default=(), kw_only=True)
 
 
 _HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(UpdateHeader))
@@ -238,11 +243,14 @@ def encode_update(
     wire_dtypes: Mapping[str, str] | None = None,
     limits: WireLimits | None = None,
     base: int | None = None,
+    resync: Sequence[PeerId] = (),
 ) -> Unsigned:
     """Build the header and payload of an update. Raises LocalProtocolError on misuse.
 
     ``base`` (0 <= base < round) marks the tensors as a difference on top of
     the sender's message of that round (compressed gossip); None: a state.
+    ``resync``: distinct peers whose chains this node lost, asked for a
+    keyframe (at most ``limits.max_resync_peers``).
 
     ``wire_dtypes`` optionally casts tensors for transport (for example
     ``{"w": "bfloat16"}`` halves the bytes of a float32 tensor), or encodes
@@ -268,6 +276,8 @@ def encode_update(
         raise LocalProtocolError(f"base must be an int in [0, round), got {base!r} in round {round}")
     if len(tensors) > limits.max_tensors:
         raise LocalProtocolError(f"{len(tensors)} tensors exceed max_tensors={limits.max_tensors}")
+    if len(resync) > limits.max_resync_peers or len(set(resync)) != len(resync):
+        raise LocalProtocolError(f"resync must list at most {limits.max_resync_peers} distinct peers")
     entries: list[list[Any]] = []
     data: list[Buffer] = []
     payload_hash = blake3.blake3(max_threads=1)
@@ -295,6 +305,8 @@ def encode_update(
     }
     if base is not None:
         header["base"] = base
+    if resync:
+        header["resync"] = [peer.key for peer in resync]
     return Unsigned(msgpack.packb(header, use_bin_type=True), tuple(data))
 
 
@@ -513,9 +525,11 @@ def decode_header(message: Verified, limits: WireLimits) -> UpdateHeader | Proof
 
 
 def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits) -> UpdateHeader:
-    if set(header) not in (_UPDATE_KEYS, _CHAIN_KEYS):
+    keys = set(header)
+    if not _UPDATE_KEYS <= keys <= _UPDATE_KEYS | _OPTIONAL_UPDATE_KEYS:
         raise MalformedMessage(
-            f"header keys {sorted(header)} differ from {sorted(_UPDATE_KEYS)} (and optionally 'base')"
+            f"header keys {sorted(header)} differ from {sorted(_UPDATE_KEYS)} "
+            f"(and optionally {', '.join(sorted(_OPTIONAL_UPDATE_KEYS))})"
         )
     _check_network(header["network"], limits, MalformedMessage)
     ints = {name: _field_int(header, name, _MAX_INT) for name in ("round", "seq", "ts_ms", "samples")}
@@ -525,6 +539,7 @@ def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits
         if base >= ints["round"]:
             raise MalformedMessage(f"base {base} must be below the round ({ints['round']})")
     degree = _field_int(header, "degree", _MAX_DIM)
+    resync = _resync(header["resync"], limits) if "resync" in header else ()
     for name in ("fingerprint", "payload"):
         value = header[name]
         if not isinstance(value, bytes) or len(value) != 32:
@@ -541,7 +556,23 @@ def _update_header(sender: PeerId, header: Mapping[str, Any], limits: WireLimits
         specs=_parse_specs(header["tensors"], limits),
         payload_digest=header["payload"],
         base=base,
+        resync=resync,
     )
+
+
+def _resync(value: Any, limits: WireLimits) -> tuple[PeerId, ...]:
+    """An update's ``resync`` list: 1 .. max_resync_peers distinct 32-byte keys."""
+    if not (
+        isinstance(value, tuple)
+        and 1 <= len(value) <= limits.max_resync_peers
+        and all(isinstance(key, bytes) and len(key) == PUBLIC_KEY_BYTES for key in value)
+    ):
+        raise MalformedMessage(
+            f"resync must be an array of 1..{limits.max_resync_peers} keys of {PUBLIC_KEY_BYTES} bytes"
+        )
+    if len(set(value)) != len(value):
+        raise MalformedMessage("resync lists a peer twice")
+    return tuple(PeerId(key) for key in value)
 
 
 def decode_payload(message: Verified, header: UpdateHeader) -> dict[str, np.ndarray[Any, Any]]:

@@ -306,7 +306,11 @@ def assemble_node(
         if not isinstance(link, ControlTransport):
             raise LocalProtocolError("open membership needs a transport with a control channel")
         overlay = Overlay(membership, protocol, link, contacts=contacts, join=join)
-    publisher: Publisher = Honest(wire_dtypes, None if compressed is None else compressed.own)
+    publisher: Publisher = (
+        Honest(wire_dtypes)
+        if compressed is None
+        else Honest(wire_dtypes, compressed.own, compressed.neighbours)
+    )
     if faults.attack:
         # Its attacks travel as the network's states do (a compressing network's keyframes).
         keyframes = {name: keyframe_encoding(gossip.compression) for name in wire_dtypes}

@@ -539,6 +539,8 @@ class Node:
                 if isinstance(event, Accepted) and self.compressed is not None and event.update is not None:
                     update = event.update
                     self.compressed.neighbours.apply(update.sender, update.round, update.base, update.tensors)
+                    if self.protocol.identity.peer_id in update.resync:
+                        self.compressed.own.keyframe_asked(update.round)
                 elif isinstance(event, EquivocationFound):
                     self._on_equivocation(event)
                 elif isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and overlay:
@@ -735,6 +737,7 @@ class Node:
             return {}
         return {
             "keyframes_sent": self.compressed.own.keyframes,
+            "keyframes_requested": self.compressed.own.keyframes_requested,
             "estimates_broken": dict(self.compressed.neighbours.broken),
         }
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from p2pfm.core.compression import OwnEstimate
+from p2pfm.core.compression import NeighbourEstimates, OwnEstimate
 from p2pfm.core.protocol import GossipProtocol
 
 Array = np.ndarray[Any, Any]
@@ -33,14 +33,21 @@ class Honest:
     """One update of the node's own state, in the configured wire dtypes.
 
     With compression (``own``: the node's public estimate) the update is the
-    compressed change of that estimate, or a keyframe (p2pfm/core/compression.py).
+    compressed change of that estimate, or a keyframe (p2pfm/core/compression.py),
+    and names the neighbours whose chains ``neighbours`` lost (``resync``).
     """
 
     gap_s = 0.0
 
-    def __init__(self, wire_dtypes: Mapping[str, str] | None = None, own: OwnEstimate | None = None) -> None:
+    def __init__(
+        self,
+        wire_dtypes: Mapping[str, str] | None = None,
+        own: OwnEstimate | None = None,
+        neighbours: NeighbourEstimates | None = None,
+    ) -> None:
         self.wire_dtypes = dict(wire_dtypes or {})
         self.own = own
+        self.neighbours = neighbours
 
     def messages(
         self, protocol: GossipProtocol, state: Mapping[str, Array], *, samples: int, wall_time_ms: int
@@ -53,11 +60,14 @@ class Honest:
             ]
         audience = protocol.neighbours if protocol.partners is None else frozenset(protocol.partners)
         out = self.own.outgoing(state, protocol.round, audience)
+        most = protocol.config.limits.max_resync_peers
+        lost = () if self.neighbours is None else self.neighbours.lost(most)
         message = protocol.make_update(
             out.tensors,
             samples=samples,
             wall_time_ms=wall_time_ms,
             wire_dtypes=out.wire_dtypes,
             base=out.base,
+            resync=lost,
         )
         return [message]
