@@ -98,7 +98,9 @@ def test_crash_resume_garbage_and_saved_adapter(tmp_path: Path, tiny_bert_dir: P
     scenario = _scenario(
         tmp_path,
         tiny_bert_dir,
-        "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 1.0\n"
+        # Down for 5 s: long enough that the others are rounds ahead when it is back (a node that
+        # restarts from the runner's prefork server is training again about 1 s later).
+        "timeout_s = 300\n[[faults.crash]]\nnode = 1\nround = 2\nrestart_after_s = 5.0\n"
         "[[faults.drop]]\nprob = 0.3\nlink = [2, 3]\n[[faults.slow]]\nnode = 3\nfactor = 2.0",
         rounds=ROUNDS,
         round_timeout_s=timeout_s,

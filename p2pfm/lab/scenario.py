@@ -18,7 +18,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from p2pfm.config.toml import read_toml
 from p2pfm.core.errors import ConfigError, NodeFailedError
 from p2pfm.core.identity import Identity, load_key_file, write_key_file
 from p2pfm.core.topology import Topology, parse_topology
+from p2pfm.lab.prefork import Launcher, ProcessHandle, SubprocessLauncher, launcher
 from p2pfm.lab.progress import LineView, MetricsTail, NodeStatus, ProgressView, last_error_line
 from p2pfm.lab.report import Setup, report_run
 from p2pfm.lab.roster_change import SIGNED_ROSTER, RosterBook
@@ -142,7 +142,7 @@ class _Proc:
     log: Path
     metrics: Path
     rounds: int  # gossip.rounds of its config
-    popen: subprocess.Popen[bytes] | None = None
+    popen: ProcessHandle | None = None
     crashed_at: float | None = None
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)  # one per process run that ended by itself
@@ -456,16 +456,16 @@ def _strongest_pooled(doc: dict[str, Any]) -> None:
     doc["gossip"]["algorithm"] = "dpsgd"
 
 
-def _start(proc: _Proc, resume: bool = False) -> None:
-    args = [sys.executable, "-m", "p2pfm"]
+def _start(proc: _Proc, starter: Launcher, resume: bool = False) -> None:
+    """``p2pfm node --config <its config>`` (``--resume`` after a crash), its output appended to its log."""
+    args = []
     if logging.getLogger("p2pfm").isEnabledFor(logging.DEBUG):
         args.append("-v")  # the runner's -v reaches the nodes' logs
     args += ["node", "--config", str(proc.config)]
     if resume:
         args.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with proc.log.open("ab") as log:
-        proc.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.popen = starter.start(args, proc.log, env)
     proc.running = True
     proc.status.state, proc.status.detail = "starting", "loading the model"
 
@@ -474,7 +474,7 @@ def _stop_all(procs: list[_Proc]) -> None:
     stop_processes([p.popen for p in procs if p.popen is not None])
 
 
-def stop_processes(popens: Sequence[subprocess.Popen[Any]], grace_s: float = 10.0) -> None:
+def stop_processes(popens: Sequence[ProcessHandle], grace_s: float = 10.0) -> None:
     """SIGTERM every process still running (by pid), wait up to ``grace_s``, then SIGKILL."""
     running = [popen for popen in popens if popen.poll() is None]
     for popen in running:
@@ -499,6 +499,7 @@ def run_processes(
     joins: tuple[Join, ...] = (),
     leaves: tuple[Leave, ...] = (),
     roster_changes: Sequence[tuple[int, Callable[[], None], frozenset[int], frozenset[int]]] = (),
+    starter: Launcher | None = None,
 ) -> bool:
     """Run ``procs`` to completion with crash, join and leave faults; True if all ended as planned in time.
 
@@ -512,9 +513,14 @@ def run_processes(
     than 0, or 130 for a planned leave) ends the run at once: every other
     process is stopped by pid and :class:`NodeFailedError` names the node,
     its last log line and its log file. ``view`` is shown every node's
-    progress (one log line per node and round by default).
+    progress (one log line per node and round by default). ``starter``
+    starts the processes (p2pfm/lab/prefork.py; by default one made for
+    this call: a prefork server where it works).
     """
     view = view or LineView()
+    own_starter = starter is None
+    if starter is None:
+        starter = launcher(procs[0].log.with_name("prefork.log")) if procs else SubprocessLauncher()
     plan = _FaultPlan(
         {c.node: c for c in crashes}, {j.node: j.round for j in joins}, {v.node: v.round for v in leaves}
     )
@@ -537,10 +543,10 @@ def run_processes(
                 if proc.popen is None and running < limit and startable:
                     if index in plan.joins:
                         _logger.info(f"join fault: starting {proc.name} after round {plan.joins[index]}")
-                    _start(proc)
+                    _start(proc, starter)
                     view.state_changed(proc.status)
                     running += 1
-            alive = [_step(index, proc, plan, view) for index, proc in enumerate(procs)]
+            alive = [_step(index, proc, plan, view, starter) for index, proc in enumerate(procs)]
             view.refresh([p.status for p in procs])
             if not any(alive):
                 _observe(procs, view)  # the records written just before the last exit
@@ -555,6 +561,8 @@ def run_processes(
         return False
     finally:
         _stop_all(procs)
+        if own_starter:
+            starter.close()
         view.refresh([p.status for p in procs])
 
 
@@ -580,7 +588,7 @@ class _FaultPlan:
     down: set[int] = field(default_factory=set)  # crashed for good
 
 
-def _step(index: int, proc: _Proc, plan: _FaultPlan, view: ProgressView) -> bool:
+def _step(index: int, proc: _Proc, plan: _FaultPlan, view: ProgressView, starter: Launcher) -> bool:
     """One look at one process: inject its faults; False once it is over for good."""
     if proc.popen is None:
         return True
@@ -600,7 +608,7 @@ def _step(index: int, proc: _Proc, plan: _FaultPlan, view: ProgressView) -> bool
             proc.crashed_at = None
             proc.restarts += 1
             del plan.crashes[index]
-            _start(proc, resume=True)
+            _start(proc, starter, resume=True)
             view.state_changed(status)
         return True
     code = proc.popen.poll()
@@ -745,21 +753,28 @@ def run_scenario(path: Path, out: Path | None = None, view: ProgressView | None 
     )
     _logger.info("starting the nodes; each loads its model before its first round")
     faults = scenario.faults
-    ok = run_processes(
-        procs, faults.crash, scenario.header.timeout_s, view, joins=faults.join, leaves=faults.leave,
-        roster_changes=_roster_actions(scenario, out, procs),
-    )  # fmt: skip
-    wall_s = time.monotonic() - started
-    baseline_ok = True
-    if scenario.header.baselines:
-        baseline_procs = write_baseline_configs(scenario, out, procs)
-        # Independent runs: one per core at a time beats oversubscribing the cores.
-        cores = os.cpu_count() or 1
-        _logger.info(
-            f"baselines: training {', '.join(scenario.header.baselines)} without gossip "
-            f"({len(baseline_procs)} runs, {min(cores, len(baseline_procs))} at a time) to compare against"
-        )
-        baseline_ok = run_processes(baseline_procs, (), scenario.header.timeout_s, view, max_parallel=cores)
+    starter = launcher(out / "prefork.log")  # the libraries imported once for every node of the run
+    try:
+        ok = run_processes(
+            procs, faults.crash, scenario.header.timeout_s, view, joins=faults.join, leaves=faults.leave,
+            roster_changes=_roster_actions(scenario, out, procs), starter=starter,
+        )  # fmt: skip
+        wall_s = time.monotonic() - started
+        baseline_ok = True
+        if scenario.header.baselines:
+            baseline_procs = write_baseline_configs(scenario, out, procs)
+            # Independent runs: one per core at a time beats oversubscribing the cores.
+            cores = os.cpu_count() or 1
+            _logger.info(
+                f"baselines: training {', '.join(scenario.header.baselines)} without gossip "
+                f"({len(baseline_procs)} runs, {min(cores, len(baseline_procs))} at a time) "
+                "to compare against"
+            )
+            baseline_ok = run_processes(
+                baseline_procs, (), scenario.header.timeout_s, view, max_parallel=cores, starter=starter
+            )
+    finally:
+        starter.close()
     _logger.info("writing the report")
     summary = report_run(out, setup, wall_s=wall_s, ok=ok and baseline_ok)
     _logger.info(f"report: {out / 'report.md'}")
