@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from overlap import Run  # benchmarks/overlap.py: the training-time fractions
+from overlap import Run, place_on_hosts  # benchmarks/overlap.py: fractions, node placement
 
 from p2pfm.config.toml import read_toml
 from p2pfm.lab import netns
@@ -53,7 +53,6 @@ from p2pfm.lab.scenario import QUICKSTART, load_scenario, stop_processes, write_
 from p2pfm.node.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-PORT = 5550
 LINK_BYTES_PER_S = 125e6  # 1 Gb/s per link
 # Llama-7B's layer shapes (DESIGN.md: LoRA r=16 on all linear layers = 160 MB fp32 over 32 layers,
 # 358 ms/step at 4 x 1024 tokens, 39 GiB peak for one process on an H200).
@@ -470,12 +469,7 @@ def _run_nodes(
     """benchmarks/overlap.py's _run, also on loopback (hosts None: the configs' own 127.0.0.1 ports)."""
     procs = write_node_configs(scenario, folder)
     if hosts is not None:
-        listens = [read_toml(proc.config, "node")["node"]["listen"] for proc in procs]
-        for path in [folder / "roster.toml", *(p.config for p in procs)]:  # loopback ports -> the hosts
-            text = path.read_text()
-            for host, listen in zip(hosts, listens, strict=True):
-                text = text.replace(f'"{listen}"', f'"tcp://{host.address}:{PORT}"')
-            path.write_text(text)
+        place_on_hosts(folder, [proc.config for proc in procs], hosts)
     popens: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     started_s = time.monotonic()

@@ -113,6 +113,16 @@ def _p2pfm_node(config: Path) -> list[str]:
     return [sys.executable, "-m", "p2pfm", "node", "--config", str(config)]
 
 
+def place_on_hosts(folder: Path, configs: list[Path], hosts: list[netns.Host]) -> None:
+    """Rewrite the node configs and the roster: node i listens at ``hosts[i]`` (PORT), not on loopback."""
+    listens = [read_toml(config, "node")["node"]["listen"] for config in configs]
+    for path in [folder / "roster.toml", *configs]:
+        text = path.read_text()
+        for host, listen in zip(hosts, listens, strict=True):
+            text = text.replace(f'"{listen}"', f'"tcp://{host.address}:{PORT}"')
+        path.write_text(text)
+
+
 def _run(
     scenario: Any,
     hosts: list[netns.Host],
@@ -123,12 +133,7 @@ def _run(
 ) -> Run:
     """One run of ``scenario`` with node i in ``hosts[i]``; every process stopped by pid at the end."""
     procs = write_node_configs(scenario, folder)
-    listens = [read_toml(proc.config, "node")["node"]["listen"] for proc in procs]
-    for path in [folder / "roster.toml", *(p.config for p in procs)]:  # loopback ports -> the hosts
-        text = path.read_text()
-        for host, listen in zip(hosts, listens, strict=True):
-            text = text.replace(f'"{listen}"', f'"tcp://{host.address}:{PORT}"')
-        path.write_text(text)
+    place_on_hosts(folder, [proc.config for proc in procs], hosts)
     popens: list[subprocess.Popen[bytes]] = []
     started_s = time.monotonic()
     try:

@@ -826,6 +826,10 @@ def _of_schema(specs: tuple[TensorSpec, ...], identity: Identity = ALICE, **fiel
 
 def test_limits_for_schema_fit_the_largest_legitimate_messages() -> None:
     limits = wire.limits_for_schema(SCHEMA, network=NETWORK)
+    asking = [Identity(bytes([i]) * 32).peer_id for i in range(limits.max_resync_peers)]
+    widest = _of_schema(SCHEMA, base=MAX_INT - 1, resync=asking)  # a chain's difference, asking the most
+    assert _header_len(widest) <= limits.max_header_bytes // 2
+    assert wire.open_update(widest, limits).resync == tuple(asking)
     message = _of_schema(SCHEMA)
     assert len(message) <= limits.max_message_bytes and _header_len(message) <= limits.max_header_bytes
     update = wire.open_update(message, limits)
@@ -1026,7 +1030,7 @@ def test_limits_for_a_lossy_schema_are_exact() -> None:
     assert limits.max_decoded_bytes == 4 * sum(s.elements for s in LOSSY_SCHEMA)
     twin = tuple(TensorSpec(s.name, "float32", s.shape) for s in LOSSY_SCHEMA)
     assert wire.limits_for_schema(twin, network=NETWORK).max_decoded_bytes == limits.max_decoded_bytes
-    extra = TensorSpec("base_model.model.extra.lora_A.weight", "q8", (8, 512))  # 4160 bytes: > the slack
+    extra = TensorSpec("base_model.model.extra.lora_A.weight", "q8", (8, 1024))  # 8320 bytes: > the slack
     bigger = _of_lossy_schema((*LOSSY_SCHEMA, extra), round=1, seq=1, ts_ms=1, degree=1, samples=1)
     with _no_hashing(), pytest.raises(MessageTooLarge):
         wire.verify(bigger, limits)

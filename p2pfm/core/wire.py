@@ -122,7 +122,7 @@ class WireLimits:
     # The dense float32 arrays of an update's lossy tensors (4 bytes per
     # element, allocated when decoded): a 1 MiB topk8_d64 payload decodes to ~28 MiB.
     max_decoded_bytes: int = 512 * 2**20
-    max_resync_peers: int = 256  # senders one update may ask for a keyframe
+    max_resync_peers: int = 16  # senders one update may ask for a keyframe (more wait their turn)
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(WIRE_DTYPES))
 
     @property
@@ -394,7 +394,8 @@ def limits_for_schema(
     """Tight limits for a node whose updates have exactly ``specs``.
 
     A legitimate update of this schema cannot exceed them: the header bound
-    is twice the header with every integer at its widest value, plus 1 KiB
+    is twice the header with every integer at its widest value, plus a full
+    ``resync`` list, plus 1 KiB
     (writers must use msgpack's smallest encodings, docs/protocol.md), and
     the message bound is that plus the payload. Equivocation proofs of the
     same schema fit as well. Used for the transport's ``MAXMSGSIZE``, so
@@ -411,13 +412,19 @@ def limits_for_schema(
         wire_dtypes={s.name: s.dtype for s in specs}, limits=base,
     ).header  # fmt: skip
     # The shapes above are [0]: add what the real shapes take, at most 9 bytes per dimension.
-    header_bound = 2 * (len(widest) + sum(9 * len(s.shape) for s in specs)) + 1024
+    header_bound = 2 * (len(widest) + sum(9 * len(s.shape) for s in specs)) + _resync_bytes(base) + 1024
     header_bound = min(header_bound, base.max_header_bytes)
     payload = sum(s.nbytes for s in specs)
     decoded = min(4 * sum(s.elements for s in specs), base.max_decoded_bytes)
     limits = dataclasses.replace(base, max_header_bytes=header_bound, max_decoded_bytes=decoded)
     biggest = HEAD_OVERHEAD_BYTES + max(header_bound + payload, limits.max_proof_header_bytes)
     return dataclasses.replace(limits, max_message_bytes=min(biggest, base.max_message_bytes))
+
+
+def _resync_bytes(limits: WireLimits) -> int:
+    """What a full ``resync`` entry adds to a header: its key and an array of max_resync_peers keys."""
+    keys = [bytes([i % 256]) * PUBLIC_KEY_BYTES for i in range(limits.max_resync_peers)]
+    return len(msgpack.packb({"resync": keys}, use_bin_type=True)) - 1  # less the map's own first byte
 
 
 # --------------------------------------------------------------------- verify
