@@ -109,6 +109,29 @@ def test_closing_the_launcher_stops_the_children_that_still_run(
     assert _gone(child.pid) and time.monotonic() - started < 15
 
 
+def test_a_child_outliving_a_killed_server_is_still_stopped_by_its_pid(
+    server: ForkLauncher, tmp_path: Path
+) -> None:
+    child, _ = _run(server, tmp_path, "sleep")
+    server._server.kill()  # the server dies without its stdin closing (an OOM kill, say)
+    server._server.wait(timeout=30)
+    assert child.poll() is None  # still running, now an orphan
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == prefork.UNKNOWN_EXIT  # ended; nobody could tell how
+
+
+def test_ctrl_c_stops_the_nodes_and_the_server_lives_on_to_report_it(
+    server: ForkLauncher, tmp_path: Path
+) -> None:
+    child, _ = _run(server, tmp_path, "sleep")
+    os.kill(server._server.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=30) == 1  # KeyboardInterrupt in the probe: a traceback and status 1
+    assert server._server.poll() is None
+    again, _ = _run(server, tmp_path, name="again")
+    assert again.wait(timeout=30) == 0
+
+
 def test_the_fallback_is_a_fresh_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("P2PFM_PREFORK", "0")
     assert isinstance(prefork.launcher(tmp_path / "server.log"), SubprocessLauncher)

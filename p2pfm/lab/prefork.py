@@ -55,6 +55,8 @@ _READY = "ready"
 _START_TIMEOUT_S = 180.0  # the imports take ~5 s alone; a loaded machine may take much longer
 _SPAWN_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 5.0
+#: The exit status of a node that ended while its prefork server was gone (nobody could reap it).
+UNKNOWN_EXIT = 255
 
 
 class ProcessHandle(Protocol):
@@ -165,17 +167,27 @@ class ForkLauncher:
 
     def exit_code(self, pid: int) -> int | None:
         with self._changed:
-            return self._exits.get(pid)
+            code = self._exits.get(pid)
+        if code is None and not self._reader.is_alive() and _ended(pid):
+            # The server is gone (killed), so nobody reports this child: it ended, status unknown.
+            _logger.warning(f"node process {pid} ended after the prefork server: its exit status is unknown")
+            with self._changed:
+                code = self._exits.setdefault(pid, UNKNOWN_EXIT)
+        return code
 
     def wait_exit(self, pid: int, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
-            while pid not in self._exits:
-                left = None if deadline is None else deadline - time.monotonic()
-                if (left is not None and left <= 0) or not self._reader.is_alive():
-                    return self._exits.get(pid)
-                self._changed.wait(left if left is not None else 1.0)
-            return self._exits[pid]
+        while True:
+            with self._changed:
+                if pid not in self._exits and self._reader.is_alive():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is None or left > 0:
+                        self._changed.wait(min(left, 1.0) if left is not None else 1.0)
+            code = self.exit_code(pid)
+            if code is not None or (deadline is not None and time.monotonic() >= deadline):
+                return code
+            if not self._reader.is_alive():
+                time.sleep(0.05)  # no server to wake us: look at the process itself
 
     def close(self) -> None:
         """Stop the server (it stops any child still running) and wait for it."""
@@ -222,6 +234,15 @@ def launcher(server_log: Path) -> Launcher:
         return SubprocessLauncher()
 
 
+def _ended(pid: int) -> bool:
+    """True when ``pid`` no longer runs: gone, or a zombie nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 # ------------------------------------------------------------------ the server
 
 
@@ -233,6 +254,11 @@ def _serve(argv: Sequence[str]) -> int:
             preload = [name for name in arg.removeprefix("--preload=").split(",") if name]
     for name in preload:
         importlib.import_module(name)
+    # A Ctrl-C reaches the whole process group: the nodes stop themselves, and the server must
+    # live on to reap them and report how they ended (it stops when the runner closes its stdin).
+    # Blocked, not ignored: a child inherits the mask, and a Ctrl-C that comes before it has set
+    # its handler waits for it instead of being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     out = sys.stdout.buffer
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -315,6 +341,8 @@ def _fork(module: str, argv: Sequence[str], log: str, env: Mapping[str, str], wa
     try:  # the child: it never returns to the server's loop
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for fd in wake:
             os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
