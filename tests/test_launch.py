@@ -110,9 +110,11 @@ def test_launch_slurm_refuses_mistakes_naming_the_field(
     assert "'--nodes': must be >= 1" in _fails([*base, "--nodes", "0"], capsys)
     err = _fails([*base, "--nodes", "2", "--tasks-per-node", "4", "--port", "65530"], capsys)
     assert "'--port'" in err and "65530..65541" in err
-    err = _fails([*base, "--nodes", "1", "--metrics-port", "5551"], capsys)
+    lone = _fails([*base, "--nodes", "1"], capsys)  # one task would wait for peers until the time limit
+    assert "'--nodes'" in lone and "at least 2" in lone
+    err = _fails([*base, "--nodes", "2", "--metrics-port", "5551"], capsys)
     assert "'--metrics-port'" in err and "overlaps" in err
-    assert "'--network'" in _fails([*base, "--nodes", "1", "--network", "other"], capsys)
+    assert "'--network'" in _fails([*base, "--nodes", "2", "--network", "other"], capsys)
     bad = tmp_path / "bad.toml"
     for text, field in (
         (TEMPLATE.replace("num_labels = 2", ""), "model.num_labels"),
@@ -127,8 +129,8 @@ def test_launch_slurm_refuses_mistakes_naming_the_field(
         err = _fails(["launch", "slurm", "--nodes", "2", "--config", str(bad), "--out", out], capsys)
         assert f"config field {field!r}" in err, (field, err)
     assert not Path(out).exists()
-    assert main([*base, "--nodes", "1"]) == 0
-    assert "already exists" in _fails([*base, "--nodes", "1"], capsys)
+    assert main([*base, "--nodes", "1", "--tasks-per-node", "2"]) == 0  # two nodes on one host
+    assert "already exists" in _fails([*base, "--nodes", "2"], capsys)
 
 
 def test_sbatch_renderer_is_plain_text(tmp_path: Path) -> None:
@@ -295,6 +297,7 @@ def test_k8s_refuses_mistakes(tmp_path: Path, template: Path, capsys: pytest.Cap
     assert "'--metrics-port'" in _fails([*base, "--metrics-port", "5551"], capsys)
     assert "'--memory'" in _fails([*base, "--memory", "4 GB"], capsys)
     assert "'--nodes'" in _fails([*base[:2], "--nodes", "0", *base[4:]], capsys)
+    assert "at least 2 pods" in _fails([*base[:2], "--nodes", "1", *base[4:]], capsys)
     assert not (tmp_path / "x.yaml").exists()
     net = K8sNetwork(nodes=2, network="n", image="i", metrics_port=None)
     docs = render_manifests(net, template=TEMPLATE, roster=b"r", keys=["a", "b"])

@@ -58,8 +58,8 @@ class K8sNetwork:
     p2pfm: Sequence[str] = ("p2pfm",)  # the command in the image
 
     def check(self) -> None:
-        if self.nodes < 1:
-            raise ConfigError("--nodes", f"must be >= 1, got {self.nodes}")
+        if self.nodes < 2:  # a lone pod would wait for peers for ever
+            raise ConfigError("--nodes", f"a network needs at least 2 pods, got {self.nodes}")
         for option, value in (("--name", self.name), ("--namespace", self.namespace)):
             if len(value) > 40 or not _DNS_LABEL.match(value):
                 raise ConfigError(

@@ -54,6 +54,10 @@ class SlurmJob:
             raise ConfigError("--nodes", f"must be >= 1, got {self.nodes}")
         if self.tasks_per_node < 1:
             raise ConfigError("--tasks-per-node", f"must be >= 1, got {self.tasks_per_node}")
+        if self.nodes * self.tasks_per_node < 2:  # a lone node would wait for peers until the time limit
+            raise ConfigError(
+                "--nodes", "a network needs at least 2 p2pfm nodes: --nodes 2 or more, or --tasks-per-node 2"
+            )
         last = self.port + PORTS_PER_NODE * self.tasks_per_node - 1
         if self.port < 1 or last > _MAX_PORT:
             raise ConfigError(
