@@ -49,7 +49,12 @@ def _gone(pid: int) -> bool:
 
 def _run(server: ForkLauncher, tmp_path: Path, *argv: str, name: str = "probe") -> tuple[ProcessHandle, Path]:
     log = tmp_path / f"{name}.log"
-    child = server.start(list(argv), log, {"PROBE_VALUE": name, "PATH": os.environ["PATH"]}, "prefork_probe")
+    child = server.start(
+        list(argv),
+        log,
+        {"PROBE_VALUE": name, "PATH": os.environ["PATH"], "PYTHONPATH": os.environ["PYTHONPATH"]},
+        "prefork_probe",
+    )
     return child, log
 
 
@@ -118,6 +123,9 @@ def test_a_child_outliving_a_killed_server_is_still_stopped_by_its_pid(
     assert child.poll() is None  # still running, now an orphan
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == prefork.UNKNOWN_EXIT  # ended; nobody could tell how
+    later, log = _run(server, tmp_path, "exit", "4", name="later")  # no server: a fresh interpreter
+    assert isinstance(later, subprocess.Popen) and later.wait(timeout=60) == 4
+    assert "argv ['exit', '4'] env later" in log.read_text()
 
 
 def test_ctrl_c_stops_the_nodes_and_the_server_lives_on_to_report_it(

@@ -135,7 +135,9 @@ class ForkLauncher:
         self._exits: dict[int, int] = {}
         self._answers: queue.Queue[dict[str, Any]] = queue.Queue()
         self._changed = threading.Condition()
-        self._lock = threading.Lock()  # one request at a time: answers come in order
+        self._lock = threading.Lock()  # one request at a time
+        self._requested = 0  # the id of the last request: an answer names the request it answers
+        self._fallback = SubprocessLauncher()  # if the server goes away mid-run
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with server_log.open("ab") as log:
             self._server = subprocess.Popen(
@@ -156,13 +158,27 @@ class ForkLauncher:
     def start(
         self, argv: Sequence[str], log: Path, env: Mapping[str, str], module: str = "p2pfm"
     ) -> ProcessHandle:
-        request = {"module": module, "argv": list(argv), "log": str(log), "env": dict(env)}
         with self._lock:
-            self._requests.write(json.dumps(request).encode() + b"\n")
-            self._requests.flush()
-            answer = self._answer(_SPAWN_TIMEOUT_S)
+            self._requested += 1
+            request = {
+                "id": self._requested,
+                "module": module,
+                "argv": list(argv),
+                "log": str(log),
+                "env": dict(env),
+            }
+            try:
+                self._requests.write(json.dumps(request).encode() + b"\n")
+                self._requests.flush()
+            except OSError as exc:  # the server is gone
+                answer: dict[str, Any] = {"error": repr(exc)}
+            else:
+                answer = self._answer(_SPAWN_TIMEOUT_S, self._requested)
         if "pid" not in answer:
-            raise RuntimeError(f"the prefork server could not start a node: {answer}")
+            _logger.warning(
+                f"the prefork server could not start a node ({answer}): a fresh interpreter instead"
+            )
+            return self._fallback.start(argv, log, env, module)
         return ForkedProcess(int(answer["pid"]), self)
 
     def exit_code(self, pid: int) -> int | None:
@@ -200,11 +216,17 @@ class ForkLauncher:
             self._server.wait(timeout=10.0)
         self._reader.join(timeout=5.0)
 
-    def _answer(self, timeout_s: float) -> dict[str, Any]:
-        try:
-            return self._answers.get(timeout=timeout_s)
-        except queue.Empty:
-            return {"error": f"no answer in {timeout_s:.0f} s"}
+    def _answer(self, timeout_s: float, request: int | None = None) -> dict[str, Any]:
+        """The server's next answer (to ``request``: earlier ones, answered too late, are dropped)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                answer = self._answers.get(timeout=left)
+            except queue.Empty:
+                break
+            if request is None or answer.get("id", request) == request:
+                return answer
+        return {"error": f"no answer in {timeout_s:.0f} s"}
 
     def _read(self, stream: IO[bytes]) -> None:
         for line in stream:
@@ -248,11 +270,7 @@ def _ended(pid: int) -> bool:
 
 def _serve(argv: Sequence[str]) -> int:
     """The prefork server's loop: preload, then fork on request and report exits (module docstring)."""
-    preload: Sequence[str] = PRELOAD
-    for arg in argv:
-        if arg.startswith("--preload="):
-            preload = [name for name in arg.removeprefix("--preload=").split(",") if name]
-    for name in preload:
+    for name in _preload(argv):
         importlib.import_module(name)
     # A Ctrl-C reaches the whole process group: the nodes stop themselves, and the server must
     # live on to reap them and report how they ended (it stops when the runner closes its stdin).
@@ -297,18 +315,32 @@ def _serve(argv: Sequence[str]) -> int:
         pending += chunk
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
-            try:
-                request = json.loads(line)
-                module = request.get("module", "p2pfm")
-                pid = _fork(module, request["argv"], request["log"], request["env"], (wake_r, wake_w))
-            except Exception as exc:  # noqa: BLE001  reported to the runner, which falls back or fails
-                say({"error": repr(exc)})
-                continue
-            children.add(pid)
-            say({"pid": pid})
+            answer = _spawn(line, (wake_r, wake_w))
+            if "pid" in answer:
+                children.add(answer["pid"])
+            say(answer)
         reap()
     _stop_children(children, reap)
     return 0
+
+
+def _preload(argv: Sequence[str]) -> Sequence[str]:
+    """The modules to import first: ``--preload=a,b`` (empty: none), else PRELOAD."""
+    for arg in argv:
+        if arg.startswith("--preload="):
+            return [name for name in arg.removeprefix("--preload=").split(",") if name]
+    return PRELOAD
+
+
+def _spawn(line: bytes, wake: tuple[int, int]) -> dict[str, Any]:
+    """One request line -> the answer: the child's pid, or what went wrong (the runner falls back)."""
+    request: Any = None
+    try:
+        request = json.loads(line)
+        pid = _fork(request.get("module", "p2pfm"), request["argv"], request["log"], request["env"], wake)
+    except Exception as exc:  # noqa: BLE001  reported to the runner
+        return {"id": request.get("id") if isinstance(request, dict) else None, "error": repr(exc)}
+    return {"id": request.get("id"), "pid": pid}
 
 
 def _stop_children(children: set[int], reap: Any) -> None:
