@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import p2pfm
 from p2pfm.config.node_config import load_node_config
 from p2pfm.core import codec, wire
 from p2pfm.core.compression import (
@@ -391,3 +392,27 @@ def test_a_difference_is_encoded_once_and_travels_as_encoded(compression: Any) -
     wrong = {name: "float32" for name in out.tensors}
     with pytest.raises(LocalProtocolError, match="encoded as"):
         wire.encode_update(**header, samples=1, tensors=out.tensors, wire_dtypes=wrong, base=1)
+
+
+def test_in_a_lossy_network_asking_for_keyframes_keeps_the_chains_mixing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ring:16, 10% of messages lost, no periodic keyframe in 40 rounds: without the requests a lost
+    difference drops that estimate for good and the network stops converging (the simulator runs the
+    real node loops)."""
+
+    def final_distances() -> list[float]:
+        return [
+            p2pfm.simulate(
+                "ring:16", rounds=40, compression="q8", keyframe_every=100, drop=0.1, seed=seed, dim=2000
+            )
+            .rounds[-1]
+            .consensus_distance
+            for seed in (1, 2, 3)
+        ]
+
+    asking = final_distances()
+    monkeypatch.setattr(OwnEstimate, "keyframe_asked", lambda self, in_round: False)  # requests ignored
+    deaf = final_distances()
+    print("final consensus distance: asking", asking, "requests ignored", deaf)
+    assert np.mean(asking) < 0.5 * np.mean(deaf), (asking, deaf)
