@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfm.core.compression import COMPRESSIONS
-from p2pfm.core.errors import ConfigError, LocalProtocolError
+from p2pfm.core.errors import ArgumentError, ConfigError, LocalProtocolError
 
 if TYPE_CHECKING:
     from p2pfm.core.topology import Topology
     from p2pfm.lab.scenario import Faults
-    from p2pfm.lab.sim import SimResult
+    from p2pfm.lab.sim import SimConfig, SimResult
 
 _MAX_NODE_ROWS = 32  # larger networks get a summary line instead of one row per node
 
@@ -98,9 +98,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     if args.spec == "overlay":
         return run_overlay(args)
-    from p2pfm.core.topology import parse_topology  # noqa: PLC0415
     from p2pfm.lab.scenario import Faults, load_scenario  # noqa: PLC0415
-    from p2pfm.lab.sim import SimConfig, fit_decay_rate, float_floor, simulate  # noqa: PLC0415
+    from p2pfm.lab.sim import fit_decay_rate, float_floor, simulate  # noqa: PLC0415
 
     spec, rounds, faults = args.spec, args.rounds, Faults()
     gossip: dict[str, Any] = {}
@@ -112,20 +111,12 @@ def run(args: argparse.Namespace) -> int:
         rounds = rounds if rounds is not None else gossip.get("rounds", 10)
     if spec is None or rounds is None:  # a usage error (exit status 2), as argparse's own
         args.simulate_parser.error("a topology spec and --rounds are required (or a --scenario with both)")
-    config = SimConfig(
-        spec, rounds, dim=args.dim, seed=args.seed, drop_prob=args.drop, dtype=args.dtype or "float32",
-        rule=args.rule or gossip.get("rule", "mean"),
-        trim=_pick(args.trim, gossip.get("trim", 1)),
-        byzantine_weight=_pick(args.byzantine_weight, gossip.get("byzantine_weight", 0.25)),
-        local_steps=args.steps, lr=args.lr, noise=args.noise,
-        faults=_with_flags(faults, args, parse_topology(spec)),
-        workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
-        deadline=_pick(args.deadline, gossip.get("deadline", "adaptive")),
-        overlap=bool(_pick(args.overlap, gossip.get("overlap", False))),
-        compression=_pick(args.compression, gossip.get("compression", "none")),
-        compression_step=float(_pick(args.compression_step, gossip.get("compression_step", 1.0))),
-        keyframe_every=int(gossip.get("keyframe_every", 50)),
-    )  # fmt: skip
+    try:
+        config = _config(args, spec, rounds, gossip, faults)
+    except ArgumentError as exc:  # name the flag (or the scenario's field) the value came from
+        raise ConfigError(
+            _FLAG_OF.get(exc.argument, "--" + exc.argument.replace("_", "-")), exc.problem
+        ) from None
     result = simulate(config)
     if args.json:
         print(json.dumps(result.as_json()))
@@ -152,6 +143,39 @@ def run(args: argparse.Namespace) -> int:
     if result.rejected:
         console.print(f"[bold red]{result.rejected} messages were rejected[/]")
     return 0
+
+
+# SimConfig's fields whose flag is not "--" + the field's name with dashes, or that come from the scenario.
+_FLAG_OF = {
+    "drop_prob": "--drop",
+    "local_steps": "--steps",
+    "keyframe_every": "gossip.keyframe_every",
+    "round_timeout_s": "gossip.round_timeout_s",
+    "faults": "faults",
+}
+
+
+def _config(
+    args: argparse.Namespace, spec: str, rounds: int, gossip: dict[str, Any], faults: Faults
+) -> SimConfig:
+    """The simulation the flags (over the scenario's ``[gossip]``, when one is given) ask for."""
+    from p2pfm.core.topology import parse_topology  # noqa: PLC0415
+    from p2pfm.lab.sim import SimConfig  # noqa: PLC0415
+
+    return SimConfig(
+        spec, rounds, dim=args.dim, seed=args.seed, drop_prob=args.drop, dtype=args.dtype or "float32",
+        rule=args.rule or gossip.get("rule", "mean"),
+        trim=_pick(args.trim, gossip.get("trim", 1)),
+        byzantine_weight=_pick(args.byzantine_weight, gossip.get("byzantine_weight", 0.25)),
+        local_steps=args.steps, lr=args.lr, noise=args.noise,
+        faults=_with_flags(faults, args, parse_topology(spec)),
+        workers=args.workers, round_timeout_s=float(gossip.get("round_timeout_s", 30.0)),
+        deadline=_pick(args.deadline, gossip.get("deadline", "adaptive")),
+        overlap=bool(_pick(args.overlap, gossip.get("overlap", False))),
+        compression=_pick(args.compression, gossip.get("compression", "none")),
+        compression_step=float(_pick(args.compression_step, gossip.get("compression_step", 1.0))),
+        keyframe_every=int(gossip.get("keyframe_every", 50)),
+    )  # fmt: skip
 
 
 def _with_flags(faults: Faults, args: argparse.Namespace, topology: Topology) -> Faults:

@@ -26,8 +26,6 @@ import msgspec
 import networkx as nx
 import numpy as np
 
-from p2pfm.core.compression import COMPRESSIONS
-from p2pfm.core.consensus import MIX_RULES
 from p2pfm.core.errors import ArgumentError, LocalProtocolError, TopologyError, UserInputError
 from p2pfm.core.topology import MAX_NODES, Topology, parse_topology
 from p2pfm.lab.scenario import Attack, Crash, Drop, Faults, Join, Leave, RosterChange, Slow, check_faults
@@ -223,29 +221,18 @@ def simulate(
                     name, "is a setting of the built-in quadratic learner; your learner's state sets its own"
                 )
     graph = _topology(topology)
-    _check_ints(rounds=(rounds, 0), trim=(trim, 0), keyframe_every=(keyframe_every, 1), seed=(seed, 0))
-    _check_ints(max_rounds_ahead=(max_rounds_ahead, 1))
-    if local_steps is not None:
-        _check_ints(local_steps=(local_steps, 0))
-    if workers is not None:
-        _check_ints(workers=(workers, 1))
-    if dim is not None:
-        _check_ints(dim=(dim, 1))
-    _check_choice("rule", rule, MIX_RULES)
-    _check_choice("compression", compression, COMPRESSIONS)
-    _check_choice("deadline", deadline, ("adaptive", "fixed"))
-    _check_choice("dtype", dtype or "float32", ("float32", "float64"))
-    _check_range("drop", drop, 0.0, 1.0)
-    _check_range("byzantine_weight", byzantine_weight, 0.0, 1.0, upper_open=True)
-    _check_range("compression_step", compression_step, 0.0, 1.0, lower_open=True)
-    _check_range("lr", 0.1 if lr is None else lr, 0.0, 1.0, lower_open=True)
-    _check_range("noise", 0.0 if noise is None else noise, 0.0, math.inf)
-    _check_range("spread", 1.0 if spread is None else spread, 0.0, math.inf)
-    _check_range("round_timeout_s", round_timeout_s, 0.0, math.inf, lower_open=True)
-    _check_range("step_s", step_s, 0.0, math.inf)
-    _check_range("latency_s", latency_s, 0.0, math.inf, lower_open=True)
-    if compression != "none" and dtype == "float64":
-        raise ArgumentError("compression", "compressed updates need dtype float32")
+    # Types here; every range once, in SimConfig (which names the field as these arguments do).
+    _check_types(
+        int, rounds=rounds, trim=trim, keyframe_every=keyframe_every, seed=seed,
+        max_rounds_ahead=max_rounds_ahead, local_steps=local_steps, workers=workers, dim=dim,
+    )  # fmt: skip
+    _check_types(
+        float, drop=drop, byzantine_weight=byzantine_weight, compression_step=compression_step, lr=lr,
+        noise=noise, spread=spread, round_timeout_s=round_timeout_s, step_s=step_s, latency_s=latency_s,
+    )  # fmt: skip
+    _check_types(str, rule=rule, compression=compression, deadline=deadline, dtype=dtype)
+    if seed < 0:
+        raise ArgumentError("seed", f"must be >= 0, got {seed}")
     checked = _faults(faults, attacks, graph)
     try:
         config = SimConfig(
@@ -259,6 +246,8 @@ def simulate(
             overlap=bool(overlap), compression=compression,  # type: ignore[arg-type]
             compression_step=float(compression_step), keyframe_every=keyframe_every,
         )  # fmt: skip
+    except ArgumentError as exc:
+        raise ArgumentError(_ARGUMENT_OF.get(exc.argument, exc.argument), exc.problem) from None
     except LocalProtocolError as exc:  # a combination the checks above let through
         raise ArgumentError("settings", str(exc)) from None
     factory = None if learner is None else _SharedModel(learner)
@@ -380,33 +369,21 @@ def _faults(
         raise ArgumentError("faults", str(exc)) from None
 
 
-def _check_ints(**values: tuple[object, int]) -> None:
-    for name, (value, minimum) in values.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise ArgumentError(name, f"expected an int, got {value!r}")
-        if value < minimum:
-            raise ArgumentError(name, f"must be >= {minimum}, got {value}")
+# SimConfig's field -> the argument of simulate() it comes from, where the names differ.
+_ARGUMENT_OF = {"drop_prob": "drop"}
+_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    int: ((int, np.integer), "an int"),
+    float: ((int, float, np.integer, np.floating), "a number"),
+    str: ((str,), "a str"),
+}
 
 
-def _check_choice(name: str, value: object, choices: Iterable[str]) -> None:
-    valid = tuple(choices)
-    if value not in valid:
-        raise ArgumentError(name, f"{value!r} is not one of {', '.join(valid)}")
-
-
-def _check_range(
-    name: str, value: object, low: float, high: float, *, lower_open: bool = False, upper_open: bool = False
-) -> None:
-    if not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool):
-        raise ArgumentError(name, f"expected a number, got {value!r}")
-    number = float(value)
-    below = number <= low if lower_open else number < low
-    above = number >= high if upper_open else number > high
-    if math.isnan(number) or below or above:
-        bounds = (
-            f"{'(' if lower_open else '['}{low:g}, {high:g}{')' if upper_open or high == math.inf else ']'}"
-        )
-        raise ArgumentError(name, f"must be in {bounds}, got {value!r}")
+def _check_types(kind: type, **values: object) -> None:
+    """Each value (None: the default, not checked) is of ``kind``: an int, a number or a str."""
+    accepted, described = _TYPES[kind]
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, accepted) or isinstance(value, bool)):
+            raise ArgumentError(name, f"expected {described}, got {value!r}")
 
 
 def _flat(state: Mapping[str, Array]) -> Array:

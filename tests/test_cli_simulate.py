@@ -106,6 +106,9 @@ _REFUSED = [
     (["--slow", "2:fast"], "could not convert"),
     (["--crash", "1:2:3:4"], "expected 2 or 3 fields"),
     (["--drop-link", "0:1"], "expected 3 fields"),
+    (["--drop", "2"], "must be in [0, 1]"),  # from SimConfig, which names its field: the flag is named
+    (["--steps", "-1"], "must be >= 0"),
+    (["--lr", "3", "--steps", "1"], "must be in (0, 1]"),
 ]
 _NOT_NAMING_THE_FLAG = [  # refused by simulate()'s checks, which name "faults.<kind>[i].<field>"
     ["--slow", "2:0.5"],

@@ -38,10 +38,9 @@ import numpy as np
 
 from p2pfm.config.node_config import FaultSettings, GossipSettings, Peer
 from p2pfm.core.compression import COMPRESSIONS, CompressionName
-from p2pfm.core.consensus import MixRule
-from p2pfm.core.errors import LocalProtocolError
+from p2pfm.core.consensus import MIX_RULES, MixRule
+from p2pfm.core.errors import ArgumentError, LocalProtocolError
 from p2pfm.core.identity import Identity
-from p2pfm.core.protocol import MixSettings
 from p2pfm.core.schedule import PeerSchedule
 from p2pfm.core.topology import Topology, parse_topology, spectral_stats
 from p2pfm.lab.scenario import Faults, check_faults
@@ -89,33 +88,56 @@ class SimConfig:
     keyframe_every: int = 50  # gossip.keyframe_every
 
     def __post_init__(self) -> None:
+        """Every range checked here, once (``p2pfm.simulate`` checks the types); errors name the field."""
         checks = (
-            (self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}"),
-            (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
-            (0.0 <= self.drop_prob <= 1.0, f"drop probability must be in [0, 1], got {self.drop_prob}"),
-            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
-            (self.local_steps >= 0, f"local steps must be >= 0, got {self.local_steps}"),
-            (self.round_timeout_s > 0, f"round timeout must be > 0 s, got {self.round_timeout_s}"),
-            (self.step_s >= 0 and self.latency_s > 0, "step_s must be >= 0 and latency_s > 0"),
-            (self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            ("rounds", self.rounds >= 0, f"must be >= 0, got {self.rounds}"),
+            ("dim", self.dim >= 1, f"must be >= 1, got {self.dim}"),
+            ("drop_prob", 0.0 <= self.drop_prob <= 1.0, f"must be in [0, 1], got {self.drop_prob}"),
             (
+                "dtype",
+                self.dtype in ("float32", "float64"),
+                f"must be float32 or float64, got {self.dtype!r}",
+            ),
+            ("local_steps", self.local_steps >= 0, f"must be >= 0, got {self.local_steps}"),
+            ("round_timeout_s", self.round_timeout_s > 0, f"must be > 0 s, got {self.round_timeout_s}"),
+            ("step_s", self.step_s >= 0, f"must be >= 0 s, got {self.step_s}"),
+            ("latency_s", self.latency_s > 0, f"must be > 0 s, got {self.latency_s}"),
+            ("max_rounds_ahead", self.max_rounds_ahead >= 1, f"must be >= 1, got {self.max_rounds_ahead}"),
+            ("workers", self.workers is None or self.workers >= 1, f"must be >= 1, got {self.workers}"),
+            ("compression", self.compression in COMPRESSIONS, f"unknown compression {self.compression!r}"),
+            (
+                "compression",
                 self.compression == "none" or self.dtype == "float32",
-                f"compression {self.compression!r} needs dtype float32, got {self.dtype}",
+                f"{self.compression!r} needs dtype float32, got {self.dtype}",
             ),
-            (self.compression in COMPRESSIONS, f"unknown compression {self.compression!r}"),
             (
+                "compression_step",
                 0 < self.compression_step <= 1,
-                f"compression_step must be in (0, 1], got {self.compression_step}",
+                f"must be in (0, 1], got {self.compression_step}",
             ),
-            (self.keyframe_every >= 1, f"keyframe_every must be >= 1, got {self.keyframe_every}"),
+            ("keyframe_every", self.keyframe_every >= 1, f"must be >= 1, got {self.keyframe_every}"),
+            ("rule", self.rule in MIX_RULES, f"{self.rule!r} is not one of {', '.join(MIX_RULES)}"),
+            (
+                "deadline",
+                self.deadline in ("adaptive", "fixed"),
+                f"{self.deadline!r} is not adaptive or fixed",
+            ),
+            ("lr", 0 < self.lr <= 1, f"must be in (0, 1], got {self.lr}"),
+            ("noise", self.noise >= 0, f"must be >= 0, got {self.noise}"),
+            ("spread", self.spread >= 0, f"must be >= 0, got {self.spread}"),
+            ("trim", self.trim >= 0, f"must be >= 0, got {self.trim}"),
+            (
+                "byzantine_weight",
+                0 <= self.byzantine_weight < 1,
+                f"must be in [0, 1), got {self.byzantine_weight}",
+            ),
         )
-        for ok, problem in checks:
+        for name, ok, problem in checks:
             if not ok:
-                raise LocalProtocolError(problem)
-        MixSettings(self.rule, trim=self.trim, byzantine_weight=self.byzantine_weight)  # validates
+                raise ArgumentError(name, problem)
         for attack in self.faults.attack:
             if attack.kind not in ATTACKS:
-                raise LocalProtocolError(f"unknown attack {attack.kind!r}; valid: {', '.join(ATTACKS)}")
+                raise ArgumentError("faults", f"unknown attack {attack.kind!r}; valid: {', '.join(ATTACKS)}")
 
 
 @dataclass(frozen=True)
