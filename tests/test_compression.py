@@ -416,3 +416,32 @@ def test_in_a_lossy_network_asking_for_keyframes_keeps_the_chains_mixing(
     deaf = final_distances()
     print("final consensus distance: asking", asking, "requests ignored", deaf)
     assert np.mean(asking) < 0.5 * np.mean(deaf), (asking, deaf)
+
+
+def test_a_neighbour_claiming_rounds_ahead_still_gets_a_keyframe_at_most_every_other_round(
+    tmp_path: Path,
+) -> None:
+    """The grant compares with the node's own round: node1 asks in every update and dates each one
+    max_rounds_ahead (3) rounds ahead of node0, which the protocol accepts."""
+    nodes, _ = network(tmp_path, {"rounds": 20, "compression": "q8", "keyframe_every": 100}, dim=2000)
+    node0, node1 = nodes[0], nodes[1]
+    node0.open()
+    asker = node1.protocol
+    keyframe = {"x": np.zeros(2000, np.float32)}
+    for round_ in range(1, 9):
+        node0.publish(round_)
+        asker.start_round(round_ + 3, 0.0)
+        request = asker.make_update(
+            keyframe,
+            samples=1,
+            wall_time_ms=node1.clock.wall_ms(),
+            wire_dtypes={"x": "q8"},
+            resync=[node0.protocol.identity.peer_id],
+        )
+        node1.transport.send(request, [node0.protocol.identity.peer_id])  # type: ignore[union-attr]
+        node0.judge(0.5)  # in node0's round round_
+    own = node0.compressed.own  # type: ignore[union-attr]
+    assert node0.protocol.accepted == 8 and not node0.protocol.rejections  # every request was taken
+    assert own.keyframes == 4 and own.keyframes_requested == 3  # rounds 1 (the first), 3, 5, 7
+    for node in nodes.values():
+        node.close()

@@ -171,12 +171,14 @@ class OwnEstimate:
         return Outgoing(tensors, {name: encoding for name in tensors}, base)
 
     def keyframe_asked(self, in_round: int) -> bool:
-        """A neighbour's update of round ``in_round`` asks for a keyframe (``resync``); True: granted.
+        """A neighbour asks for a keyframe (``resync``) while this node is in round ``in_round``: granted?
 
-        Granted when this node's last keyframe is older than that update: a
-        request made before the keyframe could have arrived is stale. So a
-        neighbour that asks every round gets a keyframe at most every other
-        round (docs/protocol.md 8.3).
+        Granted when this node's last keyframe was sent for a round before
+        ``in_round``: a request that comes in the keyframe's own round was made
+        before the keyframe could have arrived, and is stale. So a neighbour
+        that asks every round gets a keyframe at most every other round
+        (docs/protocol.md 8.3). ``in_round`` is this node's round, never the
+        asking update's, which a neighbour may claim ahead of ours.
         """
         if self.compression == "none" or self.estimate is None or self._keyframe_round >= in_round:
             return False

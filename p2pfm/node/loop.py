@@ -540,7 +540,9 @@ class Node:
                     update = event.update
                     self.compressed.neighbours.apply(update.sender, update.round, update.base, update.tensors)
                     if self.protocol.identity.peer_id in update.resync:
-                        self.compressed.own.keyframe_asked(update.round)
+                        # Our own round, not the update's: a neighbour claiming rounds ahead of ours
+                        # would otherwise make every request look fresh (a keyframe every round).
+                        self.compressed.own.keyframe_asked(self.protocol.round)
                 elif isinstance(event, EquivocationFound):
                     self._on_equivocation(event)
                 elif isinstance(event, Rejected) and event.reason is RejectReason.UNKNOWN_SENDER and overlay:
